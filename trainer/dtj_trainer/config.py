@@ -1,0 +1,178 @@
+"""What a worker is told: the one config model shared by the operator and the trainer.
+
+The operator embeds these sections in the DecentralizedTrainingJob spec (so the
+CRD schema is generated from them) and renders a `TrainerConfig` into each job's
+ConfigMap; the trainer parses the same model. Pure pydantic: importing this
+module must never import torch or kopf.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+AlgorithmName = Literal["allreduce", "dpsgd", "gosgd", "dasgd", "teleportation"]
+TopologyName = Literal["ring", "torus", "exponential", "one-peer-exponential", "complete"]
+ASYNC_ALGORITHMS = frozenset({"gosgd", "dasgd"})
+
+
+class Model(BaseModel):
+    """Base for every API section: camelCase on the wire, unknown fields rejected."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+    )
+
+    def wire(self) -> dict[str, Any]:
+        """The JSON-ready camelCase form, as stored in Kubernetes objects."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def nested_default() -> Any:
+    """Schema extra for an object field whose sub-fields all have defaults.
+
+    `default: {}` lets the API server fill the nested defaults in, so
+    `kubectl get -o yaml` and the printer columns show the effective values.
+    """
+    return {"default": {}}
+
+
+class AlgorithmSpec(Model):
+    """Which decentralized method the workers run, and its knobs."""
+
+    name: AlgorithmName = Field(
+        "dpsgd",
+        description=(
+            "Training method: allreduce (DDP baseline), dpsgd (synchronous gossip), "
+            "gosgd (asynchronous sum-weight gossip), dasgd (asynchronous decentralized "
+            "SGD), teleportation (k active slots that move between workers)."
+        ),
+    )
+    topology: TopologyName = Field(
+        "ring",
+        description=(
+            "Communication graph for dpsgd (and for dasgd with fanout=neighbours, and "
+            "among teleportation's active workers): ring, torus (2-D), exponential, "
+            "one-peer-exponential (time-varying, one peer per step) or complete."
+        ),
+    )
+    gossip_probability: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="gosgd: probability that a worker pushes its model after a step.",
+    )
+    active_nodes: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto",
+        description=(
+            "teleportation: number k of active slots, or 'auto' to search k during "
+            "training. Must not exceed replicas."
+        ),
+        json_schema_extra={"x-kubernetes-int-or-string": True},
+    )
+    staleness_bound: int = Field(
+        8,
+        ge=0,
+        description=(
+            "dasgd: received gradients older than this many updates are dropped "
+            "(0 = apply only fresh gradients)."
+        ),
+    )
+    fanout: Literal["all", "neighbours"] = Field(
+        "neighbours",
+        description="dasgd: send each gradient to all peers or only to topology neighbours.",
+    )
+
+
+class OptimizerSpec(Model):
+    """The local optimizer each worker applies to its own gradients."""
+
+    name: Literal["sgd"] = Field("sgd", description="Local optimizer.")
+    lr: float = Field(0.05, gt=0, description="Step size.")
+    momentum: float = Field(0.0, ge=0, lt=1, description="Heavy-ball momentum (0 = plain SGD).")
+    weight_decay: float = Field(0.0, ge=0, description="L2 penalty.")
+
+
+class BatchingSpec(Model):
+    """Per-worker batch sizes; dynamic batching moves samples to fast workers."""
+
+    per_worker: int = Field(32, ge=1, description="Local mini-batch size when dynamic is off.")
+    dynamic: bool = Field(
+        False,
+        description="Rebalance local batch sizes from measured throughput (heterogeneous pools).",
+    )
+    global_batch: int | None = Field(
+        None, ge=1, description="dynamic: total samples per round, split across workers."
+    )
+    min_per_worker: int = Field(4, ge=1, description="dynamic: smallest local batch.")
+    max_per_worker: int = Field(512, ge=1, description="dynamic: largest local batch.")
+
+
+class DataSplitSpec(Model):
+    """How the training set is divided among workers."""
+
+    kind: Literal["iid", "dirichlet"] = Field(
+        "iid", description="iid shards, or label-skewed Dirichlet(alpha) shards."
+    )
+    alpha: float = Field(
+        0.5, gt=0, description="dirichlet: concentration; smaller means more skew."
+    )
+
+
+class CheckpointSpec(Model):
+    """Whole-job checkpoints (joining workers warm-start from a neighbour instead)."""
+
+    path: str = Field(description="Directory for atomic checkpoints (a mounted volume).")
+    every_steps: int = Field(100, ge=1, description="Steps between checkpoints.")
+
+
+class TrainingSpec(Model):
+    """What is trained, on what, for how long."""
+
+    model: str = Field(
+        "mlp",
+        min_length=1,
+        description="Built-in model (mlp, logreg) or an importable factory 'module:function'.",
+    )
+    dataset: str = Field(
+        "digits",
+        min_length=1,
+        description="Built-in offline data set (digits) or an importable factory 'module:function'.",
+    )
+    steps: int = Field(300, ge=1, description="Local steps each worker runs.")
+    eval_every: int = Field(50, ge=1, description="Steps between progress reports.")
+    seed: int = Field(0, ge=0, description="Seed shared by all workers (init, shards, schedules).")
+    data_split: DataSplitSpec = Field(
+        default_factory=DataSplitSpec,
+        description="How the data is split across workers.",
+        json_schema_extra=nested_default(),
+    )
+    checkpoint: CheckpointSpec | None = Field(None, description="Optional checkpointing.")
+
+
+class TrainerConfig(Model):
+    """Everything one worker needs; rendered by the operator, parsed by the trainer."""
+
+    job: str = Field(description="Name of the DecentralizedTrainingJob.")
+    replicas: int = Field(ge=1, description="Number of worker slots.")
+    algorithm: AlgorithmSpec = Field(default_factory=AlgorithmSpec)
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    batching: BatchingSpec = Field(default_factory=BatchingSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    store_host: str = Field("127.0.0.1", description="Host of the job's coordinator store.")
+    store_port: int = Field(29400, ge=1, le=65535, description="Port of the coordinator store.")
+    backend: Literal["gloo", "nccl"] = Field("gloo", description="torch.distributed backend.")
+    timeout_seconds: float = Field(
+        60.0, gt=0, description="Collective and rendezvous timeout (torch's 30 min hides hangs)."
+    )
+
+    @model_validator(mode="after")
+    def _fits(self) -> TrainerConfig:
+        k = self.algorithm.active_nodes
+        if isinstance(k, int) and k > self.replicas:
+            raise ValueError(
+                f"algorithm.activeNodes ({k}) must not exceed replicas ({self.replicas})"
+            )
+        return self

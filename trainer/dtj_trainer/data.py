@@ -1,0 +1,110 @@
+"""Offline data sets and how they are split across workers.
+
+A data set is a `Dataset` of tensors (train and test). Built-ins need no
+download (scikit-learn ships the digits images); anything else comes from an
+importable factory `module:function` returning a `Dataset`. Splits are pure
+functions of (labels, n, seed) so every worker computes the same partition
+without talking to the others.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .config import DataSplitSpec
+from .registry import load_factory
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Features as float32 [N, ...], labels as int64 [N]."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+    @property
+    def num_classes(self) -> int:
+        return int(torch.cat([self.y_train, self.y_test]).max().item()) + 1
+
+    @property
+    def num_features(self) -> int:
+        return int(np.prod(self.x_train.shape[1:]))
+
+
+def digits(seed: int = 0) -> Dataset:
+    """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes): 75/25 split."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    order = np.random.default_rng(seed).permutation(len(y))
+    x = (x[order] / 16.0).astype(np.float32)
+    y = y[order].astype(np.int64)
+    cut = int(0.75 * len(y))
+    return Dataset(
+        torch.from_numpy(x[:cut]),
+        torch.from_numpy(y[:cut]),
+        torch.from_numpy(x[cut:]),
+        torch.from_numpy(y[cut:]),
+    )
+
+
+BUILTIN = {"digits": digits}
+
+
+def load(name: str, seed: int) -> Dataset:
+    """A built-in data set by name, or a user factory `module:function(seed=...)`."""
+    if name in BUILTIN:
+        return BUILTIN[name](seed)
+    factory = load_factory(name, what="dataset", builtin=sorted(BUILTIN))
+    data = factory(seed=seed)
+    if not isinstance(data, Dataset):
+        raise TypeError(f"dataset factory {name!r} must return dtj_trainer.data.Dataset")
+    return data
+
+
+def split(labels: np.ndarray, n: int, spec: DataSplitSpec, seed: int) -> list[np.ndarray]:
+    """Indices of each worker's shard: IID, or label-skewed Dirichlet(alpha) (Hsu et al. 2019)."""
+    rng = np.random.default_rng(seed)
+    if spec.kind == "iid":
+        return [np.sort(s) for s in np.array_split(rng.permutation(len(labels)), n)]
+    shards: list[list[int]] = [[] for _ in range(n)]
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        cuts = (np.cumsum(rng.dirichlet([spec.alpha] * n)) * len(idx)).astype(int)[:-1]
+        for w, part in enumerate(np.split(idx, cuts)):
+            shards[w].extend(part.tolist())
+    # A worker with no sample cannot step: lend it one from the largest shard.
+    for w in range(n):
+        if not shards[w]:
+            donor = max(range(n), key=lambda j: len(shards[j]))
+            shards[w].append(shards[donor].pop())
+    return [np.sort(np.asarray(s, dtype=np.int64)) for s in shards]
+
+
+class Sampler:
+    """Endless shuffled mini-batches from one worker's shard."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, *, seed: int) -> None:
+        self.x, self.y = x, y
+        self._gen = torch.Generator().manual_seed(seed)
+        self._order = torch.randperm(len(y), generator=self._gen)
+        self._pos = 0
+
+    def next(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        take: list[torch.Tensor] = []
+        need = batch
+        while need > 0:
+            if self._pos >= len(self._order):
+                self._order = torch.randperm(len(self.y), generator=self._gen)
+                self._pos = 0
+            chunk = self._order[self._pos : self._pos + need]
+            self._pos += len(chunk)
+            need -= len(chunk)
+            take.append(chunk)
+        idx = torch.cat(take)
+        return self.x[idx], self.y[idx]

@@ -1,0 +1,78 @@
+"""What a worker pod runs: read the rendered config, join, train, report.
+
+The contract with the operator (rendered by dtj_operator.render):
+  DTJ_CONFIG  path of the TrainerConfig JSON (the job's ConfigMap, mounted)
+  DTJ_RANK    this worker's slot, 0..replicas-1
+Progress and the final result go to the coordinator store (keys
+`progress/<rank>` and `result/<rank>`, JSON) and to stdout as JSON lines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .config import TrainerConfig
+
+DEFAULT_CONFIG_PATH = "/etc/dtj/config.json"
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """The parsed contract: config plus this worker's identity."""
+
+    config: TrainerConfig
+    rank: int
+
+
+def load_runtime(env: Mapping[str, str]) -> Runtime:
+    """Parse the environment the operator (or the local launcher) gives a worker."""
+    path = Path(env.get("DTJ_CONFIG", DEFAULT_CONFIG_PATH))
+    if not path.is_file():
+        raise SystemExit(f"trainer config not found at {path}: set DTJ_CONFIG or mount it there")
+    config = TrainerConfig.model_validate_json(path.read_text())
+    try:
+        rank = int(env["DTJ_RANK"])
+    except (KeyError, ValueError):
+        raise SystemExit("DTJ_RANK must be set to this worker's slot (0..replicas-1)") from None
+    if not 0 <= rank < config.replicas:
+        raise SystemExit(f"DTJ_RANK={rank} is outside 0..{config.replicas - 1}")
+    return Runtime(config, rank)
+
+
+def main() -> int:
+    rt = load_runtime(os.environ)
+    cfg = rt.config
+    from .loop import Worker  # torch is imported only once the contract is valid
+    from .transport import DistTransport, connect_store
+
+    store = connect_store(cfg.store_host, cfg.store_port, timeout=cfg.timeout_seconds)
+    transport = DistTransport(
+        store,
+        generation=0,
+        rank=rt.rank,
+        size=cfg.replicas,
+        backend=cfg.backend,
+        timeout=cfg.timeout_seconds,
+    )
+
+    def report(p: object) -> None:
+        line = json.dumps(asdict(p))  # type: ignore[call-overload]
+        store.set(f"progress/{rt.rank}", line)
+        print(line, flush=True)
+
+    worker = Worker.build(cfg, transport)
+    result = worker.train(report)
+    line = json.dumps(asdict(result))
+    store.set(f"result/{rt.rank}", line)
+    print(line, flush=True)
+    transport.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

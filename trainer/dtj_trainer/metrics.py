@@ -1,0 +1,65 @@
+"""What each worker measures, and the names it exports them under.
+
+One module owns the metric names (the Grafana dashboard test checks that it
+only queries names defined here). Counters are plain Python so that the
+training loop and the simulator can use them without a metrics server.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+# Prometheus names (base units, _total for counters), exported by the trainer.
+METRIC_NAMES = {
+    "step": "dtj_worker_step",
+    "loss": "dtj_worker_loss",
+    "samples_per_second": "dtj_worker_samples_per_second",
+    "consensus_distance": "dtj_worker_consensus_distance",
+    "bytes_sent": "dtj_worker_sent_bytes_total",
+    "bytes_received": "dtj_worker_received_bytes_total",
+    "comm_wait_seconds": "dtj_worker_communication_wait_seconds_total",
+    "staleness": "dtj_worker_staleness_updates",
+}
+
+
+@dataclass
+class CommCounters:
+    """Bytes on the wire and seconds blocked waiting for peers."""
+
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    wait_seconds: float = 0.0
+
+    def add(self, *, sent: int, received: int) -> None:
+        self.bytes_sent += sent
+        self.bytes_received += received
+
+    @contextmanager
+    def waiting(self) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.wait_seconds += time.perf_counter() - t0
+
+
+@dataclass
+class Progress:
+    """One worker's report at a step: what the launcher prints and the status shows."""
+
+    rank: int
+    step: int
+    loss: float
+    samples_per_second: float
+    test_accuracy: float | None = None
+    consensus_distance: float | None = None
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    comm_wait_seconds: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
