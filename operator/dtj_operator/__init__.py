@@ -1,0 +1,1 @@
+"""The DecentralizedTrainingJob operator: API models, rendering, reconcile, status."""

@@ -1,0 +1,288 @@
+"""The DecentralizedTrainingJob API (v1alpha1): the source of truth for the CRD.
+
+`crds/` is generated from these models by `dtj_operator.crdgen` and a test
+fails when the committed YAML drifts. The algorithm, optimizer, batching and
+training sections are the trainer's own config models, so what a user writes
+is exactly what a worker is told.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from dtj_trainer.config import (
+    AlgorithmSpec,
+    BatchingSpec,
+    Model,
+    OptimizerSpec,
+    TrainingSpec,
+    nested_default,
+)
+
+GROUP = "training.dtj.io"
+VERSION = "v1alpha1"
+KIND = "DecentralizedTrainingJob"
+PLURAL = "decentralizedtrainingjobs"
+SINGULAR = "decentralizedtrainingjob"
+SHORT_NAMES = ["dtj"]
+API_VERSION = f"{GROUP}/{VERSION}"
+DEFAULT_IMAGE = "ghcr.io/dtj-project/dtj-trainer:0.1.0"
+MAX_NAME_LENGTH = 45  # leaves room for "-worker-NNNN" within a 63-character DNS label
+
+OBJECT_LIST = {"x-kubernetes-preserve-unknown-fields": True}
+
+
+def _k8s_objects(description: str) -> Any:
+    """A list of Kubernetes-typed objects (validated by the Pod API, not re-declared here)."""
+    return Field(
+        default_factory=list,
+        description=description,
+        json_schema_extra={"items": {"type": "object", **OBJECT_LIST}},
+    )
+
+
+class WorkerTemplate(Model):
+    """How each worker container looks; merged into the rendered pod."""
+
+    image: str = Field(DEFAULT_IMAGE, min_length=1, description="Trainer container image.")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
+        "IfNotPresent", description="Image pull policy."
+    )
+    resources: dict[str, Any] = Field(
+        default_factory=dict,
+        description=(
+            "Container resources (requests/limits), e.g. limits: {nvidia.com/gpu: 1}. "
+            "A GPU limit switches the trainer to the nccl backend."
+        ),
+        json_schema_extra={"type": "object", **OBJECT_LIST},
+    )
+    env: list[dict[str, Any]] = _k8s_objects("Extra environment variables (core/v1 EnvVar).")
+    volumes: list[dict[str, Any]] = _k8s_objects("Extra pod volumes (core/v1 Volume).")
+    volume_mounts: list[dict[str, Any]] = _k8s_objects(
+        "Extra container volume mounts (core/v1 VolumeMount)."
+    )
+    service_account_name: str | None = Field(
+        None, description="Service account of the worker pods (default: the namespace default)."
+    )
+
+
+class NodePool(Model):
+    """A group of nodes workers may run on (e.g. on-demand GPUs and spot GPUs)."""
+
+    name: str = Field(
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        max_length=30,
+        description="Pool name (a DNS label), recorded on each worker pod.",
+    )
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Node labels a worker of this pool requires."
+    )
+    tolerations: list[dict[str, Any]] = _k8s_objects(
+        "Tolerations for the pool's taints (core/v1 Toleration)."
+    )
+    max_workers: int | None = Field(
+        None, ge=0, description="At most this many workers in the pool (unset = no limit)."
+    )
+    preemptible: bool = Field(
+        False,
+        description="Nodes may vanish (spot); losing a worker here is a preemption, not a failure.",
+    )
+    speed: float = Field(
+        1.0, gt=0, description="Relative speed hint, the balancer's starting point."
+    )
+
+
+class RunPolicy(Model):
+    """Lifecycle rules, named as in Kubernetes Jobs and Kubeflow's run policy."""
+
+    backoff_limit: int = Field(
+        3, ge=0, description="Worker failures (not preemptions) tolerated before the job fails."
+    )
+    active_deadline_seconds: int | None = Field(
+        None, ge=1, description="Fail the job if it runs longer than this."
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        None, ge=0, description="Delete the job this long after it succeeded or failed."
+    )
+    clean_pod_policy: Literal["All", "Running", "None"] = Field(
+        "Running", description="Which pods to delete when the job finishes."
+    )
+    suspend: bool = Field(
+        False, description="Delete the workers but keep the job (queueing systems set this)."
+    )
+
+
+class JobSpec(Model):
+    """Desired state of a decentralized training job."""
+
+    replicas: int = Field(4, ge=1, le=1024, description="Number of worker slots.")
+    min_replicas: int | None = Field(
+        None, ge=1, description="Training starts (and continues) once this many workers are ready."
+    )
+    max_replicas: int | None = Field(
+        None, ge=1, le=1024, description="Upper bound for scaling (kubectl scale, HPA)."
+    )
+    algorithm: AlgorithmSpec = Field(
+        default_factory=AlgorithmSpec,
+        description="Training method and its settings.",
+        json_schema_extra=nested_default(),
+    )
+    optimizer: OptimizerSpec = Field(
+        default_factory=OptimizerSpec,
+        description="Local optimizer of every worker.",
+        json_schema_extra=nested_default(),
+    )
+    batching: BatchingSpec = Field(
+        default_factory=BatchingSpec,
+        description="Per-worker batch sizes and dynamic rebalancing.",
+        json_schema_extra=nested_default(),
+    )
+    training: TrainingSpec = Field(
+        default_factory=TrainingSpec,
+        description="Model, data set, length and checkpoints.",
+        json_schema_extra=nested_default(),
+    )
+    template: WorkerTemplate = Field(
+        default_factory=WorkerTemplate,
+        description="Worker container settings.",
+        json_schema_extra=nested_default(),
+    )
+    node_pools: list[NodePool] = Field(
+        default_factory=list,
+        description="Node pools to spread workers over, in order of preference.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    run_policy: RunPolicy = Field(
+        default_factory=RunPolicy,
+        description="Failure budget, deadline, clean-up and suspension.",
+        json_schema_extra=nested_default(),
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JobSpec:
+        """The same rules as the CRD's CEL, for manifests that never meet an API server."""
+        for rule in CEL_RULES:
+            if not rule.check(self):
+                raise ValueError(f"{rule.field}: {rule.message}")
+        return self
+
+
+class _Rule:
+    """A cross-field rule, stated once for CEL and for Python."""
+
+    def __init__(self, cel: str, message: str, field: str, check: Any) -> None:
+        self.cel, self.message, self.field, self.check = cel, message, field, check
+
+
+CEL_RULES = [
+    _Rule(
+        "!has(self.minReplicas) || self.minReplicas <= self.replicas",
+        "minReplicas must not exceed replicas",
+        "spec.minReplicas",
+        lambda s: s.min_replicas is None or s.min_replicas <= s.replicas,
+    ),
+    _Rule(
+        "!has(self.maxReplicas) || self.replicas <= self.maxReplicas",
+        "replicas must not exceed maxReplicas",
+        "spec.replicas",
+        lambda s: s.max_replicas is None or s.replicas <= s.max_replicas,
+    ),
+    _Rule(
+        "!has(self.algorithm.activeNodes) || type(self.algorithm.activeNodes) == string"
+        " || int(self.algorithm.activeNodes) <= self.replicas",
+        "algorithm.activeNodes must not exceed replicas",
+        "spec.algorithm.activeNodes",
+        lambda s: not isinstance(s.algorithm.active_nodes, int)
+        or s.algorithm.active_nodes <= s.replicas,
+    ),
+    _Rule(
+        "!has(self.batching.globalBatch) || !self.batching.dynamic"
+        " || self.batching.globalBatch >= self.replicas * self.batching.minPerWorker",
+        "batching.globalBatch must be at least replicas x minPerWorker",
+        "spec.batching.globalBatch",
+        lambda s: s.batching.global_batch is None
+        or not s.batching.dynamic
+        or s.batching.global_batch >= s.replicas * s.batching.min_per_worker,
+    ),
+    _Rule(
+        "self.batching.minPerWorker <= self.batching.maxPerWorker",
+        "batching.minPerWorker must not exceed maxPerWorker",
+        "spec.batching.minPerWorker",
+        lambda s: s.batching.min_per_worker <= s.batching.max_per_worker,
+    ),
+]
+
+
+Phase = Literal["Pending", "Running", "Suspended", "Succeeded", "Failed"]
+ConditionType = Literal["Created", "Running", "Degraded", "Suspended", "Succeeded", "Failed"]
+
+
+class Condition(Model):
+    """A standard metav1.Condition."""
+
+    type: ConditionType = Field(description="Condition type.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(description="CamelCase reason.")
+    message: str = Field("", description="What happened, for a person.")
+    last_transition_time: str = Field(description="When the status last changed (RFC 3339).")
+    observed_generation: int | None = Field(None, description="Generation the condition is for.")
+
+
+class TrainingProgress(Model):
+    """Training progress as last reported by the workers."""
+
+    step: int | None = Field(None, description="Lowest step reached by the live workers.")
+    loss: str | None = Field(None, description="Mean training loss (decimal string).")
+    samples_per_second: str | None = Field(None, description="Summed throughput.")
+    consensus_distance: str | None = Field(None, description="(1/n) sum ||x_i - x_bar||^2.")
+    updated: str | None = Field(None, description="When the workers last reported.")
+
+
+class JobStatus(Model):
+    """Observed state of the job, written only by the operator."""
+
+    phase: Phase | None = Field(None, description="Pending, Running, Suspended, Succeeded, Failed.")
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        description="Latest observations of the job's state.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    observed_generation: int | None = Field(None, description="Last spec generation acted on.")
+    replicas: int | None = Field(None, description="Worker pods that exist.")
+    ready_replicas: int | None = Field(None, description="Worker pods that are ready.")
+    pending_replicas: int | None = Field(
+        None, description="Worker pods waiting for a node (the cluster autoscaler's signal)."
+    )
+    selector: str | None = Field(None, description="Label selector of the workers (for HPA).")
+    preemptions: int | None = Field(None, description="Workers lost to preemption or eviction.")
+    failures: int | None = Field(None, description="Workers that failed (counts toward backoffLimit).")
+    start_time: str | None = Field(None, description="When the job started running.")
+    completion_time: str | None = Field(None, description="When the job finished.")
+    progress: TrainingProgress | None = Field(None, description="Training progress.")
+
+
+class DecentralizedTrainingJob(Model):
+    """A manifest as users write it (kind, metadata and spec)."""
+
+    api_version: Literal["training.dtj.io/v1alpha1"] = Field(API_VERSION)
+    kind: Literal["DecentralizedTrainingJob"] = Field(KIND)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    spec: JobSpec = Field(default_factory=JobSpec)
+    status: JobStatus | None = None
+
+    @property
+    def name(self) -> str:
+        return str(self.metadata.get("name", ""))
+
+    @property
+    def namespace(self) -> str:
+        return str(self.metadata.get("namespace") or "default")
+
+    @classmethod
+    def from_body(cls, body: Any) -> DecentralizedTrainingJob:
+        """Parse a manifest or a kopf body, ignoring server-owned fields."""
+        raw = dict(body)
+        raw.pop("status", None)
+        return cls.model_validate(raw)

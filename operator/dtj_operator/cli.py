@@ -1,0 +1,116 @@
+"""`dtj`: the user-facing command line.
+
+    dtj local FILE          train a DecentralizedTrainingJob manifest with local processes
+    dtj cluster up|down     start or stop the local control plane (tests, demos)
+    dtj operator            run the operator (kopf) against the current kubeconfig
+    dtj crd                 print the generated CRD
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import pydantic
+import yaml
+
+
+def load_manifest(path: Path) -> object:
+    """Parse and validate a manifest; errors name the field to change."""
+    from .api import DecentralizedTrainingJob
+
+    try:
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    except (OSError, yaml.YAMLError) as e:
+        raise SystemExit(f"cannot read {path}: {e}") from None
+    jobs = [d for d in docs if d.get("kind") == "DecentralizedTrainingJob"]
+    if len(jobs) != 1:
+        raise SystemExit(f"{path} must hold exactly one DecentralizedTrainingJob")
+    try:
+        return DecentralizedTrainingJob.from_body(jobs[0])
+    except pydantic.ValidationError as e:
+        problems = "; ".join(
+            f"spec field {'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()
+        )
+        raise SystemExit(f"{path} is not a valid DecentralizedTrainingJob: {problems}") from None
+
+
+def cmd_local(args: argparse.Namespace) -> int:
+    from dtj_trainer import launcher
+
+    from . import render
+
+    job = load_manifest(Path(args.file))
+    cfg = render.trainer_config(job, store_host="127.0.0.1")  # type: ignore[arg-type]
+    cfg = cfg.model_copy(update={"backend": "gloo"})  # local processes run on the CPU
+    if args.replicas:
+        cfg = cfg.model_copy(update={"replicas": args.replicas})
+    print(f"job {cfg.job}: {args.file}", flush=True)
+    try:
+        result = launcher.run(cfg)
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    lo, hi = min(result.worker_accuracies), max(result.worker_accuracies)
+    print(
+        f"Result: test accuracy {100 * result.averaged_accuracy:.1f}% on {cfg.training.dataset} "
+        f"(averaged model; workers {100 * lo:.1f}-{100 * hi:.1f}%), "
+        f"{cfg.replicas} workers, {cfg.algorithm.name}, wall time {result.wall_seconds:.1f}s",
+        flush=True,
+    )
+    return 0
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    from . import devcluster
+
+    directory = Path(args.dir) if args.dir else None
+    if args.action == "up":
+        cluster = devcluster.up(directory)
+        print(f"export KUBECONFIG={cluster.kubeconfig}")
+        print(f"export PATH={cluster.bin}:$PATH  # kubectl {cluster.bin / 'kubectl'}")
+    elif args.action == "down":
+        devcluster.down(directory)
+        print("local control plane stopped", file=sys.stderr)
+    else:
+        print(devcluster.build())
+    return 0
+
+
+def cmd_operator(args: argparse.Namespace) -> int:
+    cmd = [sys.executable, "-m", "kopf", "run", "--standalone", "-m", "dtj_operator.handlers"]
+    cmd += ["--namespace", args.namespace] if args.namespace else ["--all-namespaces"]
+    os.execvp(cmd[0], cmd)
+
+
+def cmd_crd(_: argparse.Namespace) -> int:
+    from . import crdgen
+
+    print(crdgen.render(), end="")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dtj", description="Decentralized training jobs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("local", help="train a manifest with local worker processes")
+    p.add_argument("file", help="a DecentralizedTrainingJob manifest")
+    p.add_argument("--replicas", type=int, help="override spec.replicas")
+    p.set_defaults(func=cmd_local)
+    p = sub.add_parser("cluster", help="local control plane for tests and demos")
+    p.add_argument("action", choices=["up", "down", "build"])
+    p.add_argument("--dir", help="state directory (default ~/.local/state/dtj/cluster/default)")
+    p.set_defaults(func=cmd_cluster)
+    p = sub.add_parser("operator", help="run the operator against the current kubeconfig")
+    p.add_argument("--namespace", help="watch one namespace (default: all)")
+    p.set_defaults(func=cmd_operator)
+    p = sub.add_parser("crd", help="print the generated CRD")
+    p.set_defaults(func=cmd_crd)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,91 @@
+"""The only module that talks to the Kubernetes API (official client).
+
+Thin verbs with the conflict handling reconcile needs: create-if-absent
+(409 is success), delete-if-present (404 is success), status merge patches.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from . import api
+
+
+class Cluster:
+    def __init__(self) -> None:
+        try:
+            config.load_incluster_config()
+        except config.ConfigException:
+            config.load_kube_config()
+        self._api = client.ApiClient()
+        self.core = client.CoreV1Api(self._api)
+        self.custom = client.CustomObjectsApi(self._api)
+
+    def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
+        raw = self.core.list_namespaced_pod(namespace, label_selector=selector)
+        return [self._api.sanitize_for_serialization(p) for p in raw.items]
+
+    def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self.custom.get_namespaced_custom_object(  # type: ignore[no-any-return]
+                api.GROUP, api.VERSION, namespace, api.PLURAL, name
+            )
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def create(self, obj: dict[str, Any]) -> bool:
+        """Create `obj` unless it exists; True when this call created it."""
+        ns = obj["metadata"]["namespace"]
+        create = {
+            "Pod": self.core.create_namespaced_pod,
+            "Service": self.core.create_namespaced_service,
+            "ConfigMap": self.core.create_namespaced_config_map,
+        }[obj["kind"]]
+        try:
+            create(ns, obj)
+        except ApiException as e:
+            if e.status == 409:
+                return False
+            raise
+        return True
+
+    def read_config_map(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            cm = self.core.read_namespaced_config_map(name, namespace)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+        return self._api.sanitize_for_serialization(cm)  # type: ignore[no-any-return]
+
+    def patch_config_map(self, namespace: str, name: str, data: dict[str, str]) -> None:
+        self.core.patch_namespaced_config_map(name, namespace, {"data": data})
+
+    def delete_pod(self, namespace: str, name: str) -> bool:
+        try:
+            self.core.delete_namespaced_pod(name, namespace)
+        except ApiException as e:
+            if e.status == 404:
+                return False
+            raise
+        return True
+
+    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        self.custom.patch_namespaced_custom_object_status(
+            api.GROUP, api.VERSION, namespace, api.PLURAL, name, {"status": status}
+        )
+
+    def delete_job(self, namespace: str, name: str) -> None:
+        try:
+            self.custom.delete_namespaced_custom_object(
+                api.GROUP, api.VERSION, namespace, api.PLURAL, name,
+                propagation_policy="Background",
+            )
+        except ApiException as e:
+            if e.status != 404:
+                raise

@@ -1,0 +1,337 @@
+"""A real, local Kubernetes control plane for tests and demos, without Docker.
+
+    dtj cluster up      # build (once, cached) and start; prints `export KUBECONFIG=...`
+    dtj cluster down    # stop every process and remove the state directory
+
+etcd, kube-apiserver, kube-controller-manager and kube-scheduler are the real
+binaries, built from pinned Go modules by hack/controlplane/build.sh and
+cached under the user's cache directory. kwok plays the kubelets: it keeps the
+fake nodes below alive and moves scheduled pods to Running. Everything binds to
+127.0.0.1 and the fake nodes get loopback pod CIDRs, so nothing can leave the
+machine. We start the processes ourselves rather than through kwokctl to keep
+ports, CIDRs and teardown under our control and to never trigger a download.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+BUILD_SCRIPT = ROOT / "hack" / "controlplane" / "build.sh"
+KWOK_STAGES = ROOT / "hack" / "kwok" / "stages.yaml"
+FAKE_NODE = {"kwok.x-k8s.io/node": "fake"}
+GPU = "nvidia.com/gpu"
+SPOT_TAINT = {"key": "pool", "value": "spot", "effect": "NoSchedule"}
+# (pool, count, gpus per node, preemptible)
+NODE_POOLS = [("ondemand", 2, 8, False), ("spot", 4, 4, True)]
+
+
+def state_root() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "dtj" / "cluster"
+
+
+def build(*, quiet: bool = False) -> Path:
+    """The directory holding the pinned binaries, building them on first use."""
+    out = subprocess.run(
+        ["bash", str(BUILD_SCRIPT)],
+        check=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL if quiet else None,
+        text=True,
+    )
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def kubeconfig(server: str, token: str, user: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {"name": "dtj-local", "cluster": {"server": server, "insecure-skip-tls-verify": True}}
+        ],
+        "users": [{"name": user, "user": {"token": token}}],
+        "contexts": [{"name": "dtj-local", "context": {"cluster": "dtj-local", "user": user}}],
+        "current-context": "dtj-local",
+    }
+
+
+def fake_nodes() -> list[dict[str, Any]]:
+    """Two node pools of fake GPU nodes, each with a loopback pod CIDR."""
+    nodes = []
+    index = 0
+    for pool, count, gpus, preemptible in NODE_POOLS:
+        for i in range(count):
+            index += 1
+            labels = {
+                "pool": pool,
+                "type": "kwok",
+                "kubernetes.io/hostname": f"{pool}-{i}",
+                "kubernetes.io/os": "linux",
+                "kubernetes.io/arch": "amd64",
+                "nvidia.com/gpu.present": "true",
+            }
+            if preemptible:
+                labels["node.kubernetes.io/lifecycle"] = "spot"
+            capacity = {"cpu": "32", "memory": "256Gi", "pods": "110", GPU: str(gpus)}
+            nodes.append(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Node",
+                    "metadata": {"name": f"{pool}-{i}", "labels": labels, "annotations": FAKE_NODE},
+                    "spec": {
+                        "podCIDR": f"127.{10 + index}.0.0/24",
+                        "taints": [SPOT_TAINT] if preemptible else [],
+                    },
+                    "status": {"capacity": capacity, "allocatable": capacity},
+                }
+            )
+    return nodes
+
+
+@dataclass
+class LocalCluster:
+    """A running control plane; `kubeconfig` is what users and tests point at."""
+
+    directory: Path
+    bin: Path
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.directory / "kubeconfig"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.directory / "pids.json"
+
+    def kubectl(self, *args: str, check: bool = True, **kw: Any) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(self.bin / "kubectl"), "--kubeconfig", str(self.kubeconfig), *args],
+            check=check,
+            capture_output=True,
+            text=True,
+            **kw,
+        )
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def start(self, *, timeout: float = 120.0) -> None:
+        d = self.directory
+        if self.pidfile.exists():
+            raise RuntimeError(f"a cluster already runs from {d}; run `dtj cluster down` first")
+        (d / "logs").mkdir(parents=True, exist_ok=True)
+        (d / "certs").mkdir(exist_ok=True)
+        sa_key, sa_pub = d / "certs" / "sa.key", d / "certs" / "sa.pub"
+        subprocess.run(["openssl", "genrsa", "-out", sa_key, "2048"], check=True, capture_output=True)
+        subprocess.run(
+            ["openssl", "rsa", "-in", sa_key, "-pubout", "-out", sa_pub],
+            check=True,
+            capture_output=True,
+        )
+        tokens = {
+            "admin": (secrets.token_hex(16), "system:masters"),
+            # Controllers run under the manager's own identity here (no per-controller
+            # service-account credentials), which needs more than its bootstrap role.
+            "system:kube-controller-manager": (secrets.token_hex(16), "system:masters"),
+            "system:kube-scheduler": (secrets.token_hex(16), ""),
+        }
+        (d / "tokens.csv").write_text(
+            "".join(f'{tok},{user},{user},"{grp}"\n' for user, (tok, grp) in tokens.items())
+        )
+        etcd_port, peer_port, api_port = free_port(), free_port(), free_port()
+        server = f"https://127.0.0.1:{api_port}"
+        configs = {}
+        for user, (tok, _) in tokens.items():
+            path = d / f"{user.split(':')[-1]}.kubeconfig"
+            path.write_text(yaml.safe_dump(kubeconfig(server, tok, user)))
+            configs[user] = path
+        (d / "kubeconfig").write_text(configs["admin"].read_text())
+
+        b = self.bin
+        etcd_url = f"http://127.0.0.1:{etcd_port}"
+        peer_url = f"http://127.0.0.1:{peer_port}"
+        commands = {
+            "etcd": [
+                b / "etcd",
+                f"--data-dir={d / 'etcd'}",
+                "--name=default",
+                f"--listen-client-urls={etcd_url}",
+                f"--advertise-client-urls={etcd_url}",
+                f"--listen-peer-urls={peer_url}",
+                f"--initial-advertise-peer-urls={peer_url}",
+                f"--initial-cluster=default={peer_url}",
+                "--unsafe-no-fsync=true",
+                "--log-level=warn",
+            ],
+            "kube-apiserver": [
+                b / "kube-apiserver",
+                f"--etcd-servers={etcd_url}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={api_port}",
+                f"--cert-dir={d / 'certs'}",
+                f"--token-auth-file={d / 'tokens.csv'}",
+                "--authorization-mode=Node,RBAC",
+                "--service-account-issuer=https://kubernetes.default.svc",
+                f"--service-account-key-file={sa_pub}",
+                f"--service-account-signing-key-file={sa_key}",
+                "--service-cluster-ip-range=10.96.0.0/16",
+                "--endpoint-reconciler-type=none",
+                "--enable-priority-and-fairness=false",
+            ],
+            "kube-controller-manager": [
+                b / "kube-controller-manager",
+                f"--kubeconfig={configs['system:kube-controller-manager']}",
+                "--leader-elect=false",
+                "--secure-port=0",
+                f"--service-account-private-key-file={sa_key}",
+                "--controllers=*,-nodeipam,-root-ca-cert-publisher,-service-lb-controller",
+                "--concurrent-gc-syncs=10",
+            ],
+            "kube-scheduler": [
+                b / "kube-scheduler",
+                f"--kubeconfig={configs['system:kube-scheduler']}",
+                "--leader-elect=false",
+                "--secure-port=0",
+            ],
+            "kwok": [
+                b / "kwok",
+                f"--kubeconfig={configs['admin']}",
+                f"--config={KWOK_STAGES}",
+                "--manage-all-nodes=false",
+                "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
+                "--cidr=127.200.0.0/16",
+                "--node-ip=127.0.0.1",
+                "--node-lease-duration-seconds=40",
+            ],
+        }
+        pids: dict[str, int] = {}
+        try:
+            for name, cmd in commands.items():
+                log = open(d / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
+                proc = subprocess.Popen(
+                    [str(c) for c in cmd],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+                pids[name] = proc.pid
+                self.pidfile.write_text(json.dumps(pids))
+                if name == "etcd":
+                    self._wait_port(etcd_port, name, timeout)
+                if name == "kube-apiserver":
+                    self._wait_ready(server, tokens["admin"][0], timeout)
+            self._wait_default_service_account(timeout)
+            self.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(fake_nodes()))
+            self.kubectl(
+                "wait", "--for=condition=Ready", "node", "-l", "type=kwok", f"--timeout={int(timeout)}s"
+            )
+        except BaseException:
+            self.stop(keep_logs=True)
+            raise
+
+    def _wait_port(self, port: int, name: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    return
+            time.sleep(0.2)
+        raise TimeoutError(f"{name} did not listen on 127.0.0.1:{port}; see {self.directory}/logs")
+
+    def _wait_ready(self, server: str, token: str, timeout: float) -> None:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            req = urllib.request.Request(
+                f"{server}/readyz", headers={"Authorization": f"Bearer {token}"}
+            )
+            try:
+                with urllib.request.urlopen(req, context=ctx, timeout=5) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"kube-apiserver not ready; see {self.directory}/logs/kube-apiserver.log")
+
+    def _wait_default_service_account(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.kubectl("get", "serviceaccount", "default", check=False).returncode == 0:
+                return
+            time.sleep(0.5)
+        raise TimeoutError("the default service account never appeared (kube-controller-manager)")
+
+    def stop(self, *, keep_logs: bool = False) -> None:
+        """Stop every component (newest first) and remove the state directory."""
+        if self.pidfile.exists():
+            pids = json.loads(self.pidfile.read_text())
+            for pid in reversed(list(pids.values())):
+                _terminate(pid)
+            self.pidfile.unlink()
+        if keep_logs:
+            print(f"control plane logs kept in {self.directory / 'logs'}", file=sys.stderr)
+        elif self.directory.exists():
+            subprocess.run(["rm", "-rf", str(self.directory)], check=False)
+
+
+def _terminate(pid: int, grace: float = 10.0) -> None:
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return
+        try:  # reap it if it is our child
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.1)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def up(directory: Path | None = None) -> LocalCluster:
+    cluster = LocalCluster(directory or state_root() / "default", build())
+    t0 = time.monotonic()
+    cluster.start()
+    print(
+        f"local control plane ready in {time.monotonic() - t0:.0f}s "
+        f"(logs: {cluster.directory / 'logs'})",
+        file=sys.stderr,
+    )
+    return cluster
+
+
+def down(directory: Path | None = None) -> None:
+    LocalCluster(directory or state_root() / "default", Path()).stop()

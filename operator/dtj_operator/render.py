@@ -1,0 +1,278 @@
+"""Pure functions from a job to the child objects it should have.
+
+No client, no I/O: reconcile compares what these return with what exists.
+Children are: a headless Service (stable DNS for the coordinator and the
+workers, published before readiness so rendezvous can start), a ConfigMap
+holding the TrainerConfig, the coordinator pod (the membership store, kept off
+preemptible nodes) and one pod per worker slot.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from dtj_trainer.config import TrainerConfig
+
+from . import api
+
+STORE_PORT = 29400
+CONFIG_DIR = "/etc/dtj"
+CONFIG_KEY = "config.json"
+LABEL_JOB = f"{api.GROUP}/job"
+LABEL_SLOT = f"{api.GROUP}/slot"
+LABEL_POOL = f"{api.GROUP}/pool"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+MANAGED_BY = "dtj-operator"
+WORKER, COORDINATOR = "worker", "coordinator"
+GPU_RESOURCE = "nvidia.com/gpu"
+RUN_AS_USER = 1000
+
+
+def labels(job: api.DecentralizedTrainingJob, component: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "dtj-trainer",
+        "app.kubernetes.io/instance": job.name,
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        LABEL_COMPONENT: component,
+        LABEL_JOB: job.name,
+    }
+
+
+def worker_selector(job_name: str) -> str:
+    """The label selector of a job's workers (status.selector, for the scale subresource)."""
+    return f"{LABEL_JOB}={job_name},{LABEL_COMPONENT}={WORKER}"
+
+
+def owner_reference(body: dict[str, Any]) -> dict[str, Any]:
+    meta = body["metadata"]
+    return {
+        "apiVersion": api.API_VERSION,
+        "kind": api.KIND,
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _meta(
+    job: api.DecentralizedTrainingJob, name: str, component: str, owner: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": job.namespace,
+        "labels": labels(job, component),
+        "ownerReferences": [owner],
+    }
+
+
+def worker_name(job_name: str, slot: int) -> str:
+    return f"{job_name}-worker-{slot}"
+
+
+def coordinator_name(job_name: str) -> str:
+    return f"{job_name}-coordinator"
+
+
+def uses_gpu(job: api.DecentralizedTrainingJob) -> bool:
+    limits = job.spec.template.resources.get("limits", {}) or {}
+    return bool(limits.get(GPU_RESOURCE))
+
+
+def trainer_config(
+    job: api.DecentralizedTrainingJob, *, store_host: str | None = None, store_port: int = STORE_PORT
+) -> TrainerConfig:
+    """What every worker of `job` is told (the launcher passes a loopback store)."""
+    s = job.spec
+    return TrainerConfig(
+        job=job.name or "local",
+        replicas=s.replicas,
+        algorithm=s.algorithm,
+        optimizer=s.optimizer,
+        batching=s.batching,
+        training=s.training,
+        store_host=store_host or f"{COORDINATOR}.{job.name}.{job.namespace}.svc",
+        store_port=store_port,
+        backend="nccl" if uses_gpu(job) else "gloo",
+    )
+
+
+def service(job: api.DecentralizedTrainingJob, owner: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(job, job.name, "network", owner),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {LABEL_JOB: job.name},
+            "ports": [{"name": "store", "port": STORE_PORT, "targetPort": STORE_PORT}],
+        },
+    }
+
+
+def config_map(job: api.DecentralizedTrainingJob, owner: dict[str, Any]) -> dict[str, Any]:
+    cfg = trainer_config(job)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(job, f"{job.name}-config", "config", owner),
+        "data": {CONFIG_KEY: json.dumps(cfg.wire(), indent=2, sort_keys=True)},
+    }
+
+
+def assign_pools(job: api.DecentralizedTrainingJob) -> list[api.NodePool | None]:
+    """The pool of each worker slot: pools in spec order, each filled up to maxWorkers.
+
+    Slots left over once every pool is full go to the last pool without a
+    limit, or to no pool when all pools are bounded (they stay Pending: the
+    cluster autoscaler's signal).
+    """
+    pools = job.spec.node_pools
+    if not pools:
+        return [None] * job.spec.replicas
+    out: list[api.NodePool | None] = []
+    for pool in pools:
+        room = job.spec.replicas - len(out)
+        take = room if pool.max_workers is None else min(room, pool.max_workers)
+        out.extend([pool] * take)
+    unbounded = [p for p in pools if p.max_workers is None]
+    out.extend([unbounded[-1] if unbounded else None] * (job.spec.replicas - len(out)))
+    return out
+
+
+def quantities(resources: dict[str, Any]) -> dict[str, Any]:
+    """Resource quantities as strings (YAML lets users write `nvidia.com/gpu: 1`)."""
+    return {
+        section: {k: str(v) for k, v in (values or {}).items()}
+        if isinstance(values, dict)
+        else values
+        for section, values in resources.items()
+    }
+
+
+def _security() -> tuple[dict[str, Any], dict[str, Any]]:
+    pod = {
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS_USER,
+        "runAsGroup": RUN_AS_USER,
+        "fsGroup": RUN_AS_USER,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    container = {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    return pod, container
+
+
+def _pod(
+    job: api.DecentralizedTrainingJob,
+    owner: dict[str, Any],
+    *,
+    name: str,
+    hostname: str,
+    component: str,
+    command: list[str],
+    env: list[dict[str, Any]],
+    resources: dict[str, Any],
+    pool: api.NodePool | None,
+    extra_labels: dict[str, str],
+) -> dict[str, Any]:
+    t = job.spec.template
+    pod_sec, container_sec = _security()
+    meta = _meta(job, name, component, owner)
+    meta["labels"].update(extra_labels)
+    spec: dict[str, Any] = {
+        "hostname": hostname,
+        "subdomain": job.name,
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "securityContext": pod_sec,
+        "containers": [
+            {
+                "name": component,
+                "image": t.image,
+                "imagePullPolicy": t.image_pull_policy,
+                "command": command,
+                "env": env,
+                "resources": resources,
+                "securityContext": container_sec,
+                "volumeMounts": [
+                    {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+                    {"name": "tmp", "mountPath": "/tmp"},
+                    *t.volume_mounts,
+                ],
+            }
+        ],
+        "volumes": [
+            {"name": "config", "configMap": {"name": f"{job.name}-config"}},
+            {"name": "tmp", "emptyDir": {}},
+            *t.volumes,
+        ],
+    }
+    if t.service_account_name:
+        spec["serviceAccountName"] = t.service_account_name
+    if pool is not None:
+        meta["labels"][LABEL_POOL] = pool.name
+        if pool.node_selector:
+            spec["nodeSelector"] = dict(pool.node_selector)
+        if pool.tolerations:
+            spec["tolerations"] = list(pool.tolerations)
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec}
+
+
+def worker_pod(
+    job: api.DecentralizedTrainingJob, owner: dict[str, Any], slot: int
+) -> dict[str, Any]:
+    pool = assign_pools(job)[slot]
+    env = [
+        {"name": "DTJ_CONFIG", "value": f"{CONFIG_DIR}/{CONFIG_KEY}"},
+        {"name": "DTJ_RANK", "value": str(slot)},
+        {"name": "DTJ_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        *job.spec.template.env,
+    ]
+    return _pod(
+        job,
+        owner,
+        name=worker_name(job.name, slot),
+        hostname=f"{WORKER}-{slot}",
+        component=WORKER,
+        command=["python", "-m", "dtj_trainer"],
+        env=env,
+        resources=quantities(job.spec.template.resources),
+        pool=pool,
+        extra_labels={LABEL_SLOT: str(slot)},
+    )
+
+
+def coordinator_pod(job: api.DecentralizedTrainingJob, owner: dict[str, Any]) -> dict[str, Any]:
+    """The store host: small, CPU-only, on a non-preemptible pool when there is one."""
+    stable = [p for p in job.spec.node_pools if not p.preemptible]
+    return _pod(
+        job,
+        owner,
+        name=coordinator_name(job.name),
+        hostname=COORDINATOR,
+        component=COORDINATOR,
+        command=["python", "-m", "dtj_trainer.coordinator", "--port", str(STORE_PORT)],
+        env=[],
+        resources={"requests": {"cpu": "100m", "memory": "256Mi"}},
+        pool=stable[0] if stable else None,
+        extra_labels={},
+    )
+
+
+def desired_children(
+    job: api.DecentralizedTrainingJob, body: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Every object the job should own right now, workers last."""
+    owner = owner_reference(body)
+    objs = [service(job, owner), config_map(job, owner)]
+    if job.spec.run_policy.suspend:
+        return objs
+    objs.append(coordinator_pod(job, owner))
+    objs.extend(worker_pod(job, owner, slot) for slot in range(job.spec.replicas))
+    return objs

@@ -1,0 +1,125 @@
+"""Pure functions from observed pods to the job's status.
+
+Reconcile calls `compute` once per pass and writes the result once. Conditions
+keep their lastTransitionTime unless their status actually changes, so a
+status write is a no-op when nothing happened.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from . import api, render
+
+
+def now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def is_ready(pod: dict[str, Any]) -> bool:
+    if (pod.get("status") or {}).get("phase") != "Running":
+        return False
+    conds = (pod.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conds)
+
+
+def is_terminating(pod: dict[str, Any]) -> bool:
+    return bool(pod["metadata"].get("deletionTimestamp"))
+
+
+def workers(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        p
+        for p in pods
+        if p["metadata"].get("labels", {}).get(render.LABEL_COMPONENT) == render.WORKER
+        and not is_terminating(p)
+    ]
+
+
+def set_condition(
+    conditions: list[dict[str, Any]],
+    type_: str,
+    status: bool,
+    reason: str,
+    message: str,
+    generation: int | None,
+) -> list[dict[str, Any]]:
+    """A new condition list with `type_` set; lastTransitionTime moves only on a change."""
+    value = "True" if status else "False"
+    old = next((c for c in conditions if c.get("type") == type_), None)
+    changed = old is None or old.get("status") != value
+    cond = {
+        "type": type_,
+        "status": value,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": now() if changed else old["lastTransitionTime"],  # type: ignore[index]
+    }
+    if generation is not None:
+        cond["observedGeneration"] = generation
+    return [c for c in conditions if c.get("type") != type_] + [cond]
+
+
+def compute(
+    job: api.DecentralizedTrainingJob,
+    body: dict[str, Any],
+    pods: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """The status the job should show for the observed `pods`."""
+    old: dict[str, Any] = dict(body.get("status") or {})
+    generation = body["metadata"].get("generation")
+    live = workers(pods)
+    ready = sum(1 for p in live if is_ready(p))
+    pending = sum(1 for p in live if (p.get("status") or {}).get("phase", "Pending") == "Pending")
+    desired = job.spec.replicas
+    needed = job.spec.min_replicas or desired
+    conds: list[dict[str, Any]] = list(old.get("conditions") or [])
+    conds = set_condition(
+        conds, "Created", True, "ChildrenCreated", "Service, config and pods created", generation
+    )
+    suspended = job.spec.run_policy.suspend
+    running = ready >= needed and not suspended
+    if suspended:
+        phase, msg = "Suspended", "spec.runPolicy.suspend is true; workers deleted"
+    elif running:
+        phase, msg = "Running", f"{ready}/{desired} workers ready (training needs {needed})"
+    else:
+        phase = "Pending"
+        msg = f"{ready}/{desired} workers ready, {pending} waiting for a node; training needs {needed}"
+    conds = set_condition(
+        conds,
+        "Running",
+        running,
+        "WorkersReady" if running else ("Suspended" if suspended else "WaitingForWorkers"),
+        msg,
+        generation,
+    )
+    conds = set_condition(
+        conds,
+        "Suspended",
+        suspended,
+        "Suspended" if suspended else "NotSuspended",
+        msg if suspended else "",
+        generation,
+    )
+    status = {
+        "phase": phase,
+        "conditions": conds,
+        "observedGeneration": generation,
+        "replicas": len(live),
+        "readyReplicas": ready,
+        "pendingReplicas": pending,
+        "selector": render.worker_selector(job.name),
+        "preemptions": old.get("preemptions", 0),
+        "failures": old.get("failures", 0),
+    }
+    if running and not old.get("startTime"):
+        status["startTime"] = now()
+    return status
+
+
+def differs(old: dict[str, Any] | None, new: dict[str, Any]) -> bool:
+    """Whether writing `new` would change anything."""
+    old = old or {}
+    return any(old.get(k) != v for k, v in new.items())
