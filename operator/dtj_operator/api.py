@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
-
 from dtj_trainer.config import (
     AlgorithmSpec,
     BatchingSpec,
@@ -20,6 +18,7 @@ from dtj_trainer.config import (
     TrainingSpec,
     nested_default,
 )
+from pydantic import Field, model_validator
 
 GROUP = "training.dtj.io"
 VERSION = "v1alpha1"
@@ -194,17 +193,20 @@ CEL_RULES = [
         " || int(self.algorithm.activeNodes) <= self.replicas",
         "algorithm.activeNodes must not exceed replicas",
         "spec.algorithm.activeNodes",
-        lambda s: not isinstance(s.algorithm.active_nodes, int)
-        or s.algorithm.active_nodes <= s.replicas,
+        lambda s: (
+            not isinstance(s.algorithm.active_nodes, int) or s.algorithm.active_nodes <= s.replicas
+        ),
     ),
     _Rule(
         "!has(self.batching.globalBatch) || !self.batching.dynamic"
         " || self.batching.globalBatch >= self.replicas * self.batching.minPerWorker",
         "batching.globalBatch must be at least replicas x minPerWorker",
         "spec.batching.globalBatch",
-        lambda s: s.batching.global_batch is None
-        or not s.batching.dynamic
-        or s.batching.global_batch >= s.replicas * s.batching.min_per_worker,
+        lambda s: (
+            s.batching.global_batch is None
+            or not s.batching.dynamic
+            or s.batching.global_batch >= s.replicas * s.batching.min_per_worker
+        ),
     ),
     _Rule(
         "self.batching.minPerWorker <= self.batching.maxPerWorker",
@@ -257,7 +259,9 @@ class JobStatus(Model):
     )
     selector: str | None = Field(None, description="Label selector of the workers (for HPA).")
     preemptions: int | None = Field(None, description="Workers lost to preemption or eviction.")
-    failures: int | None = Field(None, description="Workers that failed (counts toward backoffLimit).")
+    failures: int | None = Field(
+        None, description="Workers that failed (counts toward backoffLimit)."
+    )
     start_time: str | None = Field(None, description="When the job started running.")
     completion_time: str | None = Field(None, description="When the job finished.")
     progress: TrainingProgress | None = Field(None, description="Training progress.")
@@ -266,8 +270,8 @@ class JobStatus(Model):
 class DecentralizedTrainingJob(Model):
     """A manifest as users write it (kind, metadata and spec)."""
 
-    api_version: Literal["training.dtj.io/v1alpha1"] = Field(API_VERSION)
-    kind: Literal["DecentralizedTrainingJob"] = Field(KIND)
+    api_version: Literal["training.dtj.io/v1alpha1"] = "training.dtj.io/v1alpha1"
+    kind: Literal["DecentralizedTrainingJob"] = "DecentralizedTrainingJob"
     metadata: dict[str, Any] = Field(default_factory=dict)
     spec: JobSpec = Field(default_factory=JobSpec)
     status: JobStatus | None = None

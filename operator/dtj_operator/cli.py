@@ -1,9 +1,9 @@
 """`dtj`: the user-facing command line.
 
-    dtj local FILE          train a DecentralizedTrainingJob manifest with local processes
-    dtj cluster up|down     start or stop the local control plane (tests, demos)
-    dtj operator            run the operator (kopf) against the current kubeconfig
-    dtj crd                 print the generated CRD
+dtj local FILE          train a DecentralizedTrainingJob manifest with local processes
+dtj cluster up|down     start or stop the local control plane (tests, demos)
+dtj operator            run the operator (kopf) against the current kubeconfig
+dtj crd                 print the generated CRD
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from pathlib import Path
 import pydantic
 import yaml
 
+from .api import DecentralizedTrainingJob
 
-def load_manifest(path: Path) -> object:
+
+def load_manifest(path: Path) -> DecentralizedTrainingJob:
     """Parse and validate a manifest; errors name the field to change."""
-    from .api import DecentralizedTrainingJob
-
     try:
         docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
     except (OSError, yaml.YAMLError) as e:
@@ -32,7 +32,7 @@ def load_manifest(path: Path) -> object:
         return DecentralizedTrainingJob.from_body(jobs[0])
     except pydantic.ValidationError as e:
         problems = "; ".join(
-            f"spec field {'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()
+            f"field {'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()
         )
         raise SystemExit(f"{path} is not a valid DecentralizedTrainingJob: {problems}") from None
 
@@ -43,7 +43,7 @@ def cmd_local(args: argparse.Namespace) -> int:
     from . import render
 
     job = load_manifest(Path(args.file))
-    cfg = render.trainer_config(job, store_host="127.0.0.1")  # type: ignore[arg-type]
+    cfg = render.trainer_config(job, store_host="127.0.0.1")
     cfg = cfg.model_copy(update={"backend": "gloo"})  # local processes run on the CPU
     if args.replicas:
         cfg = cfg.model_copy(update={"replicas": args.replicas})

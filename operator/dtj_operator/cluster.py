@@ -30,9 +30,10 @@ class Cluster:
 
     def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            return self.custom.get_namespaced_custom_object(  # type: ignore[no-any-return]
+            job: Any = self.custom.get_namespaced_custom_object(
                 api.GROUP, api.VERSION, namespace, api.PLURAL, name
             )
+            return dict(job)
         except ApiException as e:
             if e.status == 404:
                 return None
@@ -41,7 +42,7 @@ class Cluster:
     def create(self, obj: dict[str, Any]) -> bool:
         """Create `obj` unless it exists; True when this call created it."""
         ns = obj["metadata"]["namespace"]
-        create = {
+        create: Any = {
             "Pod": self.core.create_namespaced_pod,
             "Service": self.core.create_namespaced_service,
             "ConfigMap": self.core.create_namespaced_config_map,
@@ -61,7 +62,8 @@ class Cluster:
             if e.status == 404:
                 return None
             raise
-        return self._api.sanitize_for_serialization(cm)  # type: ignore[no-any-return]
+        out: dict[str, Any] = self._api.sanitize_for_serialization(cm)
+        return out
 
     def patch_config_map(self, namespace: str, name: str, data: dict[str, str]) -> None:
         self.core.patch_namespaced_config_map(name, namespace, {"data": data})
@@ -83,7 +85,11 @@ class Cluster:
     def delete_job(self, namespace: str, name: str) -> None:
         try:
             self.custom.delete_namespaced_custom_object(
-                api.GROUP, api.VERSION, namespace, api.PLURAL, name,
+                api.GROUP,
+                api.VERSION,
+                namespace,
+                api.PLURAL,
+                name,
                 propagation_policy="Background",
             )
         except ApiException as e:

@@ -14,6 +14,7 @@ ports, CIDRs and teardown under our control and to never trigger a download.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -124,7 +125,9 @@ class LocalCluster:
     def pidfile(self) -> Path:
         return self.directory / "pids.json"
 
-    def kubectl(self, *args: str, check: bool = True, **kw: Any) -> subprocess.CompletedProcess[str]:
+    def kubectl(
+        self, *args: str, check: bool = True, **kw: Any
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [str(self.bin / "kubectl"), "--kubeconfig", str(self.kubeconfig), *args],
             check=check,
@@ -142,7 +145,9 @@ class LocalCluster:
         (d / "logs").mkdir(parents=True, exist_ok=True)
         (d / "certs").mkdir(exist_ok=True)
         sa_key, sa_pub = d / "certs" / "sa.key", d / "certs" / "sa.pub"
-        subprocess.run(["openssl", "genrsa", "-out", sa_key, "2048"], check=True, capture_output=True)
+        subprocess.run(
+            ["openssl", "genrsa", "-out", sa_key, "2048"], check=True, capture_output=True
+        )
         subprocess.run(
             ["openssl", "rsa", "-in", sa_key, "-pubout", "-out", sa_pub],
             check=True,
@@ -245,7 +250,12 @@ class LocalCluster:
             self._wait_default_service_account(timeout)
             self.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(fake_nodes()))
             self.kubectl(
-                "wait", "--for=condition=Ready", "node", "-l", "type=kwok", f"--timeout={int(timeout)}s"
+                "wait",
+                "--for=condition=Ready",
+                "node",
+                "-l",
+                "type=kwok",
+                f"--timeout={int(timeout)}s",
             )
         except BaseException:
             self.stop(keep_logs=True)
@@ -276,7 +286,9 @@ class LocalCluster:
             except OSError:
                 pass
             time.sleep(0.5)
-        raise TimeoutError(f"kube-apiserver not ready; see {self.directory}/logs/kube-apiserver.log")
+        raise TimeoutError(
+            f"kube-apiserver not ready; see {self.directory}/logs/kube-apiserver.log"
+        )
 
     def _wait_default_service_account(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -310,15 +322,11 @@ def _terminate(pid: int, grace: float = 10.0) -> None:
             os.killpg(pid, 0)
         except ProcessLookupError:
             return
-        try:  # reap it if it is our child
+        with contextlib.suppress(ChildProcessError):  # reap it if it is our child
             os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
         time.sleep(0.1)
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def up(directory: Path | None = None) -> LocalCluster:

@@ -35,8 +35,8 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 
 
 @kopf.on.event(api.GROUP, api.VERSION, api.PLURAL)
-def job_event(event: dict[str, Any], body: kopf.Body, **_: Any) -> None:
-    if event.get("type") == "DELETED":
+def job_event(type: str, body: kopf.Body, **_: Any) -> None:
+    if type == "DELETED":
         return
     reconcile(dict(body), _cluster())
 

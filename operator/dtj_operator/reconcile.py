@@ -65,9 +65,9 @@ def reconcile(body: dict[str, Any], cluster: Cluster) -> dict[str, Any]:
             _sync_config(cluster, obj)
     for pod in pods:
         pod_name = pod["metadata"]["name"]
-        if pod_name not in wanted and not status.is_terminating(pod):
-            if cluster.delete_pod(ns, pod_name):
-                log.info("deleted pod %s/%s (no longer desired)", ns, pod_name)
+        unwanted = pod_name not in wanted and not status.is_terminating(pod)
+        if unwanted and cluster.delete_pod(ns, pod_name):
+            log.info("deleted pod %s/%s (no longer desired)", ns, pod_name)
 
     # Status, once.
     new = status.compute(job, body, pods)

@@ -81,7 +81,10 @@ def uses_gpu(job: api.DecentralizedTrainingJob) -> bool:
 
 
 def trainer_config(
-    job: api.DecentralizedTrainingJob, *, store_host: str | None = None, store_port: int = STORE_PORT
+    job: api.DecentralizedTrainingJob,
+    *,
+    store_host: str | None = None,
+    store_port: int = STORE_PORT,
 ) -> TrainerConfig:
     """What every worker of `job` is told (the launcher passes a loopback store)."""
     s = job.spec
@@ -228,7 +231,7 @@ def worker_pod(
     job: api.DecentralizedTrainingJob, owner: dict[str, Any], slot: int
 ) -> dict[str, Any]:
     pool = assign_pools(job)[slot]
-    env = [
+    env: list[dict[str, Any]] = [
         {"name": "DTJ_CONFIG", "value": f"{CONFIG_DIR}/{CONFIG_KEY}"},
         {"name": "DTJ_RANK", "value": str(slot)},
         {"name": "DTJ_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},

@@ -54,7 +54,7 @@ def set_condition(
         "status": value,
         "reason": reason,
         "message": message,
-        "lastTransitionTime": now() if changed else old["lastTransitionTime"],  # type: ignore[index]
+        "lastTransitionTime": now() if changed or old is None else old["lastTransitionTime"],
     }
     if generation is not None:
         cond["observedGeneration"] = generation
@@ -86,7 +86,10 @@ def compute(
         phase, msg = "Running", f"{ready}/{desired} workers ready (training needs {needed})"
     else:
         phase = "Pending"
-        msg = f"{ready}/{desired} workers ready, {pending} waiting for a node; training needs {needed}"
+        msg = (
+            f"{ready}/{desired} workers ready, {pending} waiting for a node; "
+            f"training needs {needed}"
+        )
     conds = set_condition(
         conds,
         "Running",

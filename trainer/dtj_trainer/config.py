@@ -139,7 +139,9 @@ class TrainingSpec(Model):
     dataset: str = Field(
         "digits",
         min_length=1,
-        description="Built-in offline data set (digits) or an importable factory 'module:function'.",
+        description=(
+            "Built-in offline data set (digits) or an importable factory 'module:function'."
+        ),
     )
     steps: int = Field(300, ge=1, description="Local steps each worker runs.")
     eval_every: int = Field(50, ge=1, description="Steps between progress reports.")

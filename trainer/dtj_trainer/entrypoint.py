@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .config import TrainerConfig
+from .metrics import Progress
 
 DEFAULT_CONFIG_PATH = "/etc/dtj/config.json"
 
@@ -60,8 +61,8 @@ def main() -> int:
         timeout=cfg.timeout_seconds,
     )
 
-    def report(p: object) -> None:
-        line = json.dumps(asdict(p))  # type: ignore[call-overload]
+    def report(p: Progress) -> None:
+        line = json.dumps(asdict(p))
         store.set(f"progress/{rt.rank}", line)
         print(line, flush=True)
 

@@ -17,9 +17,10 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from .config import TrainerConfig
+from .metrics import Progress, Result
 
 
 @dataclass(frozen=True)
@@ -30,19 +31,19 @@ class LocalResult:
     wall_seconds: float
 
 
-def _read(store: object, key: str) -> dict[str, object] | None:
-    if not store.check([key]):  # type: ignore[attr-defined]
+def _read(store: Any, key: str) -> dict[str, Any] | None:
+    if not store.check([key]):
         return None
-    return json.loads(store.get(key))  # type: ignore[attr-defined,no-any-return]
+    record: dict[str, Any] = json.loads(store.get(key))
+    return record
 
 
-def progress_line(cfg: TrainerConfig, reports: list[dict[str, object]]) -> str:
+def progress_line(cfg: TrainerConfig, reports: list[Progress]) -> str:
     """One line summarising the workers' latest reports."""
-    steps = [int(r["step"]) for r in reports]  # type: ignore[call-overload]
-    loss = sum(float(r["loss"]) for r in reports) / len(reports)  # type: ignore[arg-type]
-    rate = sum(float(r["samples_per_second"]) for r in reports)  # type: ignore[arg-type]
-    accs = [float(r["test_accuracy"]) for r in reports]  # type: ignore[arg-type]
-    step = min(steps)
+    loss = sum(r.loss for r in reports) / len(reports)
+    rate = sum(r.samples_per_second for r in reports)
+    accs = [r.test_accuracy or 0.0 for r in reports]
+    step = min(r.step for r in reports)
     pct = 100 * step / cfg.training.steps
     return (
         f"step {step:>5}/{cfg.training.steps} ({pct:3.0f}%)  loss {loss:.3f}  "
@@ -101,10 +102,10 @@ def run(
                     raise RuntimeError(
                         f"worker {rank} exited with code {code}; its error is printed above"
                     )
-                reports = [_read(store, f"progress/{r}") for r in range(n)]
-                ready = [r for r in reports if r is not None]
-                if len(ready) == n and min(int(r["step"]) for r in ready) > last_step:  # type: ignore[call-overload]
-                    last_step = min(int(r["step"]) for r in ready)  # type: ignore[call-overload]
+                raw = [_read(store, f"progress/{r}") for r in range(n)]
+                ready = [Progress(**r) for r in raw if r is not None]
+                if len(ready) == n and min(r.step for r in ready) > last_step:
+                    last_step = min(r.step for r in ready)
                     print(progress_line(cfg, ready), file=out, flush=True)
                 time.sleep(poll_seconds)
             failed = [(r, p.returncode) for r, p in enumerate(procs) if p.returncode]
@@ -117,12 +118,13 @@ def run(
                     os.killpg(p.pid, signal.SIGTERM)
             for p in procs:
                 p.wait()
-    results = [_read(store, f"result/{r}") for r in range(n)]
-    if any(r is None for r in results):
+    raw = [_read(store, f"result/{r}") for r in range(n)]
+    if any(r is None for r in raw):
         raise RuntimeError("a worker exited without reporting a result")
+    results = [Result(**r) for r in raw if r is not None]
     return LocalResult(
-        averaged_accuracy=float(results[0]["averaged_accuracy"]),  # type: ignore[index,arg-type]
-        worker_accuracies=[float(r["worker_accuracy"]) for r in results],  # type: ignore[index,arg-type]
-        consensus_distance=float(results[0]["consensus_distance"]),  # type: ignore[index,arg-type]
+        averaged_accuracy=results[0].averaged_accuracy,
+        worker_accuracies=[r.worker_accuracy for r in results],
+        consensus_distance=results[0].consensus_distance,
         wall_seconds=time.perf_counter() - start,
     )

@@ -1,8 +1,8 @@
 """The worker's training loop: it reads like the algorithm, whatever the method.
 
-    build (same seed everywhere) -> for each step: sample, backward,
-    algorithm.after_backward, local step, algorithm.after_step, report
-    -> average the models once and evaluate.
+build (same seed everywhere) -> for each step: sample, backward,
+algorithm.after_backward, local step, algorithm.after_step, report
+-> average the models once and evaluate.
 """
 
 from __future__ import annotations
@@ -16,21 +16,10 @@ from torch import nn
 
 from . import algorithms, data, models
 from .config import TrainerConfig
-from .metrics import Progress
+from .metrics import Progress, Result
 from .transport import Transport
 
 Reporter = Callable[[Progress], None]
-
-
-@dataclass(frozen=True)
-class Result:
-    """How training ended, as seen by one worker."""
-
-    steps: int
-    worker_accuracy: float
-    averaged_accuracy: float
-    consensus_distance: float
-    seconds: float
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -102,7 +91,9 @@ class Worker:
                         step=done,
                         loss=float(loss.item()),
                         samples_per_second=window_samples / max(now - window_start, 1e-9),
-                        test_accuracy=accuracy(self.model, self.dataset.x_test, self.dataset.y_test),
+                        test_accuracy=accuracy(
+                            self.model, self.dataset.x_test, self.dataset.y_test
+                        ),
                         bytes_sent=t.counters.bytes_sent,
                         bytes_received=t.counters.bytes_received,
                         comm_wait_seconds=t.counters.wait_seconds,

@@ -63,3 +63,14 @@ class Progress:
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Result:
+    """How training ended, as seen by one worker."""
+
+    steps: int
+    worker_accuracy: float
+    averaged_accuracy: float
+    consensus_distance: float
+    seconds: float

@@ -15,7 +15,7 @@ from .config import TopologyName
 
 def _torus_shape(n: int) -> tuple[int, int]:
     """The most square rows x cols factorisation of n (a 1 x n torus is a ring)."""
-    rows = int(math.isqrt(n))
+    rows = math.isqrt(n)
     while n % rows:
         rows -= 1
     return rows, n // rows

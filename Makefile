@@ -1,0 +1,59 @@
+# The two commands: `make demo` and `make test`. Everything else is a helper.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+
+.PHONY: demo test install controlplane lint typecheck unit trainer-test e2e crds cluster-up cluster-down clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "Installing the project and its test tools into $(VENV) (torch is large; pip's cache keeps it)"
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[operator,trainer,dev]'
+	@rm -f $(VENV)/.installed-* && touch $@
+
+install: $(STAMP)
+
+## make demo: train examples/quickstart.yaml with 4 local worker processes.
+demo: install
+	$(VENV)/bin/dtj local examples/quickstart.yaml
+
+## make controlplane: build (once) the pinned local Kubernetes control plane.
+controlplane:
+	@bash hack/controlplane/build.sh >/dev/null
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: install
+	$(VENV)/bin/mypy
+
+unit: install
+	$(PY) -m pytest tests/unit -q
+
+trainer-test: install
+	$(PY) -m pytest tests/trainer -q
+
+e2e: install controlplane
+	$(PY) -m pytest tests/e2e -q
+
+## make test: lint, type check, unit, real-process trainer tests, e2e on a real control plane.
+test: install controlplane lint typecheck
+	$(PY) -m pytest -q -ra; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+## make crds: regenerate crds/ and the chart's copy from the API models.
+crds: install
+	$(PY) -m dtj_operator.crdgen --write
+
+cluster-up: install
+	$(VENV)/bin/dtj cluster up
+
+cluster-down: install
+	$(VENV)/bin/dtj cluster down
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

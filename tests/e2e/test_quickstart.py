@@ -1,0 +1,117 @@
+"""Flow 1 on a real API server: apply -> children -> scheduled -> Running -> delete -> GC."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import ROOT, Kube, wait_for
+from dtj_trainer.config import TrainerConfig
+
+pytestmark = pytest.mark.e2e
+EXAMPLE = str(ROOT / "examples" / "quickstart.yaml")
+
+
+def test_quickstart_job_runs_and_is_garbage_collected(kube: Kube, operator, namespace):
+    ns = ["-n", namespace]
+    kube.run("apply", *ns, "-f", EXAMPLE)
+
+    svc = wait_for(
+        "the headless service",
+        lambda: kube.run("get", "svc", "quickstart", *ns, "-o", "json", check=False).stdout,
+    )
+    svc = json.loads(svc)
+    assert svc["spec"]["clusterIP"] == "None"
+    assert svc["spec"]["publishNotReadyAddresses"] is True
+
+    def workers():
+        pods = kube.json(
+            "get",
+            "pods",
+            *ns,
+            "-l",
+            "training.dtj.io/job=quickstart,app.kubernetes.io/component=worker",
+        )["items"]
+        return (
+            pods
+            if len(pods) == 4 and all(p["status"].get("phase") == "Running" for p in pods)
+            else None
+        )
+
+    pods = wait_for("4 running worker pods", workers)
+    nodes = {n["metadata"]["name"]: n for n in kube.json("get", "nodes")["items"]}
+    for pod in pods:
+        node = nodes[pod["spec"]["nodeName"]]  # bound by kube-scheduler
+        assert int(node["status"]["allocatable"]["nvidia.com/gpu"]) >= 1
+        assert pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        assert pod["status"]["podIP"].startswith("127."), "fake pod IPs stay on loopback"
+        assert pod["metadata"]["ownerReferences"][0]["kind"] == "DecentralizedTrainingJob"
+
+    def ready_status():
+        st = kube.json("get", "dtj", "quickstart", *ns).get("status", {})
+        return st if st.get("readyReplicas") == 4 and st.get("phase") == "Running" else None
+
+    status = wait_for("status readyReplicas=4, phase Running", ready_status)
+    running = next(c for c in status["conditions"] if c["type"] == "Running")
+    assert running["status"] == "True" and running["reason"] == "WorkersReady"
+    assert status["selector"] == "training.dtj.io/job=quickstart,app.kubernetes.io/component=worker"
+    assert status["observedGeneration"] == 1
+
+    table = kube.run("get", "dtj", *ns).stdout.splitlines()
+    assert table[0].split() == [
+        "NAME",
+        "PHASE",
+        "READY",
+        "DESIRED",
+        "ALGORITHM",
+        "STEP",
+        "LOSS",
+        "AGE",
+    ]
+    assert table[1].split()[:5] == ["quickstart", "Running", "4", "4", "dpsgd"]
+
+    cm = kube.json("get", "configmap", "quickstart-config", *ns)
+    cfg = TrainerConfig.model_validate_json(cm["data"]["config.json"])
+    assert cfg.replicas == 4 and cfg.algorithm.name == "dpsgd" and cfg.backend == "nccl"
+
+    kube.run("delete", "dtj", "quickstart", *ns)
+
+    def collected():
+        left = kube.run(
+            "get", "pods,svc,configmap", *ns, "-l", "training.dtj.io/job=quickstart", "-o", "name"
+        ).stdout
+        return left.strip() == ""
+
+    wait_for("children garbage-collected through ownerReferences", collected, timeout=150)
+
+
+INVALID = [
+    ({"replicas": -1}, "spec.replicas"),
+    ({"algorithm": {"name": "magic"}}, "spec.algorithm.name"),
+    ({"algorithm": {"topology": "star"}}, "spec.algorithm.topology"),
+    ({"replicas": 4, "minReplicas": 5}, "spec.minReplicas"),
+    ({"replicas": 2, "algorithm": {"activeNodes": 3}}, "spec.algorithm.activeNodes"),
+    ({"algorithm": {"activeNodes": "many"}}, "spec.algorithm.activeNodes"),
+    ({"algorithm": {"gossipProbability": 1.5}}, "spec.algorithm.gossipProbability"),
+    ({"optimizer": {"lr": 0}}, "spec.optimizer.lr"),
+    ({"runPolicy": {"backoffLimit": -2}}, "spec.runPolicy.backoffLimit"),
+    ({"runPolicy": {"cleanPodPolicy": "Sometimes"}}, "spec.runPolicy.cleanPodPolicy"),
+    ({"nodePools": [{"name": "Spot_Pool"}]}, "spec.nodePools[0].name"),
+    (
+        {"training": {"dataSplit": {"kind": "dirichlet", "alpha": 0}}},
+        "spec.training.dataSplit.alpha",
+    ),
+]
+
+
+@pytest.mark.parametrize(("spec", "field"), INVALID, ids=[f for _, f in INVALID])
+def test_invalid_manifest_is_rejected_naming_the_field(crds: Kube, spec, field):
+    manifest = {
+        "apiVersion": "training.dtj.io/v1alpha1",
+        "kind": "DecentralizedTrainingJob",
+        "metadata": {"name": "bad", "namespace": "default"},
+        "spec": spec,
+    }
+    proc = crds.run("apply", "-f", "-", input=json.dumps(manifest), check=False)
+    assert proc.returncode != 0, f"accepted an invalid spec {spec}"
+    assert field in proc.stderr, proc.stderr

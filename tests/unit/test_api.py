@@ -1,0 +1,43 @@
+"""The API models reject what the CRD's CEL rules reject, with the field named."""
+
+from __future__ import annotations
+
+import pydantic
+import pytest
+from dtj_operator import api
+
+
+def parse(spec):
+    return api.DecentralizedTrainingJob.model_validate({"metadata": {"name": "x"}, "spec": spec})
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ({"replicas": 0}, "replicas"),
+        ({"algorithm": {"name": "sgd-magic"}}, "algorithm"),
+        ({"replicas": 4, "minReplicas": 5}, "spec.minReplicas"),
+        ({"replicas": 9, "maxReplicas": 8}, "spec.replicas"),
+        ({"replicas": 2, "algorithm": {"activeNodes": 3}}, "spec.algorithm.activeNodes"),
+        ({"batching": {"minPerWorker": 9, "maxPerWorker": 8}}, "spec.batching.minPerWorker"),
+        ({"optimizer": {"lr": 0}}, "lr"),
+        ({"replicaz": 3}, "replicaz"),
+    ],
+)
+def test_invalid_specs_name_the_field(spec, field):
+    with pytest.raises(pydantic.ValidationError, match=field):
+        parse(spec)
+
+
+def test_defaults_fill_every_section():
+    job = parse({})
+    assert job.spec.replicas == 4
+    assert job.spec.algorithm.name == "dpsgd"
+    assert job.spec.run_policy.backoff_limit == 3
+    assert job.spec.training.data_split.kind == "iid"
+
+
+def test_wire_form_is_camel_case():
+    wire = parse({"runPolicy": {"backoffLimit": 1}}).spec.wire()
+    assert wire["runPolicy"]["backoffLimit"] == 1
+    assert "run_policy" not in wire

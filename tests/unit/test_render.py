@@ -1,0 +1,131 @@
+"""Rendering a job into child objects, and the operator -> trainer contract."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import job_body
+from dtj_operator import api, render
+from dtj_trainer import entrypoint
+from dtj_trainer.config import TrainerConfig
+
+
+def children(spec=None):
+    body = job_body(spec)
+    job = api.DecentralizedTrainingJob.from_body(body)
+    return job, render.desired_children(job, body)
+
+
+def by_kind(objs, kind):
+    return [o for o in objs if o["kind"] == kind]
+
+
+def test_children_are_owned_and_labelled():
+    _, objs = children({"replicas": 3})
+    assert [o["kind"] for o in objs] == ["Service", "ConfigMap"] + ["Pod"] * 4
+    for o in objs:
+        (ref,) = o["metadata"]["ownerReferences"]
+        assert ref["uid"] == "uid-1" and ref["controller"] is True
+        assert o["metadata"]["labels"][render.LABEL_JOB] == "demo"
+    workers = [
+        p
+        for p in by_kind(objs, "Pod")
+        if p["metadata"]["labels"][render.LABEL_COMPONENT] == "worker"
+    ]
+    assert [p["metadata"]["name"] for p in workers] == [
+        "demo-worker-0",
+        "demo-worker-1",
+        "demo-worker-2",
+    ]
+    assert [p["metadata"]["labels"][render.LABEL_SLOT] for p in workers] == ["0", "1", "2"]
+
+
+def test_headless_service_publishes_unready_addresses():
+    _, objs = children()
+    (svc,) = by_kind(objs, "Service")
+    assert svc["spec"]["clusterIP"] == "None"
+    assert svc["spec"]["publishNotReadyAddresses"] is True
+
+
+def test_pods_are_locked_down():
+    _, objs = children()
+    for pod in by_kind(objs, "Pod"):
+        spec = pod["spec"]
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert spec["automountServiceAccountToken"] is False
+        sec = spec["containers"][0]["securityContext"]
+        assert sec["allowPrivilegeEscalation"] is False
+        assert sec["capabilities"]["drop"] == ["ALL"]
+
+
+def test_gpu_limit_selects_nccl_and_quantities_become_strings():
+    job, objs = children({"template": {"resources": {"limits": {"nvidia.com/gpu": 1}}}})
+    worker = by_kind(objs, "Pod")[1]
+    assert worker["spec"]["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": "1"}
+    assert render.trainer_config(job).backend == "nccl"
+
+
+def test_suspended_job_has_no_pods():
+    _, objs = children({"runPolicy": {"suspend": True}})
+    assert by_kind(objs, "Pod") == []
+
+
+def test_pools_fill_in_order_and_bounded_overflow_stays_unassigned():
+    pools = [
+        {"name": "ondemand", "nodeSelector": {"pool": "ondemand"}, "maxWorkers": 2},
+        {
+            "name": "spot",
+            "nodeSelector": {"pool": "spot"},
+            "maxWorkers": 3,
+            "preemptible": True,
+            "tolerations": [{"key": "pool", "value": "spot", "effect": "NoSchedule"}],
+        },
+    ]
+    job, objs = children({"replicas": 6, "nodePools": pools})
+    assert [p.name if p else None for p in render.assign_pools(job)] == [
+        "ondemand",
+        "ondemand",
+        "spot",
+        "spot",
+        "spot",
+        None,
+    ]
+    spot_worker = next(p for p in by_kind(objs, "Pod") if p["metadata"]["name"] == "demo-worker-2")
+    assert spot_worker["spec"]["nodeSelector"] == {"pool": "spot"}
+    assert spot_worker["spec"]["tolerations"][0]["key"] == "pool"
+    coordinator = next(
+        p for p in by_kind(objs, "Pod") if p["metadata"]["name"] == "demo-coordinator"
+    )
+    assert coordinator["spec"]["nodeSelector"] == {"pool": "ondemand"}, "store stays off spot nodes"
+
+
+def test_rendered_pod_round_trips_through_the_trainer_entrypoint(tmp_path, quickstart):
+    """What the operator renders is exactly what the real trainer entrypoint parses."""
+    body = {**quickstart, "metadata": {**quickstart["metadata"], "namespace": "ns", "uid": "u"}}
+    job = api.DecentralizedTrainingJob.from_body(body)
+    objs = render.desired_children(job, body)
+    (cm,) = by_kind(objs, "ConfigMap")
+    pod = next(p for p in by_kind(objs, "Pod") if p["metadata"]["name"].endswith("worker-2"))
+    container = pod["spec"]["containers"][0]
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "config")
+    (tmp_path / render.CONFIG_KEY).write_text(cm["data"][render.CONFIG_KEY])
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    assert env["DTJ_CONFIG"] == f"{mount['mountPath']}/{render.CONFIG_KEY}"
+    env["DTJ_CONFIG"] = str(tmp_path / render.CONFIG_KEY)
+    runtime = entrypoint.load_runtime(env)
+    assert runtime.rank == 2
+    assert runtime.config == render.trainer_config(job)
+    assert runtime.config.algorithm.topology == "ring"
+    assert runtime.config.store_host == "coordinator.quickstart.ns.svc"
+    assert container["command"] == ["python", "-m", "dtj_trainer"]
+    assert json.loads(cm["data"][render.CONFIG_KEY])["replicas"] == 4
+
+
+def test_entrypoint_rejects_a_rank_outside_the_job(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(TrainerConfig(job="j", replicas=2).model_dump_json(by_alias=True))
+    with pytest.raises(SystemExit, match=r"outside 0\.\.1"):
+        entrypoint.load_runtime({"DTJ_CONFIG": str(path), "DTJ_RANK": "2"})
+    with pytest.raises(SystemExit, match="DTJ_RANK must be set"):
+        entrypoint.load_runtime({"DTJ_CONFIG": str(path)})

@@ -1,0 +1,55 @@
+"""Status is a pure function of the job and its observed pods."""
+
+from __future__ import annotations
+
+from conftest import job_body
+from dtj_operator import api, render, status
+
+
+def pod(slot, phase="Running", ready=True, component="worker"):
+    return {
+        "metadata": {
+            "name": f"demo-{component}-{slot}",
+            "labels": {render.LABEL_COMPONENT: component, render.LABEL_JOB: "demo"},
+        },
+        "status": {
+            "phase": phase,
+            "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+        },
+    }
+
+
+def compute(spec, pods, old=None):
+    body = job_body(spec)
+    if old:
+        body["status"] = old
+    return status.compute(api.DecentralizedTrainingJob.from_body(body), body, pods)
+
+
+def cond(st, type_):
+    return next(c for c in st["conditions"] if c["type"] == type_)
+
+
+def test_all_ready_is_running():
+    st = compute({"replicas": 2}, [pod(0), pod(1), pod(0, component="coordinator")])
+    assert st["phase"] == "Running" and st["readyReplicas"] == 2 and st["replicas"] == 2
+    assert cond(st, "Running")["status"] == "True"
+    assert st["selector"] == "training.dtj.io/job=demo,app.kubernetes.io/component=worker"
+
+
+def test_pending_workers_are_counted_and_min_replicas_starts_training():
+    pods = [pod(0), pod(1), pod(2, phase="Pending", ready=False)]
+    st = compute({"replicas": 3}, pods)
+    assert st["phase"] == "Pending" and st["pendingReplicas"] == 1
+    assert cond(st, "Running")["reason"] == "WaitingForWorkers"
+    st = compute({"replicas": 3, "minReplicas": 2}, pods)
+    assert st["phase"] == "Running"
+
+
+def test_unchanged_condition_keeps_its_transition_time():
+    first = compute({"replicas": 1}, [pod(0)])
+    t = cond(first, "Running")["lastTransitionTime"]
+    cond(first, "Running")["lastTransitionTime"] = "2000-01-01T00:00:00Z"
+    again = compute({"replicas": 1}, [pod(0)], old=first)
+    assert cond(again, "Running")["lastTransitionTime"] == "2000-01-01T00:00:00Z" != t
+    assert not status.differs(again, {k: again[k] for k in ("phase", "readyReplicas")})
