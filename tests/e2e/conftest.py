@@ -8,63 +8,18 @@ same tests against a cluster you already have (kind, k3d, ...).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from dtj_operator import devcluster
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@dataclass
-class Kube:
-    """kubectl against one cluster, as a user would type it."""
-
-    kubeconfig: Path
-    kubectl_bin: str
-
-    @property
-    def env(self) -> dict[str, str]:
-        return {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
-
-    def run(
-        self, *args: str, input: str | None = None, check: bool = True
-    ) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(
-            [self.kubectl_bin, *args], input=input, capture_output=True, text=True, env=self.env
-        )
-        if check and proc.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)} failed: {proc.stderr}")
-        return proc
-
-    def json(self, *args: str) -> Any:
-        return json.loads(self.run(*args, "-o", "json").stdout)
-
-
-def wait_for(what: str, probe: Callable[[], Any], timeout: float = 90.0, every: float = 0.5) -> Any:
-    """Poll until `probe()` is truthy; fail saying what never happened."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = probe()
-        except AssertionError as e:
-            last = e
-        else:
-            if last:
-                return last
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last saw: {last!r}")
+from tests.e2e.kube import ROOT, Kube, wait_for
 
 
 @pytest.fixture(scope="session")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import ROOT, Kube, wait_for
 from dtj_trainer.config import TrainerConfig
+
+from tests.e2e.kube import ROOT, Kube, wait_for
 
 pytestmark = pytest.mark.e2e
 EXAMPLE = str(ROOT / "examples" / "quickstart.yaml")

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import job_body
 from dtj_operator import api, render
 from dtj_trainer import entrypoint
 from dtj_trainer.config import TrainerConfig
+
+from tests.builders import job_body
 
 
 def children(spec=None):

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from conftest import job_body
 from dtj_operator import api, render, status
+
+from tests.builders import job_body
 
 
 def pod(slot, phase="Running", ready=True, component="worker"):

@@ -59,10 +59,13 @@ class AlgorithmSpec(Model):
         ),
     )
     gossip_probability: float = Field(
-        0.5,
+        0.1,
         gt=0,
         le=1,
-        description="gosgd: probability that a worker pushes its model after a step.",
+        description=(
+            "gosgd: probability that a worker pushes its model after a step (the paper "
+            "explores 0.01-1; pushes that pile up faster than peers merge them go stale)."
+        ),
     )
     active_nodes: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto",
@@ -73,7 +76,7 @@ class AlgorithmSpec(Model):
         json_schema_extra={"x-kubernetes-int-or-string": True},
     )
     staleness_bound: int = Field(
-        8,
+        16,
         ge=0,
         description=(
             "dasgd: received gradients older than this many updates are dropped "
@@ -81,8 +84,12 @@ class AlgorithmSpec(Model):
         ),
     )
     fanout: Literal["all", "neighbours"] = Field(
-        "neighbours",
-        description="dasgd: send each gradient to all peers or only to topology neighbours.",
+        "all",
+        description=(
+            "dasgd: send each gradient to all peers (the paper: models stay close) or only "
+            "to topology neighbours (cheaper; models drift further apart). Every received "
+            "gradient is a step of size lr, so n workers move ~n times per round: scale lr."
+        ),
     )
 
 

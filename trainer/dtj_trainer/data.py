@@ -9,6 +9,7 @@ without talking to the others.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,6 +57,7 @@ def digits(seed: int = 0) -> Dataset:
 BUILTIN = {"digits": digits}
 
 
+@functools.lru_cache(maxsize=4)
 def load(name: str, seed: int) -> Dataset:
     """A built-in data set by name, or a user factory `module:function(seed=...)`."""
     if name in BUILTIN:

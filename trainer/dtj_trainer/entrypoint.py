@@ -3,12 +3,15 @@
 The contract with the operator (rendered by dtj_operator.render):
   DTJ_CONFIG  path of the TrainerConfig JSON (the job's ConfigMap, mounted)
   DTJ_RANK    this worker's slot, 0..replicas-1
+  DTJ_SIMULATE_SLOWDOWN  optional factor > 1 that makes this worker that much
+              slower (emulates older hardware in demos and benchmarks)
 Progress and the final result go to the coordinator store (keys
 `progress/<rank>` and `result/<rank>`, JSON) and to stdout as JSON lines.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
@@ -28,6 +31,7 @@ class Runtime:
 
     config: TrainerConfig
     rank: int
+    slowdown: float = 1.0
 
 
 def load_runtime(env: Mapping[str, str]) -> Runtime:
@@ -42,11 +46,17 @@ def load_runtime(env: Mapping[str, str]) -> Runtime:
         raise SystemExit("DTJ_RANK must be set to this worker's slot (0..replicas-1)") from None
     if not 0 <= rank < config.replicas:
         raise SystemExit(f"DTJ_RANK={rank} is outside 0..{config.replicas - 1}")
-    return Runtime(config, rank)
+    slowdown = float(env.get("DTJ_SIMULATE_SLOWDOWN", "1"))
+    if slowdown < 1:
+        raise SystemExit(f"DTJ_SIMULATE_SLOWDOWN={slowdown} must be >= 1")
+    return Runtime(config, rank, slowdown)
 
 
 def main() -> int:
     rt = load_runtime(os.environ)
+    # The push receiver is a Python thread: let it in often, so pushes do not
+    # queue up behind a fast training loop (default switch interval is 5 ms).
+    sys.setswitchinterval(0.0002)
     cfg = rt.config
     from .loop import Worker  # torch is imported only once the contract is valid
     from .transport import DistTransport, connect_store
@@ -66,8 +76,8 @@ def main() -> int:
         store.set(f"progress/{rt.rank}", line)
         print(line, flush=True)
 
-    worker = Worker.build(cfg, transport)
-    result = worker.train(report)
+    worker = Worker.build(cfg, transport, slowdown=rt.slowdown)
+    result = asyncio.run(worker.train(report))
     line = json.dumps(asdict(result))
     store.set(f"result/{rt.rank}", line)
     print(line, flush=True)

@@ -1,12 +1,15 @@
-"""The worker's training loop: it reads like the algorithm, whatever the method.
+"""The worker's training loop: it reads like a story, whatever the method.
 
-build (same seed everywhere) -> for each step: sample, backward,
-algorithm.after_backward, local step, algorithm.after_step, report
--> average the models once and evaluate.
+    build (same seed everywhere) -> algorithm.setup -> for each step:
+    algorithm.round, report -> algorithm.finish -> weighted average, evaluate.
+
+It is a coroutine so that the same code runs as a real process
+(DistTransport) and as one of many virtual workers in the simulator.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,12 +17,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import algorithms, data, models
+from . import algorithms, checkpoint, data, models
 from .config import TrainerConfig
 from .metrics import Progress, Result
 from .transport import Transport
 
 Reporter = Callable[[Progress], None]
+VALIDATION_FRACTION = 0.1
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -27,11 +31,25 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return float((model(x).argmax(dim=1) == y).float().mean().item())
 
 
-def consensus_distance(x: torch.Tensor, transport: Transport) -> tuple[torch.Tensor, float]:
-    """(x_bar, (1/n) sum_i ||x_i - x_bar||^2): two all-reduces, every worker calls it."""
-    x_bar = transport.all_reduce_mean(x)
-    dist = transport.all_reduce_mean(((x - x_bar) ** 2).sum().reshape(1))
-    return x_bar, float(dist.item())
+def loss_on(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float(nn.functional.cross_entropy(model(x), y).item())
+
+
+async def weighted_average(
+    x: torch.Tensor, weight: float, transport: Transport
+) -> tuple[torch.Tensor, float]:
+    """(x_bar, consensus distance) over the workers whose weight is > 0.
+
+    x_bar = sum_i w_i x_i / sum_i w_i; distance = sum_i w_i ||x_i - x_bar||^2 / sum_i w_i.
+    Every worker must call it.
+    """
+    packed = await transport.all_reduce_mean(torch.cat([x * weight, torch.tensor([weight])]))
+    x_bar = packed[:-1] / packed[-1]
+    spread = await transport.all_reduce_mean(
+        torch.tensor([weight * float(((x - x_bar) ** 2).sum()), weight])
+    )
+    return x_bar, float(spread[0] / spread[1])
 
 
 @dataclass
@@ -40,16 +58,21 @@ class Worker:
 
     cfg: TrainerConfig
     transport: Transport
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    sampler: data.Sampler
+    local: algorithms.Local
     dataset: data.Dataset
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x0: torch.Tensor
+    slowdown: float = 1.0
+    algo: algorithms.Algorithm | None = None
 
     @classmethod
-    def build(cls, cfg: TrainerConfig, transport: Transport) -> Worker:
+    def build(cls, cfg: TrainerConfig, transport: Transport, *, slowdown: float = 1.0) -> Worker:
         seed = cfg.training.seed
         ds = data.load(cfg.training.dataset, seed)
-        shards = data.split(ds.y_train.numpy(), transport.size, cfg.training.data_split, seed)
+        n_val = int(VALIDATION_FRACTION * len(ds.y_train))
+        x_train, y_train = ds.x_train[n_val:], ds.y_train[n_val:]
+        shards = data.split(y_train.numpy(), transport.size, cfg.training.data_split, seed)
         mine = torch.from_numpy(shards[transport.rank])
         torch.manual_seed(seed)  # identical x0 on every worker
         model = models.build(
@@ -61,54 +84,113 @@ class Worker:
             momentum=cfg.optimizer.momentum,
             weight_decay=cfg.optimizer.weight_decay,
         )
-        sampler = data.Sampler(
-            ds.x_train[mine], ds.y_train[mine], seed=seed * 100_003 + transport.rank
+        sampler = data.Sampler(x_train[mine], y_train[mine], seed=seed * 100_003 + transport.rank)
+        local = algorithms.Local(
+            model, opt, sampler, cfg.batching.per_worker, cfg.optimizer.lr, nn.CrossEntropyLoss()
         )
-        return cls(cfg, transport, model, opt, sampler, ds)
+        return cls(
+            cfg,
+            transport,
+            local,
+            ds,
+            ds.x_train[:n_val],
+            ds.y_train[:n_val],
+            algorithms.flat_params(model),
+            slowdown,
+        )
 
-    def train(self, report: Reporter) -> Result:
+    def reset(self) -> None:
+        """Back to x0 with a fresh optimizer state (the k search restarts from x0)."""
+        self.local.set_params(self.x0)
+        self.local.optimizer.state.clear()
+
+    async def run(
+        self, steps: int, *, k: int | None = None, report: Reporter | None = None
+    ) -> tuple[float, int]:
+        """Train for `steps` rounds; returns (this model's final weight, rounds run)."""
         cfg, t = self.cfg, self.transport
-        algo = algorithms.make(cfg.algorithm, t)
-        loss_fn = nn.CrossEntropyLoss()
-        batch = cfg.batching.per_worker
-        start = window_start = time.perf_counter()
-        window_samples = 0
-        for step in range(cfg.training.steps):
-            x, y = self.sampler.next(batch)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(self.model(x), y)
-            loss.backward()
-            algo.after_backward(self.model, batch=batch, step=step)
-            self.optimizer.step()
-            algo.after_step(self.model, step=step)
-            window_samples += batch
+        algo = algorithms.make(cfg.algorithm, t, seed=cfg.training.seed, k=k)
+        self.algo = algo
+        await algo.setup(self.local)
+        window_start, window_samples = time.perf_counter(), 0
+        losses: list[float] = []
+        staleness: list[float] = []
+        for step in range(steps):
+            t0 = time.perf_counter()
+            stats = await algo.round(self.local, step)
+            spent = time.perf_counter() - t0
+            if self.slowdown > 1 and not t.virtual_time:
+                # Heterogeneity emulation: this worker is slower hardware.
+                await asyncio.sleep((self.slowdown - 1) * spent)
+            await t.tick(self.slowdown)
+            window_samples += stats.samples
+            if stats.loss is not None:
+                losses.append(stats.loss)
+            if stats.staleness is not None:
+                staleness.append(stats.staleness)
             done = step + 1
-            if done % cfg.training.eval_every == 0 or done == cfg.training.steps:
+            ckpt = cfg.training.checkpoint
+            if ckpt and report and (done % ckpt.every_steps == 0 or done == steps):
+                checkpoint.save(ckpt.path, t.rank, step=done, params=self.local.params())
+            if report and (done % cfg.training.eval_every == 0 or done == steps):
                 now = time.perf_counter()
                 report(
                     Progress(
                         rank=t.rank,
                         step=done,
-                        loss=float(loss.item()),
+                        loss=sum(losses) / len(losses) if losses else float("nan"),
                         samples_per_second=window_samples / max(now - window_start, 1e-9),
                         test_accuracy=accuracy(
-                            self.model, self.dataset.x_test, self.dataset.y_test
+                            self.local.model, self.dataset.x_test, self.dataset.y_test
                         ),
                         bytes_sent=t.counters.bytes_sent,
                         bytes_received=t.counters.bytes_received,
                         comm_wait_seconds=t.counters.wait_seconds,
+                        staleness=sum(staleness) / len(staleness) if staleness else None,
                     )
                 )
-                window_start, window_samples = now, 0
-        return self.finish(time.perf_counter() - start)
+                window_start, window_samples, losses, staleness = now, 0, [], []
+        weight = await algo.finish(self.local)
+        return weight, steps
 
-    def finish(self, seconds: float) -> Result:
-        """Evaluate this worker's model and the average of all models."""
+    async def search_k(self, budget: int) -> int:
+        """Teleportation's k, found within `budget` total rounds (ALGORITHMS.md, Algorithm 2).
+
+        A doubling search over k in {1, 2, 4, ..., n}: each candidate trains
+        from x0 for an equal share of the budget and is scored by validation
+        loss of its averaged slot models; the best k wins. The paper's exact
+        schedule is unconfirmed; this keeps the total cost <= T.
+        """
+        n = self.transport.size
+        candidates = [2**j for j in range(n.bit_length()) if 2**j <= n]
+        share = max(1, budget // len(candidates))
+        scores = {}
+        for k in candidates:
+            self.reset()
+            weight, _ = await self.run(share, k=k)
+            x_bar, _ = await weighted_average(self.local.params(), weight, self.transport)
+            algorithms.set_flat_params(self.local.model, x_bar)
+            scores[k] = loss_on(self.local.model, self.x_val, self.y_val)
+        self.reset()
+        return min(scores, key=lambda k: scores[k])
+
+    async def train(self, report: Reporter | None = None) -> Result:
+        cfg = self.cfg
+        await self.transport.all_reduce_mean(torch.zeros(1))  # start together
+        start = time.perf_counter()
+        k = None
+        if cfg.algorithm.name == "teleportation" and cfg.algorithm.active_nodes == "auto":
+            k = await self.search_k(cfg.training.steps)
+        weight, _ = await self.run(cfg.training.steps, k=k, report=report)
+        return await self.finish(weight, time.perf_counter() - start, k)
+
+    async def finish(self, weight: float, seconds: float, k: int | None = None) -> Result:
+        """Evaluate this worker's model and the weighted average of all models."""
         ds = self.dataset
-        own = accuracy(self.model, ds.x_test, ds.y_test)
-        x = algorithms.flat_params(self.model)
-        x_bar, dist = consensus_distance(x, self.transport)
-        algorithms.set_flat_params(self.model, x_bar)
-        avg = accuracy(self.model, ds.x_test, ds.y_test)
-        algorithms.set_flat_params(self.model, x)
-        return Result(self.cfg.training.steps, own, avg, dist, seconds)
+        own = accuracy(self.local.model, ds.x_test, ds.y_test)
+        x = self.local.params()
+        x_bar, dist = await weighted_average(x, weight, self.transport)
+        self.local.set_params(x_bar)
+        avg = accuracy(self.local.model, ds.x_test, ds.y_test)
+        self.local.set_params(x)
+        return Result(self.cfg.training.steps, own, avg, dist, seconds, k)

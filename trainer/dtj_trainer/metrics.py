@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 # Prometheus names (base units, _total for counters), exported by the trainer.
 METRIC_NAMES = {
@@ -59,7 +59,7 @@ class Progress:
     bytes_sent: int = 0
     bytes_received: int = 0
     comm_wait_seconds: float = 0.0
-    extra: dict[str, float] = field(default_factory=dict)
+    staleness: float | None = None
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -74,3 +74,4 @@ class Result:
     averaged_accuracy: float
     consensus_distance: float
     seconds: float
+    active_nodes: int | None = None  # teleportation's k (found by the search when 'auto')

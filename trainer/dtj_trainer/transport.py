@@ -1,18 +1,27 @@
 """How workers move tensors: one interface, written against by every algorithm.
 
-`Transport` is what an algorithm sees: its rank and the number of live
-workers in the current membership generation, a mean all-reduce, and a
-symmetric exchange with named peers. `DistTransport` implements it over
-torch.distributed process groups built directly on a `PrefixStore("gen{g}")`,
-so a new membership generation gets a fresh group without touching (or even
-having) a default group: destroying and re-creating the default group is
-fragile (pytorch#55967). The exchange is a schedule both ends know in advance
-(each end sends to and receives from the same peer list), so the same code is
-valid on NCCL, which cannot receive from "any source".
+`Transport` is what an algorithm sees: its rank and the number of workers in
+the current membership generation, a mean all-reduce, scheduled
+point-to-point transfers both ends know in advance (`exchange`, `transfer`),
+and fire-and-forget pushes with an inbox for the asynchronous methods
+(`post`, `inbox`). Methods that may wait are coroutines, so the in-process
+simulator (dtj_trainer.simulator) can run hundreds of virtual workers on one
+event loop with the very same algorithm code.
+
+`DistTransport` implements it over torch.distributed process groups built
+directly on a `PrefixStore("gen{g}/...")`: a new membership generation gets
+fresh groups without touching (or even having) a default group, because
+destroying and re-creating the default group is fragile (pytorch#55967).
+Scheduled transfers are valid on NCCL, which cannot receive from "any source";
+the asynchronous inbox uses gloo's receive-from-any-source on a group of its
+own (on NCCL it would be announced over the store first: not built yet).
 """
 
 from __future__ import annotations
 
+import collections
+import threading
+import time
 from datetime import timedelta
 from typing import Any, Protocol
 
@@ -21,6 +30,8 @@ import torch.distributed as dist
 
 from .metrics import CommCounters
 
+Message = tuple[int, torch.Tensor]
+
 
 class Transport(Protocol):
     """The communication a worker needs; implementations own the wire."""
@@ -28,13 +39,40 @@ class Transport(Protocol):
     rank: int
     size: int
     counters: CommCounters
+    virtual_time: bool  # True in the simulator's asynchronous mode
 
-    def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The mean of `tensor` over all live workers (every worker must call it)."""
+    async def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The mean of `tensor` over all workers (every worker must call it)."""
         ...
 
-    def exchange(self, tensor: torch.Tensor, peers: list[int]) -> dict[int, torch.Tensor]:
+    async def exchange(self, tensor: torch.Tensor, peers: list[int]) -> dict[int, torch.Tensor]:
         """Send `tensor` to every peer and receive theirs; peers must list each other."""
+        ...
+
+    async def transfer(
+        self, send: tuple[int, torch.Tensor] | None, recv: tuple[int, torch.Tensor] | None
+    ) -> torch.Tensor | None:
+        """One scheduled send and/or receive (into the given buffer); returns what arrived."""
+        ...
+
+    def post(self, tensor: torch.Tensor, peer: int) -> None:
+        """Push `tensor` to `peer` without waiting (asynchronous methods)."""
+        ...
+
+    async def open_inbox(self, numel: int) -> None:
+        """Prepare to receive pushes of `numel` floats (every worker calls it, together)."""
+        ...
+
+    def inbox(self) -> list[Message]:
+        """Everything pushed to this worker since the last call, as (sender, tensor)."""
+        ...
+
+    async def tick(self, cost: float) -> None:
+        """A point where other workers may run; `cost` is this step's compute time."""
+        ...
+
+    async def drain(self) -> list[Message]:
+        """End of run: wait until every push sent by anyone has arrived; return the rest."""
         ...
 
     def close(self) -> None: ...
@@ -45,6 +83,62 @@ def connect_store(host: str, port: int, *, timeout: float) -> dist.Store:
     return dist.TCPStore(
         host, port, is_master=False, timeout=timedelta(seconds=timeout), use_libuv=True
     )
+
+
+def _group(
+    store: dist.Store, prefix: str, rank: int, size: int, backend: str, timeout: float
+) -> Any:
+    prefixed = dist.PrefixStore(prefix, store)
+    td = timedelta(seconds=timeout)
+    if backend == "nccl":  # pragma: no cover - needs a GPU
+        opts = dist.ProcessGroupNCCL.Options()
+        opts._timeout = td
+        return dist.ProcessGroupNCCL(prefixed, rank, size, opts)
+    return dist.ProcessGroupGloo(prefixed, rank, size, td)
+
+
+class _Mailbox:
+    """A background receiver for pushes, with a ring of posted receive buffers.
+
+    Messages are flat tensors of a fixed length; the last element is a kind
+    flag (0 = payload, 1 = stop). The thread keeps DEPTH receive-from-any-
+    source buffers posted, so gloo's own threads accept pushes even while
+    this Python thread waits for the GIL; it re-posts after every payload and
+    not after a stop, so it ends once DEPTH stops have arrived (see `drain`).
+    gloo completes a receive only inside `wait()`, so polling cannot replace
+    the thread.
+    """
+
+    DEPTH = 16
+
+    def __init__(self, pg: Any, numel: int) -> None:
+        self._pg, self.numel = pg, numel
+        self._queue: collections.deque[Message] = collections.deque()
+        self._thread = threading.Thread(target=self._run, name="dtj-mailbox", daemon=True)
+        self._thread.start()
+
+    def _post(self) -> tuple[torch.Tensor, Any]:
+        buf = torch.empty(self.numel + 1)
+        return buf, self._pg.recv_anysource([buf], 1)
+
+    def _run(self) -> None:
+        posted = collections.deque(self._post() for _ in range(self.DEPTH))
+        while posted:
+            buf, work = posted.popleft()
+            work.wait()
+            if buf[-1].item() == 1.0:
+                continue
+            self._queue.append((work.source_rank(), buf[:-1]))
+            posted.append(self._post())
+
+    def take(self) -> list[Message]:
+        out = []
+        while self._queue:
+            out.append(self._queue.popleft())
+        return out
+
+    def join(self) -> None:
+        self._thread.join()
 
 
 class DistTransport:
@@ -61,18 +155,16 @@ class DistTransport:
         timeout: float = 60.0,
     ) -> None:
         self.rank, self.size, self.generation = rank, size, generation
+        self.virtual_time = False
         self.counters = CommCounters()
         self._device = torch.device("cuda" if backend == "nccl" else "cpu")
-        prefixed = dist.PrefixStore(f"gen{generation}/", store)
-        td = timedelta(seconds=timeout)
-        if backend == "nccl":  # pragma: no cover - needs a GPU
-            opts = dist.ProcessGroupNCCL.Options()
-            opts._timeout = td
-            self._pg: Any = dist.ProcessGroupNCCL(prefixed, rank, size, opts)
-        else:
-            self._pg = dist.ProcessGroupGloo(prefixed, rank, size, td)
+        self._store = store
+        self._pg = _group(store, f"gen{generation}/", rank, size, backend, timeout)
+        self._msg_pg: Any = None
+        self._mailbox: _Mailbox | None = None
+        self._sends: list[Any] = []
 
-    def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+    async def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
         out = tensor.detach().to(self._device).clone()
         if self.size > 1:
             with self.counters.waiting():
@@ -82,7 +174,7 @@ class DistTransport:
             self.counters.add(sent=nbytes, received=nbytes)
         return out.div_(self.size).to(tensor.device)
 
-    def exchange(self, tensor: torch.Tensor, peers: list[int]) -> dict[int, torch.Tensor]:
+    async def exchange(self, tensor: torch.Tensor, peers: list[int]) -> dict[int, torch.Tensor]:
         if not peers:
             return {}
         payload = tensor.detach().to(self._device).contiguous()
@@ -98,5 +190,72 @@ class DistTransport:
         self.counters.add(sent=nbytes, received=nbytes)
         return {p: t.to(tensor.device) for p, t in inbox.items()}
 
+    async def transfer(
+        self, send: tuple[int, torch.Tensor] | None, recv: tuple[int, torch.Tensor] | None
+    ) -> torch.Tensor | None:
+        works = []
+        with self.counters.waiting():
+            if send is not None:
+                peer, t = send
+                payload = t.detach().to(self._device).contiguous()
+                works.append(self._pg.send([payload], peer, 2))
+                self.counters.add(sent=payload.numel() * payload.element_size(), received=0)
+            if recv is not None:
+                peer, buf = recv
+                works.append(self._pg.recv([buf], peer, 2))
+                self.counters.add(sent=0, received=buf.numel() * buf.element_size())
+            for w in works:
+                w.wait()
+        return recv[1] if recv is not None else None
+
+    # -- asynchronous pushes ------------------------------------------------
+
+    async def open_inbox(self, numel: int) -> None:
+        if self.size > 1 and self._mailbox is None:
+            # A group of its own (every worker builds it here, together), with a
+            # long timeout: the receiver idles between pushes.
+            self._msg_pg = _group(
+                self._store, f"gen{self.generation}/msg/", self.rank, self.size, "gloo", 24 * 3600
+            )
+            self._mailbox = _Mailbox(self._msg_pg, numel)
+
+    def post(self, tensor: torch.Tensor, peer: int) -> None:
+        if self._mailbox is None:
+            raise RuntimeError("open_inbox() must be called by every worker before post()")
+        payload = torch.cat([tensor.detach().reshape(-1).cpu(), torch.zeros(1)])
+        self._sends.append(self._msg_pg.send([payload], peer, 1))
+        self.counters.add(sent=payload.numel() * payload.element_size(), received=0)
+
+    def inbox(self) -> list[Message]:
+        if self._mailbox is None:
+            return []
+        time.sleep(0)  # hand the GIL to the receiver thread once per step
+        msgs = self._mailbox.take()
+        for _, t in msgs:
+            self.counters.add(sent=0, received=t.numel() * t.element_size())
+        return msgs
+
+    async def tick(self, cost: float) -> None:
+        return None
+
+    async def drain(self) -> list[Message]:
+        """Flush own pushes, stop the receiver, return what arrived meanwhile."""
+        box = self._mailbox
+        if box is None:
+            return []
+        with self.counters.waiting():
+            for w in self._sends:  # completes as peers' receivers take them
+                w.wait()
+            self._sends = []
+            await self.all_reduce_mean(torch.zeros(1))  # every push has landed
+            stop = torch.zeros(box.numel + 1)
+            stop[-1] = 1.0
+            peer = (self.rank + 1) % self.size
+            for w in [self._msg_pg.send([stop], peer, 1) for _ in range(box.DEPTH)]:
+                w.wait()
+            box.join()
+        return self.inbox()
+
     def close(self) -> None:
         self._pg = None
+        self._msg_pg = None

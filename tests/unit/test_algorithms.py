@@ -1,0 +1,186 @@
+"""ALGORITHMS.md's correctness properties, on the in-process simulator."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from dtj_trainer import algorithms, loop, simulator
+from dtj_trainer.algorithms import gosgd
+from dtj_trainer.config import TrainerConfig
+
+ALL = ["allreduce", "dpsgd", "gosgd", "dasgd", "teleportation"]
+
+
+def config(name: str, n: int, **extra) -> TrainerConfig:
+    algorithm = {"name": name, "activeNodes": 1 if name == "teleportation" else "auto"}
+    algorithm.update(extra.pop("algorithm", {}))
+    return TrainerConfig.model_validate(
+        {
+            "job": "sim",
+            "replicas": n,
+            "algorithm": algorithm,
+            "optimizer": {"lr": 0.05},
+            "training": {"steps": 20, "evalEvery": 10, "model": "logreg", **extra},
+        }
+    )
+
+
+def test_gosgd_weights_sum_to_one_across_gossip():
+    cfg = config("gosgd", 6, algorithm={"gossipProbability": 0.7})
+    _results, workers = simulator.simulate(cfg)
+    weights = [w.algo.a for w in workers]  # type: ignore[union-attr]
+    assert sum(weights) == pytest.approx(1.0, abs=1e-6)  # weights travel as float32
+    assert len(set(weights)) > 1, "gossip happened"
+
+
+def test_gosgd_renormalises_after_a_membership_change():
+    survivors = gosgd.renormalise([0.25, 0.125, 0.125])  # a worker with 0.5 left
+    assert sum(survivors) == pytest.approx(1.0)
+    assert survivors == pytest.approx([0.5, 0.25, 0.25])
+
+
+def test_gosgd_merge_is_the_weighted_average():
+    x, a = gosgd.merge(torch.tensor([0.0, 0.0]), 0.25, [(1, torch.tensor([4.0, 8.0, 0.75]))])
+    assert a == pytest.approx(1.0)
+    assert x.tolist() == pytest.approx([3.0, 6.0])
+
+
+@pytest.mark.parametrize("topology", ["ring", "torus", "exponential", "one-peer-exponential"])
+def test_gossip_alone_preserves_the_mean_and_shrinks_consensus_distance(topology):
+    cfg = config("dpsgd", 8, algorithm={"topology": topology})
+
+    async def body(workers):
+        torch.manual_seed(1)
+        for w in workers:
+            w.local.set_params(torch.randn_like(w.local.params()))
+        xs = torch.stack([w.local.params() for w in workers])
+        before = ((xs - xs.mean(0)) ** 2).sum(1).mean()
+
+        async def mix_only(w, step):
+            from dtj_trainer import topology as topo
+
+            weights = topo.mixing_weights(topology, 8, w.transport.rank, step)
+            x = w.local.params()
+            got = await w.transport.exchange(x, [p for p in weights if p != w.transport.rank])
+            w.local.set_params(algorithms.dpsgd.mix(w.transport.rank, x, got, weights))
+
+        import asyncio
+
+        for step in range(5):
+            await asyncio.gather(*(mix_only(w, step) for w in workers))
+        ys = torch.stack([w.local.params() for w in workers])
+        after = ((ys - ys.mean(0)) ** 2).sum(1).mean()
+        return xs.mean(0), ys.mean(0), before, after
+
+    mean_before, mean_after, before, after = simulator.run_rounds(cfg, body)
+    assert torch.allclose(mean_before, mean_after, atol=1e-5)
+    assert after < before
+
+
+def test_consensus_distance_is_exported_and_zero_for_allreduce():
+    results, _ = simulator.simulate(config("allreduce", 4))
+    assert all(r.consensus_distance < 1e-10 for r in results)
+    results, _ = simulator.simulate(config("dpsgd", 4))
+    assert all(r.consensus_distance > 0 for r in results)
+
+
+def test_weighted_batch_average_is_the_full_batch_gradient():
+    """allreduce with unequal local batches applies exactly the full-batch gradient."""
+    cfg = config("allreduce", 3)
+    sizes = [2, 5, 9]
+
+    async def body(workers):
+        import asyncio
+
+        torch.manual_seed(0)
+        xs = [torch.randn(b, 64) for b in sizes]
+        ys = [torch.randint(0, 10, (b,)) for b in sizes]
+        for w, x, y, b in zip(workers, xs, ys, sizes, strict=False):
+            w.local.sampler = type(w.local.sampler)(x, y, seed=0)
+            w.local.batch = b
+            for group in w.local.optimizer.param_groups:
+                group["lr"], group["momentum"] = 1.0, 0.0
+        x0 = workers[0].local.params()
+        model = workers[0].local.model
+        full_loss = torch.nn.functional.cross_entropy(model(torch.cat(xs)), torch.cat(ys))
+        full = torch.autograd.grad(full_loss, list(model.parameters()))
+        full_flat = torch.cat([g.reshape(-1) for g in full])
+        algos = [algorithms.AllReduce(w.transport) for w in workers]
+        await asyncio.gather(*(a.round(w.local, 0) for a, w in zip(algos, workers, strict=False)))
+        return x0, workers[0].local.params(), full_flat
+
+    x0, x1, full = simulator.run_rounds(cfg, body)
+    assert torch.allclose(x0 - x1, full, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_with_one_worker_every_algorithm_is_plain_sgd(name):
+    cfg = config(name, 1)
+    _results, workers = simulator.simulate(cfg)
+    got = workers[0].local.params()
+
+    # Plain SGD with the same model, data and seed, written out by hand.
+    ref = loop.Worker.build(cfg, simulator.SimWorld.__new__(simulator.SimWorld) and _single())
+    for _ in range(cfg.training.steps):
+        ref.local.grad()
+        ref.local.step()
+    assert torch.allclose(got, ref.local.params(), atol=1e-6)
+
+
+def _single():
+    class One:
+        rank, size, virtual_time = 0, 1, False
+
+    return One()
+
+
+def test_teleportation_active_sets_are_shared_and_sized():
+    from dtj_trainer.algorithms.teleportation import active_set
+
+    a = active_set(16, 4, seed=3, t=7)
+    assert a == active_set(16, 4, seed=3, t=7)
+    assert len(set(a)) == 4 and all(0 <= r < 16 for r in a)
+    assert active_set(16, 4, seed=3, t=8) != a
+
+
+def test_teleportation_auto_search_picks_a_k_within_n():
+    cfg = config("teleportation", 8, algorithm={"activeNodes": "auto"})
+    results, _ = simulator.simulate(cfg)
+    assert results[0].active_nodes in {1, 2, 4, 8}
+    assert len({r.active_nodes for r in results}) == 1, "every worker found the same k"
+
+
+def test_dasgd_drops_gradients_beyond_the_staleness_bound():
+    from dtj_trainer.config import AlgorithmSpec
+
+    class Three:
+        rank, size, virtual_time = 0, 3, False
+
+    algo = algorithms.DASGD(Three(), AlgorithmSpec(name="dasgd", stalenessBound=2), seed=0)  # type: ignore[arg-type]
+    algo.seen = torch.tensor([5.0, 5.0, 5.0])
+
+    class Params:
+        lr = 0.5
+        x = torch.zeros(2)
+
+        def params(self):
+            return self.x.clone()
+
+        def set_params(self, x):
+            self.x = x
+
+    local = Params()
+    fresh = torch.tensor([1.0, 1.0, 5.0, 5.0, 5.0])  # g = (1, 1), sender saw everything
+    stale = torch.tensor([1.0, 1.0, 1.0, 5.0, 5.0])  # sender missed 4 of worker 0's updates
+    mean = algo._apply_received(local, [(1, fresh), (2, stale)])  # type: ignore[arg-type]
+    assert mean == 2.0  # (0 + 4) / 2
+    assert algo.dropped == 1
+    assert local.x.tolist() == [-0.5, -0.5]
+    assert algo.seen.tolist() == [5.0, 6.0, 5.0]
+
+
+def test_async_methods_train_in_the_simulator_with_a_slow_worker():
+    for name in ("gosgd", "dasgd"):
+        cfg = config(name, 4, steps=150)
+        results, _workers = simulator.simulate(cfg, slowdowns={0: 3.0})
+        assert results[0].averaged_accuracy > 0.5, name

@@ -1,0 +1,36 @@
+"""allreduce: the DDP-equivalent baseline, bound by the slowest worker."""
+
+from __future__ import annotations
+
+import torch
+
+from ..transport import Transport
+from .base import Local, RoundStats
+
+
+class AllReduce:
+    """Every step all workers apply the same mean gradient.
+
+    The mean is weighted by local batch sizes, sum_i b_i g_i / sum_i b_i, so
+    unequal batches (dynamic batching) still give the full-batch gradient
+    (averaging p_i g_i and dividing by n would silently shrink the step).
+    One collective carries numerator and denominator.
+    """
+
+    def __init__(self, transport: Transport) -> None:
+        self.t = transport
+
+    async def setup(self, local: Local) -> None:
+        return None
+
+    async def round(self, local: Local, step: int) -> RoundStats:
+        loss = local.grad()
+        b = float(local.batch)
+        packed = torch.cat([local.flat_grad() * b, torch.tensor([b])])
+        mean = await self.t.all_reduce_mean(packed)
+        local.set_flat_grad(mean[:-1] / mean[-1])
+        local.step()
+        return RoundStats(loss, local.batch)
+
+    async def finish(self, local: Local) -> float:
+        return 1.0
