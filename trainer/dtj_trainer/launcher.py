@@ -29,6 +29,7 @@ class LocalResult:
     worker_accuracies: list[float]
     consensus_distance: float
     wall_seconds: float
+    worker_samples_per_second: list[float]
 
 
 def _read(store: Any, key: str) -> dict[str, Any] | None:
@@ -127,4 +128,5 @@ def run(
         worker_accuracies=[r.worker_accuracy for r in results],
         consensus_distance=results[0].consensus_distance,
         wall_seconds=time.perf_counter() - start,
+        worker_samples_per_second=[r.samples_per_second for r in results],
     )

@@ -106,13 +106,14 @@ class Worker:
 
     async def run(
         self, steps: int, *, k: int | None = None, report: Reporter | None = None
-    ) -> tuple[float, int]:
-        """Train for `steps` rounds; returns (this model's final weight, rounds run)."""
+    ) -> tuple[float, float]:
+        """Train for `steps` rounds; returns (this model's final weight, samples/s)."""
         cfg, t = self.cfg, self.transport
         algo = algorithms.make(cfg.algorithm, t, seed=cfg.training.seed, k=k)
         self.algo = algo
         await algo.setup(self.local)
         window_start, window_samples = time.perf_counter(), 0
+        run_start, run_samples = window_start, 0
         losses: list[float] = []
         staleness: list[float] = []
         for step in range(steps):
@@ -124,6 +125,7 @@ class Worker:
                 await asyncio.sleep((self.slowdown - 1) * spent)
             await t.tick(self.slowdown)
             window_samples += stats.samples
+            run_samples += stats.samples
             if stats.loss is not None:
                 losses.append(stats.loss)
             if stats.staleness is not None:
@@ -150,8 +152,9 @@ class Worker:
                     )
                 )
                 window_start, window_samples, losses, staleness = now, 0, [], []
+        rate = run_samples / max(time.perf_counter() - run_start, 1e-9)
         weight = await algo.finish(self.local)
-        return weight, steps
+        return weight, rate
 
     async def search_k(self, budget: int) -> int:
         """Teleportation's k, found within `budget` total rounds (ALGORITHMS.md, Algorithm 2).
@@ -181,10 +184,12 @@ class Worker:
         k = None
         if cfg.algorithm.name == "teleportation" and cfg.algorithm.active_nodes == "auto":
             k = await self.search_k(cfg.training.steps)
-        weight, _ = await self.run(cfg.training.steps, k=k, report=report)
-        return await self.finish(weight, time.perf_counter() - start, k)
+        weight, rate = await self.run(cfg.training.steps, k=k, report=report)
+        return await self.finish(weight, time.perf_counter() - start, k, rate)
 
-    async def finish(self, weight: float, seconds: float, k: int | None = None) -> Result:
+    async def finish(
+        self, weight: float, seconds: float, k: int | None = None, rate: float = 0.0
+    ) -> Result:
         """Evaluate this worker's model and the weighted average of all models."""
         ds = self.dataset
         own = accuracy(self.local.model, ds.x_test, ds.y_test)
@@ -193,4 +198,4 @@ class Worker:
         self.local.set_params(x_bar)
         avg = accuracy(self.local.model, ds.x_test, ds.y_test)
         self.local.set_params(x)
-        return Result(self.cfg.training.steps, own, avg, dist, seconds, k)
+        return Result(self.cfg.training.steps, own, avg, dist, seconds, k, rate)

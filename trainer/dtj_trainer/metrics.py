@@ -75,3 +75,4 @@ class Result:
     consensus_distance: float
     seconds: float
     active_nodes: int | None = None  # teleportation's k (found by the search when 'auto')
+    samples_per_second: float = 0.0  # this worker's throughput over the training rounds
