@@ -17,6 +17,7 @@ from dtj_trainer.config import TrainerConfig
 from . import api
 
 STORE_PORT = 29400
+METRICS_PORT = 9400
 CONFIG_DIR = "/etc/dtj"
 CONFIG_KEY = "config.json"
 LABEL_JOB = f"{api.GROUP}/job"
@@ -235,6 +236,7 @@ def worker_pod(
         {"name": "DTJ_CONFIG", "value": f"{CONFIG_DIR}/{CONFIG_KEY}"},
         {"name": "DTJ_RANK", "value": str(slot)},
         {"name": "DTJ_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "DTJ_METRICS_PORT", "value": str(METRICS_PORT)},
         *job.spec.template.env,
     ]
     return _pod(

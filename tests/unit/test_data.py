@@ -29,5 +29,5 @@ def test_small_alpha_skews_labels():
 
 
 def test_unknown_dataset_says_what_to_write():
-    with pytest.raises(ValueError, match="use one of digits or an importable factory"):
+    with pytest.raises(ValueError, match="use one of digits, synthetic or an importable factory"):
         data.load("imagenet", seed=0)

@@ -147,7 +147,8 @@ class TrainingSpec(Model):
         "digits",
         min_length=1,
         description=(
-            "Built-in offline data set (digits) or an importable factory 'module:function'."
+            "Built-in offline data set (digits, synthetic) or an importable factory "
+            "'module:function'."
         ),
     )
     steps: int = Field(300, ge=1, description="Local steps each worker runs.")

@@ -3,6 +3,7 @@
 The contract with the operator (rendered by dtj_operator.render):
   DTJ_CONFIG  path of the TrainerConfig JSON (the job's ConfigMap, mounted)
   DTJ_RANK    this worker's slot, 0..replicas-1
+  DTJ_METRICS_PORT  optional port for Prometheus metrics (DTJ_METRICS_ADDR, default 0.0.0.0)
   DTJ_SIMULATE_SLOWDOWN  optional factor > 1 that makes this worker that much
               slower (emulates older hardware in demos and benchmarks)
 Progress and the final result go to the coordinator store (keys
@@ -52,6 +53,11 @@ def load_runtime(env: Mapping[str, str]) -> Runtime:
     return Runtime(config, rank, slowdown)
 
 
+def env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value else None
+
+
 def main() -> int:
     rt = load_runtime(os.environ)
     # The push receiver is a Python thread: let it in often, so pushes do not
@@ -71,7 +77,16 @@ def main() -> int:
         timeout=cfg.timeout_seconds,
     )
 
+    exporter = None
+    if port := env_int("DTJ_METRICS_PORT"):
+        from .exporter import Exporter
+
+        exporter = Exporter(job=cfg.job, rank=rt.rank)
+        exporter.serve(port, os.environ.get("DTJ_METRICS_ADDR", "0.0.0.0"))
+
     def report(p: Progress) -> None:
+        if exporter:
+            exporter.update(p)
         line = json.dumps(asdict(p))
         store.set(f"progress/{rt.rank}", line)
         print(line, flush=True)

@@ -65,6 +65,7 @@ class Worker:
     x0: torch.Tensor
     slowdown: float = 1.0
     algo: algorithms.Algorithm | None = None
+    stop_after: int | None = None  # end the run early after this round (benchmarks)
 
     @classmethod
     def build(cls, cfg: TrainerConfig, transport: Transport, *, slowdown: float = 1.0) -> Worker:
@@ -152,6 +153,8 @@ class Worker:
                     )
                 )
                 window_start, window_samples, losses, staleness = now, 0, [], []
+            if report and self.stop_after is not None and done >= self.stop_after:
+                break
         rate = run_samples / max(time.perf_counter() - run_start, 1e-9)
         weight = await algo.finish(self.local)
         return weight, rate

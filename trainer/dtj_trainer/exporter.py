@@ -1,0 +1,53 @@
+"""Prometheus exposition of a worker's measurements (names from dtj_trainer.metrics).
+
+The pod serves them on DTJ_METRICS_PORT (rendered by the operator); the
+chart's ServiceMonitor/scrape config and the Grafana dashboard read them.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+from .metrics import METRIC_NAMES, Progress
+
+
+class Exporter:
+    """Gauges and counters for one worker, updated from its progress reports."""
+
+    def __init__(self, *, job: str, rank: int, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        labels = {"job_name": job, "rank": str(rank)}
+        names = list(labels)
+
+        def gauge(key: str, doc: str) -> Gauge:
+            return Gauge(METRIC_NAMES[key], doc, names, registry=self.registry).labels(**labels)
+
+        def counter(key: str, doc: str) -> Counter:
+            name = METRIC_NAMES[key].removesuffix("_total")
+            return Counter(name, doc, names, registry=self.registry).labels(**labels)
+
+        self.step = gauge("step", "Training rounds completed by this worker.")
+        self.loss = gauge("loss", "Mean training loss over the last report window.")
+        self.rate = gauge("samples_per_second", "Training samples per second.")
+        self.consensus = gauge("consensus_distance", "(1/n) sum ||x_i - x_bar||^2.")
+        self.staleness = gauge("staleness", "Mean staleness of applied gradients (dasgd).")
+        self.sent = counter("bytes_sent", "Bytes sent to peers.")
+        self.received = counter("bytes_received", "Bytes received from peers.")
+        self.wait = counter("comm_wait_seconds", "Seconds blocked waiting for peers.")
+        self._last = Progress(rank=rank, step=0, loss=0.0, samples_per_second=0.0)
+
+    def update(self, p: Progress) -> None:
+        self.step.set(p.step)
+        self.loss.set(p.loss)
+        self.rate.set(p.samples_per_second)
+        if p.consensus_distance is not None:
+            self.consensus.set(p.consensus_distance)
+        if p.staleness is not None:
+            self.staleness.set(p.staleness)
+        self.sent.inc(max(0, p.bytes_sent - self._last.bytes_sent))
+        self.received.inc(max(0, p.bytes_received - self._last.bytes_received))
+        self.wait.inc(max(0.0, p.comm_wait_seconds - self._last.comm_wait_seconds))
+        self._last = p
+
+    def serve(self, port: int, addr: str = "0.0.0.0") -> None:
+        start_http_server(port, addr=addr, registry=self.registry)
