@@ -262,6 +262,7 @@ class JobStatus(Model):
     failures: int | None = Field(
         None, description="Workers that failed (counts toward backoffLimit)."
     )
+    last_failure: str | None = Field(None, description="The last worker failure, in a sentence.")
     start_time: str | None = Field(None, description="When the job started running.")
     completion_time: str | None = Field(None, description="When the job finished.")
     progress: TrainingProgress | None = Field(None, description="Training progress.")

@@ -69,10 +69,15 @@ class Cluster:
         self.core.patch_namespaced_config_map(name, namespace, {"data": data})
 
     def delete_pod(self, namespace: str, name: str) -> bool:
+        """Delete unless already gone or going; True when this call started the deletion."""
         try:
-            self.core.delete_namespaced_pod(name, namespace)
+            meta = self.core.read_namespaced_pod(name, namespace).metadata
+            if meta is None or meta.deletion_timestamp is not None:
+                return False
+            options = client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=meta.uid))
+            self.core.delete_namespaced_pod(name, namespace, body=options)
         except ApiException as e:
-            if e.status == 404:
+            if e.status in (404, 409):  # gone, or replaced by a new pod of that name
                 return False
             raise
         return True
@@ -81,6 +86,27 @@ class Cluster:
         self.custom.patch_namespaced_custom_object_status(
             api.GROUP, api.VERSION, namespace, api.PLURAL, name, {"status": status}
         )
+
+    def increment_status(self, namespace: str, name: str, counter: str, attempts: int = 5) -> None:
+        """Add one to status.<counter>; resourceVersion makes concurrent writers retry."""
+        for _ in range(attempts):
+            job = self.get_job(namespace, name)
+            if job is None:
+                return
+            value = int((job.get("status") or {}).get(counter) or 0) + 1
+            patch = {
+                "metadata": {"resourceVersion": job["metadata"]["resourceVersion"]},
+                "status": {counter: value},
+            }
+            try:
+                self.custom.patch_namespaced_custom_object_status(
+                    api.GROUP, api.VERSION, namespace, api.PLURAL, name, patch
+                )
+                return
+            except ApiException as e:
+                if e.status != 409:
+                    raise
+        raise RuntimeError(f"could not update status.{counter} of {namespace}/{name}: conflicts")
 
     def delete_job(self, namespace: str, name: str) -> None:
         try:

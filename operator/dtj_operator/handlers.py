@@ -12,7 +12,7 @@ from typing import Any
 
 import kopf
 
-from . import api, render
+from . import api, lifecycle, render
 from .cluster import Cluster
 from .reconcile import reconcile
 
@@ -42,14 +42,20 @@ def job_event(type: str, body: kopf.Body, **_: Any) -> None:
 
 
 @kopf.on.event("", "v1", "pods", labels={"app.kubernetes.io/managed-by": render.MANAGED_BY})
-def pod_event(body: kopf.Body, **_: Any) -> None:
+def pod_event(type: str, body: kopf.Body, **_: Any) -> None:
     job_name = body.get("metadata", {}).get("labels", {}).get(render.LABEL_JOB)
     ns = body.get("metadata", {}).get("namespace")
     if not job_name or not ns:
         return
     job = _cluster().get_job(ns, job_name)
-    if job is not None:
-        reconcile(job, _cluster())
+    if job is None:
+        return
+    if type == "DELETED":
+        parsed = api.DecentralizedTrainingJob.from_body(job)
+        if lifecycle.involuntary_loss(parsed, dict(body), job.get("status") or {}):
+            _cluster().increment_status(ns, job_name, "preemptions")
+            job = _cluster().get_job(ns, job_name) or job
+    reconcile(job, _cluster())
 
 
 @kopf.timer(api.GROUP, api.VERSION, api.PLURAL, interval=30, idle=10)

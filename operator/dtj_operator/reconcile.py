@@ -7,12 +7,13 @@ without duplicates; creation tolerates "already exists", deletion "not found".
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from typing import Any
 
 import pydantic
 
-from . import api, render, status
+from . import api, lifecycle, render, status
 from .cluster import Cluster
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,39 @@ def reconcile(body: dict[str, Any], cluster: Cluster) -> dict[str, Any]:
         return new
 
     # Observe and sort.
+    old: dict[str, Any] = dict(body.get("status") or {})
     pods = cluster.list_pods(ns, f"{render.LABEL_JOB}={name}")
-    existing = {p["metadata"]["name"] for p in pods if not status.is_terminating(p)}
+    now = dt.datetime.now(dt.UTC)
+
+    if old.get("phase") in lifecycle.TERMINAL:
+        return _finished(job, body, pods, cluster, old, now)
+
+    verdict = lifecycle.assess(job, pods, old, now)
+    for counter, lost in (("failures", verdict.failed), ("preemptions", verdict.preempted)):
+        for pod in lost:
+            # Counted once: only the pass whose delete succeeds counts it. The
+            # replacement comes on a later pass, once the old pod is gone.
+            if cluster.delete_pod(ns, pod["metadata"]["name"]):
+                cluster.increment_status(ns, name, counter)
+                code = lifecycle.exit_code(pod)
+                what = "was preempted" if counter == "preemptions" else f"failed (exit {code})"
+                if counter == "failures":
+                    note = f"{pod['metadata']['name']} exited with code {code}"
+                    cluster.patch_status(ns, name, {"lastFailure": note})
+                log.info("worker %s/%s %s; replacing it", ns, pod["metadata"]["name"], what)
+    if verdict.phase is not None:
+        new = status.compute(
+            job,
+            body,
+            pods,
+            finished=(verdict.phase, verdict.reason, verdict.message),
+        )
+        cluster.patch_status(ns, name, new)
+        for pod_name in lifecycle.pods_to_clean(job, pods):
+            cluster.delete_pod(ns, pod_name)
+        return new
+    gone = {p["metadata"]["name"] for p in verdict.failed + verdict.preempted}
+    existing = {p["metadata"]["name"] for p in pods if not status.is_terminating(p)} | gone
 
     # Desire and act.
     desired = render.desired_children(job, body)
@@ -70,10 +102,35 @@ def reconcile(body: dict[str, Any], cluster: Cluster) -> dict[str, Any]:
             log.info("deleted pod %s/%s (no longer desired)", ns, pod_name)
 
     # Status, once.
-    new = status.compute(job, body, pods)
-    if status.differs(body.get("status"), new):
+    live = [p for p in pods if p["metadata"]["name"] not in gone]
+    new = status.compute(
+        job,
+        body,
+        live,
+    )
+    if status.differs(old, new):
         cluster.patch_status(ns, name, new)
     return new
+
+
+def _finished(
+    job: api.DecentralizedTrainingJob,
+    body: dict[str, Any],
+    pods: list[dict[str, Any]],
+    cluster: Cluster,
+    old: dict[str, Any],
+    now: dt.datetime,
+) -> dict[str, Any]:
+    """A finished job: keep its pods cleaned up and honour ttlSecondsAfterFinished."""
+    meta = body["metadata"]
+    for pod_name in lifecycle.pods_to_clean(job, pods):
+        cluster.delete_pod(meta["namespace"], pod_name)
+    if lifecycle.ttl_expired(job, old, now):
+        log.info(
+            "deleting finished job %s/%s (ttlSecondsAfterFinished)", meta["namespace"], meta["name"]
+        )
+        cluster.delete_job(meta["namespace"], meta["name"])
+    return old
 
 
 def _sync_config(cluster: Cluster, desired: dict[str, Any]) -> None:

@@ -65,8 +65,16 @@ def compute(
     job: api.DecentralizedTrainingJob,
     body: dict[str, Any],
     pods: list[dict[str, Any]],
+    *,
+    finished: tuple[str, str, str] | None = None,
 ) -> dict[str, Any]:
-    """The status the job should show for the observed `pods`."""
+    """The status the job should show for the observed `pods`.
+
+    `finished` is (phase, reason, message) when the run policy ended the job.
+    The preemption and failure counters are not part of it: they are only
+    ever incremented, with a resourceVersion guard (Cluster.increment_status),
+    so a pass working from a stale body cannot write an old count back.
+    """
     old: dict[str, Any] = dict(body.get("status") or {})
     generation = body["metadata"].get("generation")
     live = workers(pods)
@@ -79,8 +87,11 @@ def compute(
         conds, "Created", True, "ChildrenCreated", "Service, config and pods created", generation
     )
     suspended = job.spec.run_policy.suspend
-    running = ready >= needed and not suspended
-    if suspended:
+    running = ready >= needed and not suspended and finished is None
+    if finished is not None:
+        phase, reason, msg = finished
+        conds = set_condition(conds, phase, True, reason, msg, generation)
+    elif suspended:
         phase, msg = "Suspended", "spec.runPolicy.suspend is true; workers deleted"
     elif running:
         phase, msg = "Running", f"{ready}/{desired} workers ready (training needs {needed})"
@@ -90,12 +101,20 @@ def compute(
             f"{ready}/{desired} workers ready, {pending} waiting for a node; "
             f"training needs {needed}"
         )
+    if finished is not None:
+        running_reason = finished[1]
+    elif running:
+        running_reason = "WorkersReady"
+    else:
+        running_reason = "Suspended" if suspended else "WaitingForWorkers"
+    conds = set_condition(conds, "Running", running, running_reason, msg, generation)
+    degraded = running and ready < desired
     conds = set_condition(
         conds,
-        "Running",
-        running,
-        "WorkersReady" if running else ("Suspended" if suspended else "WaitingForWorkers"),
-        msg,
+        "Degraded",
+        degraded,
+        "WorkersMissing" if degraded else "AllWorkersReady",
+        f"{ready}/{desired} workers ready; training continues" if degraded else "",
         generation,
     )
     conds = set_condition(
@@ -114,11 +133,11 @@ def compute(
         "readyReplicas": ready,
         "pendingReplicas": pending,
         "selector": render.worker_selector(job.name),
-        "preemptions": old.get("preemptions", 0),
-        "failures": old.get("failures", 0),
     }
     if running and not old.get("startTime"):
         status["startTime"] = now()
+    if finished is not None and not old.get("completionTime"):
+        status["completionTime"] = now()
     return status
 
 

@@ -1,0 +1,138 @@
+"""Run-policy decisions as pure functions: failure vs preemption, budgets, deadlines.
+
+A worker lost to the platform (evicted, preempted, its node drained or gone)
+is a preemption: it is replaced and never spends the failure budget. A
+worker whose container failed on its own is a failure and counts toward
+`backoffLimit`. Kubeflow's PyTorchJob counts both the same way, which is
+what makes spot capacity expensive there.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import api, render, status
+
+PREEMPTION_REASONS = frozenset(
+    {"Evicted", "Preempting", "Preempted", "NodeLost", "NodeShutdown", "Shutdown", "Terminated"}
+)
+TERMINAL = ("Succeeded", "Failed")
+
+
+def is_preempted(pod: dict[str, Any]) -> bool:
+    st = pod.get("status") or {}
+    if st.get("reason") in PREEMPTION_REASONS:
+        return True
+    return any(
+        c.get("type") == "DisruptionTarget" and c.get("status") == "True"
+        for c in st.get("conditions") or []
+    )
+
+
+def exit_code(pod: dict[str, Any]) -> int | None:
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        term = (cs.get("state") or {}).get("terminated")
+        if term is not None:
+            return int(term.get("exitCode", 0))
+    return None
+
+
+@dataclass
+class Assessment:
+    """What this pass must do about finished workers, and whether the job is over."""
+
+    failed: list[dict[str, Any]] = field(default_factory=list)
+    preempted: list[dict[str, Any]] = field(default_factory=list)
+    phase: str | None = None  # Succeeded or Failed when the job is over
+    reason: str = ""
+    message: str = ""
+
+
+def parse_time(value: str) -> dt.datetime:
+    return dt.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+
+
+def assess(
+    job: api.DecentralizedTrainingJob,
+    pods: list[dict[str, Any]],
+    old_status: dict[str, Any],
+    now: dt.datetime,
+) -> Assessment:
+    a = Assessment()
+    live = status.workers(pods)
+    for p in live:
+        phase = (p.get("status") or {}).get("phase")
+        if phase == "Failed":
+            (a.preempted if is_preempted(p) else a.failed).append(p)
+    policy = job.spec.run_policy
+    failures = int(old_status.get("failures") or 0) + len(a.failed)
+    if failures > policy.backoff_limit:
+        if a.failed:
+            last = f"{a.failed[-1]['metadata']['name']} exited with code {exit_code(a.failed[-1])}"
+        else:
+            last = old_status.get("lastFailure") or "unknown"
+        a.phase, a.reason = "Failed", "BackoffLimitExceeded"
+        a.message = (
+            f"{failures} worker failures exceed backoffLimit {policy.backoff_limit}; "
+            f"last: {last} (preemptions are not counted)"
+        )
+        return a
+    start = old_status.get("startTime")
+    if policy.active_deadline_seconds and start:
+        elapsed = (now - parse_time(start)).total_seconds()
+        if elapsed > policy.active_deadline_seconds:
+            a.phase, a.reason = "Failed", "DeadlineExceeded"
+            a.message = (
+                f"ran {elapsed:.0f}s, longer than activeDeadlineSeconds "
+                f"{policy.active_deadline_seconds}"
+            )
+            return a
+    done = [p for p in live if (p.get("status") or {}).get("phase") == "Succeeded"]
+    if len(done) >= job.spec.replicas:
+        a.phase, a.reason = "Succeeded", "AllWorkersSucceeded"
+        a.message = f"all {len(done)} workers finished training"
+    return a
+
+
+def pods_to_clean(job: api.DecentralizedTrainingJob, pods: list[dict[str, Any]]) -> list[str]:
+    """Pods to delete once the job is over, per cleanPodPolicy."""
+    policy = job.spec.run_policy.clean_pod_policy
+    if policy == "None":
+        return []
+    out = []
+    for p in pods:
+        if status.is_terminating(p):
+            continue
+        phase = (p.get("status") or {}).get("phase")
+        if policy == "All" or phase in ("Running", "Pending"):
+            out.append(p["metadata"]["name"])
+    return out
+
+
+def ttl_expired(
+    job: api.DecentralizedTrainingJob, old_status: dict[str, Any], now: dt.datetime
+) -> bool:
+    ttl = job.spec.run_policy.ttl_seconds_after_finished
+    done = old_status.get("completionTime")
+    return ttl is not None and done is not None and (now - parse_time(done)).total_seconds() >= ttl
+
+
+def involuntary_loss(
+    job: api.DecentralizedTrainingJob, pod: dict[str, Any], old_status: dict[str, Any]
+) -> bool:
+    """Whether a worker pod that vanished was lost to the platform (not removed by us).
+
+    We delete pods only for scale-down (slot >= replicas), suspension, failed
+    pods (already counted) and clean-up of finished jobs; anything else is a
+    preemption from the job's point of view.
+    """
+    labels = pod["metadata"].get("labels") or {}
+    if labels.get(render.LABEL_COMPONENT) != render.WORKER:
+        return False
+    if (pod.get("status") or {}).get("phase") in TERMINAL:
+        return False
+    if job.spec.run_policy.suspend or old_status.get("phase") in TERMINAL:
+        return False
+    return int(labels.get(render.LABEL_SLOT, "0")) < job.spec.replicas
