@@ -6,8 +6,9 @@ Takezawa & Stich (ICLR 2025): decentralized SGD on a sparse topology needs
 more iterations as n grows; Teleportation, with a proper number k of active
 workers, does not. Setting: the built-in synthetic 10-class task, logistic
 regression, data split across workers by Dirichlet(alpha = 0.1), batch 32,
-plain SGD with lr 0.1. For each n: rounds until the averaged model reaches
-the target test accuracy for teleportation (k found by its doubling search,
+plain SGD with lr 0.1. For each n: rounds until the target test accuracy
+(by default the mean accuracy of the models the workers hold, which is where
+the consensus error shows) for teleportation (k found by its doubling search,
 whose cost is reported separately), dpsgd on a ring, dpsgd on the one-peer
 exponential graph, and allreduce as the reference. Writes JSON and a PNG.
 """
@@ -33,8 +34,9 @@ METHODS = {
 }
 
 
-def averaged_accuracy(workers: list[loop.Worker], step: int, method: str) -> float:
-    """Test accuracy of the mean model (teleportation: of the k slot models)."""
+def averaged_accuracy(workers: list[loop.Worker], step: int, method: str, metric: str) -> float:
+    """Test accuracy of the mean model, or the mean test accuracy of the local models
+    (teleportation: over the k slot models)."""
     if method == "teleportation":
         algo = workers[0].algo
         k = algo.k  # type: ignore[union-attr]
@@ -44,13 +46,22 @@ def averaged_accuracy(workers: list[loop.Worker], step: int, method: str) -> flo
         xs = [w.local.params() for w in workers]
     w0 = workers[0]
     saved = w0.local.params()
+    if metric == "local-models":
+        accs = []
+        for x in xs:
+            w0.local.set_params(x)
+            accs.append(loop.accuracy(w0.local.model, w0.dataset.x_test, w0.dataset.y_test))
+        w0.local.set_params(saved)
+        return sum(accs) / len(accs)
     w0.local.set_params(torch.stack(xs).mean(0))
     acc = loop.accuracy(w0.local.model, w0.dataset.x_test, w0.dataset.y_test)
     w0.local.set_params(saved)
     return acc
 
 
-def run(method: str, n: int, *, target: float, max_rounds: int, every: int) -> dict[str, Any]:
+def run(
+    method: str, n: int, *, target: float, max_rounds: int, every: int, metric: str
+) -> dict[str, Any]:
     cfg = TrainerConfig.model_validate(
         {
             "job": f"bench-{method}-{n}",
@@ -71,12 +82,15 @@ def run(method: str, n: int, *, target: float, max_rounds: int, every: int) -> d
     reached: list[int] = []
 
     def on_round(step: int, workers: list[loop.Worker]) -> None:
-        acc = averaged_accuracy(workers, step, method)
+        acc = averaged_accuracy(workers, step, method, metric)
         curve.append((step, acc))
         if acc >= target and not reached:
             reached.append(step)
+            # Idle teleportation workers run ahead to their next active round:
+            # stop everyone at a round none of them has passed yet.
+            stop = (max(w.current_step for w in workers) // every + 2) * every
             for w in workers:
-                w.stop_after = step + every
+                w.stop_after = stop
 
     t0 = time.perf_counter()
     results, _ = simulator.simulate(cfg, on_round=on_round)
@@ -107,7 +121,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         )
     ax.set_xscale("log", base=2)
     ax.set_xlabel("workers n")
-    ax.set_ylabel(f"rounds to {100 * report['target']:.0f}% test accuracy")
+    ax.set_ylabel(f"rounds to {100 * report['target']:.0f}% test accuracy ({report['metric']})")
     ax.set_title("Dirichlet(0.1) split, synthetic task, logistic regression")
     ax.legend()
     fig.tight_layout()
@@ -117,16 +131,36 @@ def plot(report: dict[str, Any], path: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", type=int, nargs="+", default=[16, 64, 256])
-    parser.add_argument("--target", type=float, default=0.92)
+    parser.add_argument("--target", type=float, default=0.90)
+    parser.add_argument(
+        "--metric",
+        choices=["local-models", "average-model"],
+        default="local-models",
+        help="mean test accuracy of the models the workers hold (what any node would "
+        "deploy; the consensus error shows here), or of their average",
+    )
     parser.add_argument("--max-rounds", type=int, default=1500)
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--out", default="bench/results/teleportation_scaling.json")
     args = parser.parse_args()
-    report: dict[str, Any] = {"sizes": args.sizes, "target": args.target, "runs": {}}
+    report: dict[str, Any] = {
+        "sizes": args.sizes,
+        "target": args.target,
+        "metric": args.metric,
+        "max_rounds": args.max_rounds,
+        "runs": {},
+    }
     for n in args.sizes:
         report["runs"][str(n)] = {}
         for method in METHODS:
-            r = run(method, n, target=args.target, max_rounds=args.max_rounds, every=args.every)
+            r = run(
+                method,
+                n,
+                target=args.target,
+                max_rounds=args.max_rounds,
+                every=args.every,
+                metric=args.metric,
+            )
             report["runs"][str(n)][method] = r
             k = f" (k={r['k']})" if r["k"] else ""
             print(

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import algorithms, checkpoint, data, models
-from .config import TrainerConfig
+from .config import ASYNC_ALGORITHMS, TrainerConfig
 from .metrics import Progress, Result
 from .transport import Transport
 
@@ -66,6 +66,7 @@ class Worker:
     slowdown: float = 1.0
     algo: algorithms.Algorithm | None = None
     stop_after: int | None = None  # end the run early after this round (benchmarks)
+    current_step: int = 0
 
     @classmethod
     def build(cls, cfg: TrainerConfig, transport: Transport, *, slowdown: float = 1.0) -> Worker:
@@ -118,6 +119,7 @@ class Worker:
         losses: list[float] = []
         staleness: list[float] = []
         for step in range(steps):
+            self.current_step = step
             t0 = time.perf_counter()
             stats = await algo.round(self.local, step)
             spent = time.perf_counter() - t0
@@ -136,6 +138,12 @@ class Worker:
             if ckpt and report and (done % ckpt.every_steps == 0 or done == steps):
                 checkpoint.save(ckpt.path, t.rank, step=done, params=self.local.params())
             if report and (done % cfg.training.eval_every == 0 or done == steps):
+                distance = None
+                if cfg.algorithm.name not in ASYNC_ALGORITHMS:
+                    # Synchronous methods reach this step together: two small
+                    # all-reduces give the live consensus distance.
+                    weight = float(getattr(algo, "holding", True))
+                    _, distance = await weighted_average(self.local.params(), weight, t)
                 now = time.perf_counter()
                 report(
                     Progress(
@@ -150,6 +158,7 @@ class Worker:
                         bytes_received=t.counters.bytes_received,
                         comm_wait_seconds=t.counters.wait_seconds,
                         staleness=sum(staleness) / len(staleness) if staleness else None,
+                        consensus_distance=distance,
                     )
                 )
                 window_start, window_samples, losses, staleness = now, 0, [], []
