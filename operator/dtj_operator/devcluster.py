@@ -94,7 +94,7 @@ def fake_nodes() -> list[dict[str, Any]]:
             }
             if preemptible:
                 labels["node.kubernetes.io/lifecycle"] = "spot"
-            capacity = {"cpu": "32", "memory": "256Gi", "pods": "110", GPU: str(gpus)}
+            capacity = {"cpu": "32", "memory": "256Gi", "pods": "500", GPU: str(gpus)}
             nodes.append(
                 {
                     "apiVersion": "v1",
@@ -138,7 +138,8 @@ class LocalCluster:
 
     # -- lifecycle ---------------------------------------------------------
 
-    def start(self, *, timeout: float = 120.0) -> None:
+    def start(self, *, timeout: float = 120.0, audit: bool = False) -> None:
+        """Start everything; `audit` writes every request's metadata to audit.log."""
         d = self.directory
         if self.pidfile.exists():
             raise RuntimeError(f"a cluster already runs from {d}; run `dtj cluster down` first")
@@ -159,6 +160,9 @@ class LocalCluster:
             # service-account credentials), which needs more than its bootstrap role.
             "system:kube-controller-manager": (secrets.token_hex(16), "system:masters"),
             "system:kube-scheduler": (secrets.token_hex(16), ""),
+            # Separate identities so an audit log can tell who made which request.
+            "dtj-operator": (secrets.token_hex(16), "system:masters"),
+            "bench-client": (secrets.token_hex(16), "system:masters"),
         }
         (d / "tokens.csv").write_text(
             "".join(f'{tok},{user},{user},"{grp}"\n' for user, (tok, grp) in tokens.items())
@@ -203,6 +207,15 @@ class LocalCluster:
                 "--service-cluster-ip-range=10.96.0.0/16",
                 "--endpoint-reconciler-type=none",
                 "--enable-priority-and-fairness=false",
+                *(
+                    [
+                        f"--audit-policy-file={self._audit_policy()}",
+                        f"--audit-log-path={self.audit_log}",
+                        "--audit-log-format=json",
+                    ]
+                    if audit
+                    else []
+                ),
             ],
             "kube-controller-manager": [
                 b / "kube-controller-manager",
@@ -260,6 +273,24 @@ class LocalCluster:
         except BaseException:
             self.stop(keep_logs=True)
             raise
+
+    @property
+    def audit_log(self) -> Path:
+        return self.directory / "audit.log"
+
+    def _audit_policy(self) -> Path:
+        path = self.directory / "audit-policy.yaml"
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "audit.k8s.io/v1",
+                    "kind": "Policy",
+                    "omitStages": ["RequestReceived"],
+                    "rules": [{"level": "Metadata"}],
+                }
+            )
+        )
+        return path
 
     def _wait_port(self, port: int, name: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -58,6 +58,6 @@ def pod_event(type: str, body: kopf.Body, **_: Any) -> None:
     reconcile(job, _cluster())
 
 
-@kopf.timer(api.GROUP, api.VERSION, api.PLURAL, interval=30, idle=10)
+@kopf.timer(api.GROUP, api.VERSION, api.PLURAL, interval=10, idle=5)
 def resync(body: kopf.Body, **_: Any) -> None:
     reconcile(dict(body), _cluster())

@@ -61,7 +61,7 @@ def operator(crds: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[P
                 "kopf",
                 "run",
                 "--standalone",
-                "--all-namespaces",
+                "--namespace=e2e-*",  # tests with their own operator use other names
                 "-m",
                 "dtj_operator.handlers",
             ],

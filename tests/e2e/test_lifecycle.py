@@ -216,3 +216,57 @@ def test_completion_succeeds_and_ttl_deletes_the_job(kube: Kube, operator, names
         lambda: kube.run("get", "dtj", "done", "-n", namespace, check=False).returncode != 0,
         timeout=120,
     )
+
+
+def test_deadline_exceeded_fails_the_job(kube: Kube, operator, namespace):
+    kube.run(
+        "apply",
+        "-n",
+        namespace,
+        "-f",
+        "-",
+        input=job("slow", replicas=2, runPolicy={"activeDeadlineSeconds": 3}),
+    )
+    running(kube, namespace, "slow", 2)
+    st = wait_for(
+        "phase Failed",
+        lambda: (s := status(kube, namespace, "slow")).get("phase") == "Failed" and s,
+    )
+    assert (
+        next(c for c in st["conditions"] if c["type"] == "Failed")["reason"] == "DeadlineExceeded"
+    )
+    wait_for("workers cleaned up", lambda: workers(kube, namespace, "slow") == {})
+
+
+def test_unschedulable_workers_stay_pending_and_min_replicas_starts_training(
+    kube: Kube, operator, namespace
+):
+    pools = [
+        {"name": "ondemand", "nodeSelector": {"pool": "ondemand"}, "maxWorkers": 2},
+        {"name": "missing", "nodeSelector": {"pool": "does-not-exist"}},
+    ]
+    kube.run(
+        "apply",
+        "-n",
+        namespace,
+        "-f",
+        "-",
+        input=job("partial", replicas=4, minReplicas=2, nodePools=pools),
+    )
+
+    def state():
+        s = status(kube, namespace, "partial")
+        return s if s.get("readyReplicas") == 2 and s.get("pendingReplicas") == 2 else None
+
+    st = wait_for("2 ready, 2 pending", state)
+    assert st["phase"] == "Running", "training starts at minReplicas"
+    degraded = next(c for c in st["conditions"] if c["type"] == "Degraded")
+    assert degraded["status"] == "True"
+    pods = workers(kube, namespace, "partial")
+    on = {p["metadata"]["labels"]["training.dtj.io/pool"]: p for p in pods.values()}
+    assert set(on) == {"ondemand", "missing"}
+    assert all(
+        p["spec"]["nodeName"].startswith("ondemand-")
+        for p in pods.values()
+        if p["metadata"]["labels"]["training.dtj.io/pool"] == "ondemand"
+    )

@@ -102,7 +102,32 @@ INVALID = [
         {"training": {"dataSplit": {"kind": "dirichlet", "alpha": 0}}},
         "spec.training.dataSplit.alpha",
     ),
+    ({"replicas": 2000}, "spec.replicas"),
+    ({"batching": {"minPerWorker": 64, "maxPerWorker": 8}}, "spec.batching.minPerWorker"),
+    (
+        {"batching": {"dynamic": True, "globalBatch": 8, "minPerWorker": 4}},
+        "spec.batching.globalBatch",
+    ),
+    ({"template": {"imagePullPolicy": "Sometimes"}}, "spec.template.imagePullPolicy"),
+    ({"nodePools": [{"name": "a", "maxWorkers": -1}]}, "spec.nodePools[0].maxWorkers"),
 ]
+
+
+def test_long_names_and_immutable_fields_are_rejected(crds: Kube, namespace):
+    long = {
+        "apiVersion": "training.dtj.io/v1alpha1",
+        "kind": "DecentralizedTrainingJob",
+        "metadata": {"name": "x" * 50, "namespace": namespace},
+        "spec": {},
+    }
+    proc = crds.run("apply", "-f", "-", input=json.dumps(long), check=False)
+    assert proc.returncode != 0 and "metadata.name must be at most 45" in proc.stderr
+    ok = {**long, "metadata": {"name": "fixed", "namespace": namespace}}
+    crds.run("apply", "-f", "-", input=json.dumps(ok))
+    ok["spec"] = {"training": {"model": "logreg"}}
+    proc = crds.run("apply", "-f", "-", input=json.dumps(ok), check=False)
+    assert proc.returncode != 0 and "spec.training" in proc.stderr
+    assert "immutable" in proc.stderr
 
 
 @pytest.mark.parametrize(("spec", "field"), INVALID, ids=[f for _, f in INVALID])
