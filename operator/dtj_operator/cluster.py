@@ -68,11 +68,15 @@ class Cluster:
     def patch_config_map(self, namespace: str, name: str, data: dict[str, str]) -> None:
         self.core.patch_namespaced_config_map(name, namespace, {"data": data})
 
-    def delete_pod(self, namespace: str, name: str) -> bool:
-        """Delete unless already gone or going; True when this call started the deletion."""
+    def delete_pod(self, namespace: str, name: str, uid: str | None = None) -> bool:
+        """Delete that pod (that `uid`: not a replacement of the same name) unless it is
+        already gone or going; True when this call started the deletion, so a pass
+        working from a stale list never deletes, or counts, a pod twice."""
         try:
             meta = self.core.read_namespaced_pod(name, namespace).metadata
             if meta is None or meta.deletion_timestamp is not None:
+                return False
+            if uid is not None and meta.uid != uid:
                 return False
             options = client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=meta.uid))
             self.core.delete_namespaced_pod(name, namespace, body=options)

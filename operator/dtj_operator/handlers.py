@@ -7,7 +7,9 @@ owns, and on a timer as a safety net, so missed events cannot leave it stale.
 
 from __future__ import annotations
 
+import collections
 import functools
+import threading
 from typing import Any
 
 import kopf
@@ -34,30 +36,47 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.server_timeout = 120
 
 
+_locks: collections.defaultdict[tuple[str, str], threading.Lock] = collections.defaultdict(
+    threading.Lock
+)
+
+
+def reconcile_latest(namespace: str, name: str) -> None:
+    """One pass at a time per job, each on a freshly read body.
+
+    kopf runs handlers for the job and for each of its pods concurrently;
+    serialising them per job and re-reading the job inside the lock means no
+    pass acts on a status another pass has already changed.
+    """
+    with _locks[(namespace, name)]:
+        job = _cluster().get_job(namespace, name)
+        if job is not None:
+            reconcile(job, _cluster())
+
+
 @kopf.on.event(api.GROUP, api.VERSION, api.PLURAL)
-def job_event(type: str, body: kopf.Body, **_: Any) -> None:
-    if type == "DELETED":
-        return
-    reconcile(dict(body), _cluster())
+def job_event(type: str, name: str, namespace: str | None, **_: Any) -> None:
+    if type != "DELETED" and namespace:
+        reconcile_latest(namespace, name)
 
 
 @kopf.on.event("", "v1", "pods", labels={"app.kubernetes.io/managed-by": render.MANAGED_BY})
-def pod_event(type: str, body: kopf.Body, **_: Any) -> None:
+def pod_event(type: str, body: kopf.Body, namespace: str | None, **_: Any) -> None:
     job_name = body.get("metadata", {}).get("labels", {}).get(render.LABEL_JOB)
-    ns = body.get("metadata", {}).get("namespace")
-    if not job_name or not ns:
-        return
-    job = _cluster().get_job(ns, job_name)
-    if job is None:
+    if not job_name or not namespace:
         return
     if type == "DELETED":
-        parsed = api.DecentralizedTrainingJob.from_body(job)
-        if lifecycle.involuntary_loss(parsed, dict(body), job.get("status") or {}):
-            _cluster().increment_status(ns, job_name, "preemptions")
-            job = _cluster().get_job(ns, job_name) or job
-    reconcile(job, _cluster())
+        with _locks[(namespace, job_name)]:
+            job = _cluster().get_job(namespace, job_name)
+            if job is None:
+                return
+            parsed = api.DecentralizedTrainingJob.from_body(job)
+            if lifecycle.involuntary_loss(parsed, dict(body), job.get("status") or {}):
+                _cluster().increment_status(namespace, job_name, "preemptions")
+    reconcile_latest(namespace, job_name)
 
 
 @kopf.timer(api.GROUP, api.VERSION, api.PLURAL, interval=10, idle=5)
-def resync(body: kopf.Body, **_: Any) -> None:
-    reconcile(dict(body), _cluster())
+def resync(name: str, namespace: str | None, **_: Any) -> None:
+    if namespace:
+        reconcile_latest(namespace, name)

@@ -62,7 +62,7 @@ def reconcile(body: dict[str, Any], cluster: Cluster) -> dict[str, Any]:
         for pod in lost:
             # Counted once: only the pass whose delete succeeds counts it. The
             # replacement comes on a later pass, once the old pod is gone.
-            if cluster.delete_pod(ns, pod["metadata"]["name"]):
+            if cluster.delete_pod(ns, pod["metadata"]["name"], pod["metadata"].get("uid")):
                 cluster.increment_status(ns, name, counter)
                 code = lifecycle.exit_code(pod)
                 what = "was preempted" if counter == "preemptions" else f"failed (exit {code})"
@@ -98,7 +98,7 @@ def reconcile(body: dict[str, Any], cluster: Cluster) -> dict[str, Any]:
     for pod in pods:
         pod_name = pod["metadata"]["name"]
         unwanted = pod_name not in wanted and not status.is_terminating(pod)
-        if unwanted and cluster.delete_pod(ns, pod_name):
+        if unwanted and cluster.delete_pod(ns, pod_name, pod["metadata"].get("uid")):
             log.info("deleted pod %s/%s (no longer desired)", ns, pod_name)
 
     # Status, once.
