@@ -6,6 +6,7 @@ Thin verbs with the conflict handling reconcile needs: create-if-absent
 
 from __future__ import annotations
 
+import collections
 from typing import Any
 
 from kubernetes import client, config
@@ -23,6 +24,8 @@ class Cluster:
         self._api = client.ApiClient()
         self.core = client.CoreV1Api(self._api)
         self.custom = client.CustomObjectsApi(self._api)
+        # Pods this process deleted: their DELETED events are not losses.
+        self.deleted_uids: collections.deque[str] = collections.deque(maxlen=100_000)
 
     def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
         raw = self.core.list_namespaced_pod(namespace, label_selector=selector)
@@ -80,6 +83,7 @@ class Cluster:
                 return False
             options = client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=meta.uid))
             self.core.delete_namespaced_pod(name, namespace, body=options)
+            self.deleted_uids.append(str(meta.uid))
         except ApiException as e:
             if e.status in (404, 409):  # gone, or replaced by a new pod of that name
                 return False

@@ -65,14 +65,15 @@ def pod_event(type: str, body: kopf.Body, namespace: str | None, **_: Any) -> No
     job_name = body.get("metadata", {}).get("labels", {}).get(render.LABEL_JOB)
     if not job_name or not namespace:
         return
-    if type == "DELETED":
+    if type == "DELETED" and body.get("metadata", {}).get("uid") not in _cluster().deleted_uids:
         with _locks[(namespace, job_name)]:
             job = _cluster().get_job(namespace, job_name)
-            if job is None:
+            if job is None or job["metadata"].get("deletionTimestamp"):
                 return
             parsed = api.DecentralizedTrainingJob.from_body(job)
-            if lifecycle.involuntary_loss(parsed, dict(body), job.get("status") or {}):
-                _cluster().increment_status(namespace, job_name, "preemptions")
+            counter = lifecycle.vanished_worker(parsed, dict(body), job.get("status") or {})
+            if counter is not None:
+                _cluster().increment_status(namespace, job_name, counter)
     reconcile_latest(namespace, job_name)
 
 

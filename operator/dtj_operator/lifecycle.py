@@ -119,20 +119,25 @@ def ttl_expired(
     return ttl is not None and done is not None and (now - parse_time(done)).total_seconds() >= ttl
 
 
-def involuntary_loss(
+def vanished_worker(
     job: api.DecentralizedTrainingJob, pod: dict[str, Any], old_status: dict[str, Any]
-) -> bool:
-    """Whether a worker pod that vanished was lost to the platform (not removed by us).
-
-    We delete pods only for scale-down (slot >= replicas), suspension, failed
-    pods (already counted) and clean-up of finished jobs; anything else is a
-    preemption from the job's point of view.
+) -> str | None:
+    """Which counter a worker pod that vanished without the operator deleting it
+    belongs to: "preemptions" (deleted, drained, evicted, its node gone: the pod
+    garbage collector fails such pods with a DisruptionTarget condition before
+    removing them), "failures" (it had failed on its own), or None (not a loss:
+    finished, suspended or finished job, or a slot no longer wanted).
     """
     labels = pod["metadata"].get("labels") or {}
     if labels.get(render.LABEL_COMPONENT) != render.WORKER:
-        return False
-    if (pod.get("status") or {}).get("phase") in TERMINAL:
-        return False
+        return None
     if job.spec.run_policy.suspend or old_status.get("phase") in TERMINAL:
-        return False
-    return int(labels.get(render.LABEL_SLOT, "0")) < job.spec.replicas
+        return None
+    if int(labels.get(render.LABEL_SLOT, "0")) >= job.spec.replicas:
+        return None
+    phase = (pod.get("status") or {}).get("phase")
+    if phase == "Succeeded":
+        return None
+    if phase == "Failed" and not is_preempted(pod):
+        return "failures"
+    return "preemptions"

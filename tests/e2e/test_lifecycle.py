@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from dtj_operator import devcluster
 
 from tests.e2e.kube import Kube, wait_for
 
@@ -108,6 +109,29 @@ def test_deleted_and_drained_workers_are_replaced_as_preemptions(kube: Kube, ope
         assert st.get("failures", 0) == 0, "preemptions never spend the failure budget"
     finally:
         kube.run("uncordon", node)
+
+    # A spot node vanishes: the pod garbage collector removes its pods (after
+    # its 40 s quarantine) and the worker comes back on another spot node.
+    gone = running(kube, namespace, "spotty", 2)["spotty-worker-1"]["spec"]["nodeName"]
+    manifest = next(n for n in devcluster.fake_nodes() if n["metadata"]["name"] == gone)
+    kube.run("delete", "node", gone)
+    try:
+        wait_for(
+            "worker-1 back on another spot node",
+            lambda: (
+                (p := running(kube, namespace, "spotty", 2))
+                and p["spotty-worker-1"]["spec"]["nodeName"] not in (gone, "")
+                and p["spotty-worker-1"]["spec"]["nodeName"].startswith("spot-")
+            ),
+            timeout=180,
+        )
+        st = wait_for(
+            "3 preemptions",
+            lambda: (s := status(kube, namespace, "spotty")).get("preemptions") == 3 and s,
+        )
+        assert st.get("failures", 0) == 0
+    finally:
+        kube.run("apply", "-f", "-", input=json.dumps(manifest))
 
 
 def test_suspend_deletes_workers_and_resume_brings_them_back(kube: Kube, operator, namespace):
