@@ -23,6 +23,7 @@ class Cluster:
             config.load_kube_config()
         self._api = client.ApiClient()
         self.core = client.CoreV1Api(self._api)
+        self.rbac = client.RbacAuthorizationV1Api(self._api)
         self.custom = client.CustomObjectsApi(self._api)
         # Pods this process deleted: their DELETED events are not losses.
         self.deleted_uids: collections.deque[str] = collections.deque(maxlen=100_000)
@@ -49,6 +50,9 @@ class Cluster:
             "Pod": self.core.create_namespaced_pod,
             "Service": self.core.create_namespaced_service,
             "ConfigMap": self.core.create_namespaced_config_map,
+            "ServiceAccount": self.core.create_namespaced_service_account,
+            "Role": self.rbac.create_namespaced_role,
+            "RoleBinding": self.rbac.create_namespaced_role_binding,
         }[obj["kind"]]
         try:
             create(ns, obj)

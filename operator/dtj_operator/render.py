@@ -254,20 +254,70 @@ def worker_pod(
 
 
 def coordinator_pod(job: api.DecentralizedTrainingJob, owner: dict[str, Any]) -> dict[str, Any]:
-    """The store host: small, CPU-only, on a non-preemptible pool when there is one."""
+    """The store host: small, CPU-only, on a non-preemptible pool when there is one.
+
+    It is the only pod with API credentials: a service account that may patch
+    this job's status and nothing else (dtj_trainer.progress).
+    """
     stable = [p for p in job.spec.node_pools if not p.preemptible]
-    return _pod(
+    pod = _pod(
         job,
         owner,
         name=coordinator_name(job.name),
         hostname=COORDINATOR,
         component=COORDINATOR,
-        command=["python", "-m", "dtj_trainer.coordinator", "--port", str(STORE_PORT)],
-        env=[],
+        command=[
+            "python",
+            "-m",
+            "dtj_trainer.coordinator",
+            "--port",
+            str(STORE_PORT),
+            "--report-status",
+        ],
+        env=[
+            {"name": "DTJ_CONFIG", "value": f"{CONFIG_DIR}/{CONFIG_KEY}"},
+            {
+                "name": "DTJ_NAMESPACE",
+                "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
+            },
+        ],
         resources={"requests": {"cpu": "100m", "memory": "256Mi"}},
         pool=stable[0] if stable else None,
         extra_labels={},
     )
+    pod["spec"]["serviceAccountName"] = coordinator_name(job.name)
+    pod["spec"]["automountServiceAccountToken"] = True
+    return pod
+
+
+def progress_rbac(job: api.DecentralizedTrainingJob, owner: dict[str, Any]) -> list[dict[str, Any]]:
+    """ServiceAccount, Role and RoleBinding: the coordinator may patch this job's status only."""
+    name = coordinator_name(job.name)
+    meta = _meta(job, name, COORDINATOR, owner)
+    rbac = "rbac.authorization.k8s.io"
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta},
+        {
+            "apiVersion": f"{rbac}/v1",
+            "kind": "Role",
+            "metadata": meta,
+            "rules": [
+                {
+                    "apiGroups": [api.GROUP],
+                    "resources": [f"{api.PLURAL}/status"],
+                    "resourceNames": [job.name],
+                    "verbs": ["get", "patch"],
+                }
+            ],
+        },
+        {
+            "apiVersion": f"{rbac}/v1",
+            "kind": "RoleBinding",
+            "metadata": meta,
+            "roleRef": {"apiGroup": rbac, "kind": "Role", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": job.namespace}],
+        },
+    ]
 
 
 def desired_children(
@@ -275,7 +325,7 @@ def desired_children(
 ) -> list[dict[str, Any]]:
     """Every object the job should own right now, workers last."""
     owner = owner_reference(body)
-    objs = [service(job, owner), config_map(job, owner)]
+    objs = [service(job, owner), config_map(job, owner), *progress_rbac(job, owner)]
     if job.spec.run_policy.suspend:
         return objs
     objs.append(coordinator_pod(job, owner))

@@ -24,7 +24,13 @@ def by_kind(objs, kind):
 
 def test_children_are_owned_and_labelled():
     _, objs = children({"replicas": 3})
-    assert [o["kind"] for o in objs] == ["Service", "ConfigMap"] + ["Pod"] * 4
+    assert [o["kind"] for o in objs] == [
+        "Service",
+        "ConfigMap",
+        "ServiceAccount",
+        "Role",
+        "RoleBinding",
+    ] + ["Pod"] * 4
     for o in objs:
         (ref,) = o["metadata"]["ownerReferences"]
         assert ref["uid"] == "uid-1" and ref["controller"] is True
@@ -54,7 +60,10 @@ def test_pods_are_locked_down():
     for pod in by_kind(objs, "Pod"):
         spec = pod["spec"]
         assert spec["securityContext"]["runAsNonRoot"] is True
-        assert spec["automountServiceAccountToken"] is False
+        if pod["metadata"]["name"] == "demo-coordinator":
+            assert spec["serviceAccountName"] == "demo-coordinator"
+        else:
+            assert spec["automountServiceAccountToken"] is False, "workers hold no credentials"
         sec = spec["containers"][0]["securityContext"]
         assert sec["allowPrivilegeEscalation"] is False
         assert sec["capabilities"]["drop"] == ["ALL"]
@@ -130,3 +139,14 @@ def test_entrypoint_rejects_a_rank_outside_the_job(tmp_path):
         entrypoint.load_runtime({"DTJ_CONFIG": str(path), "DTJ_RANK": "2"})
     with pytest.raises(SystemExit, match="DTJ_RANK must be set"):
         entrypoint.load_runtime({"DTJ_CONFIG": str(path)})
+
+
+def test_coordinator_may_patch_only_its_own_jobs_status():
+    _, objs = children()
+    (role,) = by_kind(objs, "Role")
+    (rule,) = role["rules"]
+    assert rule["resources"] == ["decentralizedtrainingjobs/status"]
+    assert rule["resourceNames"] == ["demo"]
+    assert set(rule["verbs"]) == {"get", "patch"}
+    (binding,) = by_kind(objs, "RoleBinding")
+    assert binding["subjects"][0]["name"] == "demo-coordinator"

@@ -1,0 +1,87 @@
+"""How training progress travels from the workers to the job's status.
+
+    worker --(store key progress/<rank>, every evalEvery steps)--> coordinator
+    coordinator --(PATCH .../decentralizedtrainingjobs/<job>/status, every 10 s)--> API server
+
+Workers already report to the job's coordinator store, so the coordinator
+(one small, stable pod per job) aggregates and writes `status.progress` with
+a service account allowed to patch only its own job's status. The operator
+never connects to pods, and no worker needs API credentials.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import ssl
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .metrics import Progress
+
+GROUP, VERSION, PLURAL = "training.dtj.io", "v1alpha1", "decentralizedtrainingjobs"
+SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+
+
+def aggregate(reports: list[Progress]) -> dict[str, Any]:
+    """status.progress from the workers' latest reports (decimal strings, like quantities)."""
+    if not reports:
+        return {}
+    distances = [r.consensus_distance for r in reports if r.consensus_distance is not None]
+    out: dict[str, Any] = {
+        "step": min(r.step for r in reports),
+        "loss": f"{sum(r.loss for r in reports) / len(reports):.4f}",
+        "samplesPerSecond": f"{sum(r.samples_per_second for r in reports):.1f}",
+        "updated": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    if distances:
+        out["consensusDistance"] = f"{sum(distances) / len(distances):.6g}"
+    return out
+
+
+def read_reports(store: Any, replicas: int) -> list[Progress]:
+    out = []
+    for rank in range(replicas):
+        key = f"progress/{rank}"
+        if store.check([key]):
+            out.append(Progress(**json.loads(store.get(key))))
+    return out
+
+
+@dataclass(frozen=True)
+class StatusWriter:
+    """PATCHes one job's status subresource over HTTPS with a bearer token."""
+
+    server: str
+    token: str
+    namespace: str
+    job: str
+    context: ssl.SSLContext
+
+    @classmethod
+    def in_cluster(cls, namespace: str, job: str) -> StatusWriter:
+        import os
+
+        host = os.environ["KUBERNETES_SERVICE_HOST"]
+        port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
+        ctx = ssl.create_default_context(cafile=str(SA_DIR / "ca.crt"))
+        return cls(f"https://{host}:{port}", (SA_DIR / "token").read_text(), namespace, job, ctx)
+
+    def write(self, progress: dict[str, Any]) -> None:
+        url = (
+            f"{self.server}/apis/{GROUP}/{VERSION}/namespaces/{self.namespace}/"
+            f"{PLURAL}/{self.job}/status"
+        )
+        req = urllib.request.Request(
+            url,
+            data=json.dumps({"status": {"progress": progress}}).encode(),
+            method="PATCH",
+            headers={
+                "Authorization": f"Bearer {self.token}",
+                "Content-Type": "application/merge-patch+json",
+            },
+        )
+        with urllib.request.urlopen(req, context=self.context, timeout=10) as resp:
+            resp.read()
