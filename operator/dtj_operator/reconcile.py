@@ -12,6 +12,7 @@ import logging
 from typing import Any
 
 import pydantic
+from kubernetes.client.exceptions import ApiException
 
 from . import api, lifecycle, render, status
 from .cluster import Cluster
@@ -87,14 +88,22 @@ def reconcile(body: dict[str, Any], cluster: Cluster) -> dict[str, Any]:
     # Desire and act.
     desired = render.desired_children(job, body)
     wanted = {o["metadata"]["name"] for o in desired if o["kind"] == "Pod"}
+    problems: list[str] = []
     for obj in desired:
         kind, child = obj["kind"], obj["metadata"]["name"]
         if kind == "Pod" and child in existing:
             continue
-        if cluster.create(obj):
-            log.info("created %s %s/%s", kind, ns, child)
-        elif kind == "ConfigMap":
-            _sync_config(cluster, obj)
+        try:
+            if cluster.create(obj):
+                log.info("created %s %s/%s", kind, ns, child)
+            elif kind == "ConfigMap":
+                _sync_config(cluster, obj)
+        except ApiException as e:
+            # Quota, admission or RBAC refusals: say so in the status and try
+            # again on the next pass, instead of failing the handler.
+            reason = e.reason or "error"
+            problems.append(f"cannot create {kind} {child}: {reason} ({e.status})")
+            log.warning("cannot create %s %s/%s: %s", kind, ns, child, e.reason)
     for pod in pods:
         pod_name = pod["metadata"]["name"]
         unwanted = pod_name not in wanted and not status.is_terminating(pod)
@@ -103,11 +112,7 @@ def reconcile(body: dict[str, Any], cluster: Cluster) -> dict[str, Any]:
 
     # Status, once.
     live = [p for p in pods if p["metadata"]["name"] not in gone]
-    new = status.compute(
-        job,
-        body,
-        live,
-    )
+    new = status.compute(job, body, live, problems=problems)
     if status.differs(old, new):
         cluster.patch_status(ns, name, new)
     return new

@@ -67,6 +67,7 @@ def compute(
     pods: list[dict[str, Any]],
     *,
     finished: tuple[str, str, str] | None = None,
+    problems: list[str] | None = None,
 ) -> dict[str, Any]:
     """The status the job should show for the observed `pods`.
 
@@ -83,9 +84,19 @@ def compute(
     desired = job.spec.replicas
     needed = job.spec.min_replicas or desired
     conds: list[dict[str, Any]] = list(old.get("conditions") or [])
-    conds = set_condition(
-        conds, "Created", True, "ChildrenCreated", "Service, config and pods created", generation
-    )
+    if problems:
+        conds = set_condition(
+            conds, "Created", False, "CreateFailed", "; ".join(problems)[:1000], generation
+        )
+    else:
+        conds = set_condition(
+            conds,
+            "Created",
+            True,
+            "ChildrenCreated",
+            "Service, config and pods created",
+            generation,
+        )
     suspended = job.spec.run_policy.suspend
     running = ready >= needed and not suspended and finished is None
     if finished is not None:

@@ -54,3 +54,15 @@ def test_unchanged_condition_keeps_its_transition_time():
     again = compute({"replicas": 1}, [pod(0)], old=first)
     assert cond(again, "Running")["lastTransitionTime"] == "2000-01-01T00:00:00Z" != t
     assert not status.differs(again, {k: again[k] for k in ("phase", "readyReplicas")})
+
+
+def test_creation_problems_show_as_a_false_created_condition():
+    st = status.compute(
+        api.DecentralizedTrainingJob.from_body(job_body({"replicas": 1})),
+        job_body({"replicas": 1}),
+        [],
+        problems=["cannot create Pod demo-worker-0: Forbidden (403)"],
+    )
+    created = cond(st, "Created")
+    assert created["status"] == "False" and created["reason"] == "CreateFailed"
+    assert "Forbidden" in created["message"]
