@@ -1,0 +1,81 @@
+"""Run-policy decisions: failure vs preemption, budgets, deadlines, clean-up."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from dtj_operator import api, lifecycle, render
+
+from tests.builders import job_body
+
+NOW = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC)
+
+
+def job(spec=None):
+    return api.DecentralizedTrainingJob.from_body(job_body(spec))
+
+
+def worker(slot, phase="Running", *, code=None, reason=None, disrupted=False):
+    status = {"phase": phase, "conditions": []}
+    if code is not None:
+        status["containerStatuses"] = [{"state": {"terminated": {"exitCode": code}}}]
+    if reason:
+        status["reason"] = reason
+    if disrupted:
+        status["conditions"].append({"type": "DisruptionTarget", "status": "True"})
+    labels = {render.LABEL_COMPONENT: render.WORKER, render.LABEL_SLOT: str(slot)}
+    return {"metadata": {"name": f"demo-worker-{slot}", "labels": labels}, "status": status}
+
+
+def test_evictions_are_preemptions_and_exits_are_failures():
+    pods = [
+        worker(0, "Failed", code=1),
+        worker(1, "Failed", reason="Evicted"),
+        worker(2, "Failed", code=137, disrupted=True),
+        worker(3),
+    ]
+    a = lifecycle.assess(job(), pods, {}, NOW)
+    assert [p["metadata"]["name"] for p in a.failed] == ["demo-worker-0"]
+    assert len(a.preempted) == 2
+    assert a.phase is None
+
+
+def test_backoff_limit_counts_failures_only():
+    a = lifecycle.assess(
+        job({"runPolicy": {"backoffLimit": 1}}),
+        [worker(0, "Failed", code=2)],
+        {"failures": 1, "preemptions": 50},
+        NOW,
+    )
+    assert (a.phase, a.reason) == ("Failed", "BackoffLimitExceeded")
+    assert "demo-worker-0 exited with code 2" in a.message
+
+
+def test_deadline_and_completion():
+    start = (NOW - dt.timedelta(seconds=30)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    a = lifecycle.assess(
+        job({"runPolicy": {"activeDeadlineSeconds": 10}}), [worker(0)], {"startTime": start}, NOW
+    )
+    assert a.reason == "DeadlineExceeded"
+    done = [worker(i, "Succeeded", code=0) for i in range(4)]
+    assert lifecycle.assess(job(), done, {}, NOW).phase == "Succeeded"
+
+
+def test_vanished_workers():
+    spec = job({"replicas": 2})
+    assert lifecycle.vanished_worker(spec, worker(1), {}) == "preemptions"
+    assert lifecycle.vanished_worker(spec, worker(1, "Failed", disrupted=True), {}) == "preemptions"
+    assert lifecycle.vanished_worker(spec, worker(1, "Failed", code=1), {}) == "failures"
+    assert lifecycle.vanished_worker(spec, worker(1, "Succeeded"), {}) is None
+    assert lifecycle.vanished_worker(spec, worker(5), {}) is None, "scaled away"
+    assert lifecycle.vanished_worker(spec, worker(1), {"phase": "Failed"}) is None
+
+
+def test_clean_pod_policy():
+    pods = [worker(0), worker(1, "Succeeded")]
+    assert lifecycle.pods_to_clean(job(), pods) == ["demo-worker-0"]
+    assert lifecycle.pods_to_clean(job({"runPolicy": {"cleanPodPolicy": "All"}}), pods) == [
+        "demo-worker-0",
+        "demo-worker-1",
+    ]
+    assert lifecycle.pods_to_clean(job({"runPolicy": {"cleanPodPolicy": "None"}}), pods) == []
