@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 
 import yaml
 from dtj_operator import api, devcluster, render
+from dtj_operator.cli import operator_command
 
 ROOT = Path(__file__).resolve().parents[1]
 ANY_NODE = {
@@ -164,16 +164,7 @@ def operated(
         "PATH": "/usr/bin:/bin",
     }
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "kopf",
-            "run",
-            "--standalone",
-            f"--namespace={ns}",
-            "-m",
-            "dtj_operator.handlers",
-        ],
+        operator_command(ns),
         stdout=log,
         stderr=subprocess.STDOUT,
         env=env,

@@ -79,9 +79,17 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_operator(args: argparse.Namespace) -> int:
+def operator_command(namespace: str | None = None) -> list[str]:
+    """How the operator is run (here, in tests and benchmarks): kopf over our handlers.
+
+    `namespace` may be a kopf glob such as `e2e-*`; None watches all namespaces.
+    """
     cmd = [sys.executable, "-m", "kopf", "run", "--standalone", "-m", "dtj_operator.handlers"]
-    cmd += ["--namespace", args.namespace] if args.namespace else ["--all-namespaces"]
+    return cmd + ([f"--namespace={namespace}"] if namespace else ["--all-namespaces"])
+
+
+def cmd_operator(args: argparse.Namespace) -> int:
+    cmd = operator_command(args.namespace)
     os.execvp(cmd[0], cmd)
 
 

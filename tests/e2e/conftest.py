@@ -11,15 +11,13 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from dtj_operator import devcluster
 
-from tests.e2e.kube import ROOT, Kube, wait_for
+from tests.e2e.kube import ROOT, Kube, new_namespace, start_operator
 
 
 @pytest.fixture(scope="session")
@@ -54,22 +52,8 @@ def operator(crds: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[P
     """A real `kopf run` process of the operator; yields its log file."""
     log = tmp_path_factory.mktemp("operator") / "operator.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "kopf",
-                "run",
-                "--standalone",
-                "--namespace=e2e-*",  # tests with their own operator use other names
-                "-m",
-                "dtj_operator.handlers",
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=crds.env,
-            cwd=ROOT,
-        )
+        # Tests that run their own operator use namespaces not matching e2e-*.
+        proc = start_operator(crds, "e2e-*", out)
     try:
         yield log
     finally:
@@ -84,11 +68,6 @@ def operator(crds: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[P
 
 @pytest.fixture
 def namespace(crds: Kube) -> Iterator[str]:
-    name = f"e2e-{uuid.uuid4().hex[:6]}"
-    crds.run("create", "namespace", name)
-    wait_for(
-        "the namespace's default service account",
-        lambda: crds.run("get", "sa", "default", "-n", name, check=False).returncode == 0,
-    )
+    name = new_namespace(crds, "e2e")
     yield name
     crds.run("delete", "namespace", name, "--wait=false", check=False)

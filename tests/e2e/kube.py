@@ -6,10 +6,13 @@ import json
 import os
 import subprocess
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from dtj_operator.cli import operator_command
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -53,3 +56,21 @@ def wait_for(what: str, probe: Callable[[], Any], timeout: float = 90.0, every: 
                 return last
         time.sleep(every)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last saw: {last!r}")
+
+
+def start_operator(kube: Kube, namespace: str, log: Any) -> subprocess.Popen[bytes]:
+    """A real operator process (`dtj operator`'s command) watching `namespace` (a glob)."""
+    return subprocess.Popen(
+        operator_command(namespace), stdout=log, stderr=subprocess.STDOUT, env=kube.env, cwd=ROOT
+    )
+
+
+def new_namespace(kube: Kube, prefix: str) -> str:
+    """A fresh namespace, returned once pods can be created in it (default SA exists)."""
+    name = f"{prefix}-{uuid.uuid4().hex[:6]}"
+    kube.run("create", "namespace", name)
+    wait_for(
+        "the namespace's default service account",
+        lambda: kube.run("get", "sa", "default", "-n", name, check=False).returncode == 0,
+    )
+    return name

@@ -4,44 +4,17 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
-import uuid
 
 import pytest
 
-from tests.e2e.kube import ROOT, Kube, wait_for
+from tests.e2e.kube import Kube, new_namespace, start_operator, wait_for
 
 pytestmark = pytest.mark.e2e
 
 
-def start_operator(kube: Kube, namespace: str, log) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "kopf",
-            "run",
-            "--standalone",
-            f"--namespace={namespace}",
-            "-m",
-            "dtj_operator.handlers",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=kube.env,
-        cwd=ROOT,
-    )
-
-
 def test_operator_killed_midway_converges_to_exactly_the_desired_pods(crds: Kube, tmp_path):
     kube = crds
-    ns = f"restart-{uuid.uuid4().hex[:6]}"
-    kube.run("create", "namespace", ns)
-    wait_for(
-        "default service account",
-        lambda: kube.run("get", "sa", "default", "-n", ns, check=False).returncode == 0,
-    )
+    ns = new_namespace(kube, "restart")
     body = {
         "apiVersion": "training.dtj.io/v1alpha1",
         "kind": "DecentralizedTrainingJob",

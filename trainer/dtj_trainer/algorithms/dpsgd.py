@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import torch
+
 from .. import topology
 from ..config import TopologyName
 from ..transport import Transport
 from .base import Local, RoundStats
 
 
-def mix(own: int, x, received, weights):  # type: ignore[no-untyped-def]
+def mix(
+    own: int, x: torch.Tensor, received: dict[int, torch.Tensor], weights: dict[int, float]
+) -> torch.Tensor:
     """x_i <- sum_j W_ij x_j over the closed neighbourhood."""
     out = x * weights[own]
     for p, xp in received.items():
