@@ -3,15 +3,15 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml devcluster/pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: demo test install controlplane lint typecheck unit trainer-test e2e crds cluster-up cluster-down clean
+.PHONY: demo demo-cluster test install controlplane lint typecheck unit trainer-test e2e crds cluster-up cluster-down clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml devcluster/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "Installing the project and its test tools into $(VENV) (torch is large; pip's cache keeps it)"
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[operator,trainer,dev]'
+	$(PY) -m pip install --quiet -e '.[operator,trainer,dev]' -e ./devcluster
 	@rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP)
@@ -19,6 +19,11 @@ install: $(STAMP)
 ## make demo: train examples/quickstart.yaml with 4 local worker processes.
 demo: install
 	$(VENV)/bin/dtj local examples/quickstart.yaml
+
+## make demo-cluster: the same job through Kubernetes: local cluster with executing
+## nodes, the operator, kubectl apply, progress from the job's status, clean-up.
+demo-cluster: install controlplane
+	$(VENV)/bin/dtj-cluster demo examples/quickstart.yaml
 
 ## make controlplane: build (once) the pinned local Kubernetes control plane.
 controlplane:
@@ -49,11 +54,11 @@ test: install controlplane lint typecheck
 crds: install
 	$(PY) -m dtj_operator.crdgen --write
 
-cluster-up: install
-	$(VENV)/bin/dtj cluster up
+cluster-up: install controlplane
+	$(VENV)/bin/dtj-cluster up
 
 cluster-down: install
-	$(VENV)/bin/dtj cluster down
+	$(VENV)/bin/dtj-cluster down
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

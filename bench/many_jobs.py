@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from dtj_operator import api, devcluster, render
+from dtj_devcluster import controlplane as devcluster
+from dtj_operator import api, render
 from dtj_operator.cli import operator_command
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -223,7 +224,7 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="dtj-bench-") as tmp:
         cluster = devcluster.LocalCluster(Path(tmp) / "cluster", devcluster.build())
-        cluster.start(audit=True)
+        cluster.start(audit=True, process_nodes=0)
         try:
             kubectl(cluster, "admin", "apply", "-f", str(ROOT / "crds"))
             kubectl(

@@ -242,6 +242,19 @@ class TrainingProgress(Model):
     updated: str | None = Field(None, description="When the workers last reported.")
 
 
+class TrainingResult(Model):
+    """How training ended, written once every worker has finished."""
+
+    test_accuracy: str | None = Field(
+        None, description="Test accuracy of the workers' averaged model (decimal string, 0-1)."
+    )
+    worker_accuracy: str | None = Field(
+        None, description="Range of the workers' own models' test accuracy (min-max)."
+    )
+    steps: int | None = Field(None, description="Training steps each worker ran.")
+    workers: int | None = Field(None, description="Workers that reported a result.")
+
+
 class JobStatus(Model):
     """Observed state of the job, written only by the operator."""
 
@@ -266,6 +279,7 @@ class JobStatus(Model):
     start_time: str | None = Field(None, description="When the job started running.")
     completion_time: str | None = Field(None, description="When the job finished.")
     progress: TrainingProgress | None = Field(None, description="Training progress.")
+    result: TrainingResult | None = Field(None, description="Final result of a finished run.")
 
 
 class DecentralizedTrainingJob(Model):

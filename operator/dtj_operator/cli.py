@@ -1,7 +1,6 @@
 """`dtj`: the user-facing command line.
 
 dtj local FILE          train a DecentralizedTrainingJob manifest with local processes
-dtj cluster up|down     start or stop the local control plane (tests, demos)
 dtj operator            run the operator (kopf) against the current kubeconfig
 dtj crd                 print the generated CRD
 """
@@ -63,22 +62,6 @@ def cmd_local(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_cluster(args: argparse.Namespace) -> int:
-    from . import devcluster
-
-    directory = Path(args.dir) if args.dir else None
-    if args.action == "up":
-        cluster = devcluster.up(directory)
-        print(f"export KUBECONFIG={cluster.kubeconfig}")
-        print(f"export PATH={cluster.bin}:$PATH  # kubectl {cluster.bin / 'kubectl'}")
-    elif args.action == "down":
-        devcluster.down(directory)
-        print("local control plane stopped", file=sys.stderr)
-    else:
-        print(devcluster.build())
-    return 0
-
-
 def operator_command(namespace: str | None = None) -> list[str]:
     """How the operator is run (here, in tests and benchmarks): kopf over our handlers.
 
@@ -107,10 +90,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("file", help="a DecentralizedTrainingJob manifest")
     p.add_argument("--replicas", type=int, help="override spec.replicas")
     p.set_defaults(func=cmd_local)
-    p = sub.add_parser("cluster", help="local control plane for tests and demos")
-    p.add_argument("action", choices=["up", "down", "build"])
-    p.add_argument("--dir", help="state directory (default ~/.local/state/dtj/cluster/default)")
-    p.set_defaults(func=cmd_cluster)
     p = sub.add_parser("operator", help="run the operator against the current kubeconfig")
     p.add_argument("--namespace", help="watch one namespace (default: all)")
     p.set_defaults(func=cmd_operator)

@@ -7,12 +7,17 @@ Thin verbs with the conflict handling reconcile needs: create-if-absent
 from __future__ import annotations
 
 import collections
+import datetime
+import logging
+import socket
 from typing import Any
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from . import api
+
+log = logging.getLogger(__name__)
 
 
 class Cluster:
@@ -119,6 +124,36 @@ class Cluster:
                 if e.status != 409:
                     raise
         raise RuntimeError(f"could not update status.{counter} of {namespace}/{name}: conflicts")
+
+    def warn(self, body: dict[str, Any], reason: str, message: str) -> None:
+        """A Warning Event on the job (`kubectl describe dtj` and `kubectl get events`)."""
+        meta = body["metadata"]
+        now = datetime.datetime.now(datetime.UTC)
+        event = client.CoreV1Event(
+            metadata=client.V1ObjectMeta(
+                generate_name=f"{meta['name']}.", namespace=meta["namespace"]
+            ),
+            involved_object=client.V1ObjectReference(
+                api_version=api.API_VERSION,
+                kind=api.KIND,
+                name=meta["name"],
+                namespace=meta["namespace"],
+                uid=meta.get("uid"),
+            ),
+            reason=reason,
+            message=message[:1024],
+            type="Warning",
+            count=1,
+            first_timestamp=now,
+            last_timestamp=now,
+            source=client.V1EventSource(component="dtj-operator"),
+            reporting_component="dtj-operator",
+            reporting_instance=socket.gethostname(),
+        )
+        try:
+            self.core.create_namespaced_event(meta["namespace"], event)
+        except ApiException as e:  # an Event is a courtesy: never fail a pass for it
+            log.warning("could not post event %s on %s: %s", reason, meta["name"], e.reason)
 
     def delete_job(self, namespace: str, name: str) -> None:
         try:

@@ -134,6 +134,7 @@ def crd() -> dict[str, Any]:
         ("Algorithm", "string", ".spec.algorithm.name", "Training method"),
         ("Step", "integer", ".status.progress.step", "Training step"),
         ("Loss", "string", ".status.progress.loss", "Training loss"),
+        ("Accuracy", "string", ".status.result.testAccuracy", "Final test accuracy"),
         ("Age", "date", ".metadata.creationTimestamp", "Age"),
     ]
     return {

@@ -39,6 +39,18 @@ def exit_code(pod: dict[str, Any]) -> int | None:
     return None
 
 
+def failure_note(pod: dict[str, Any]) -> str:
+    """A failed worker in a sentence: its name, exit code and the last line it logged
+    (its termination message, which FallbackToLogsOnError fills from the log)."""
+    note = f"{pod['metadata']['name']} exited with code {exit_code(pod)}"
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        message = ((cs.get("state") or {}).get("terminated") or {}).get("message") or ""
+        lines = [line.strip() for line in message.splitlines() if line.strip()]
+        if lines:
+            return f"{note}: {lines[-1][:500]}"
+    return note
+
+
 @dataclass
 class Assessment:
     """What this pass must do about finished workers, and whether the job is over."""
@@ -70,7 +82,7 @@ def assess(
     failures = int(old_status.get("failures") or 0) + len(a.failed)
     if failures > policy.backoff_limit:
         if a.failed:
-            last = f"{a.failed[-1]['metadata']['name']} exited with code {exit_code(a.failed[-1])}"
+            last = failure_note(a.failed[-1])
         else:
             last = old_status.get("lastFailure") or "unknown"
         a.phase, a.reason = "Failed", "BackoffLimitExceeded"

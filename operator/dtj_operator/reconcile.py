@@ -68,8 +68,9 @@ def reconcile(body: dict[str, Any], cluster: Cluster) -> dict[str, Any]:
                 code = lifecycle.exit_code(pod)
                 what = "was preempted" if counter == "preemptions" else f"failed (exit {code})"
                 if counter == "failures":
-                    note = f"{pod['metadata']['name']} exited with code {code}"
+                    note = lifecycle.failure_note(pod)
                     cluster.patch_status(ns, name, {"lastFailure": note})
+                    cluster.warn(body, "WorkerFailed", note)
                 log.info("worker %s/%s %s; replacing it", ns, pod["metadata"]["name"], what)
     if verdict.phase is not None:
         new = status.compute(

@@ -28,6 +28,8 @@ MANAGED_BY = "dtj-operator"
 WORKER, COORDINATOR = "worker", "coordinator"
 GPU_RESOURCE = "nvidia.com/gpu"
 RUN_AS_USER = 1000
+# Workers and the coordinator listen on their pod's IP (gloo, store, metrics).
+POD_IP_ENV = {"name": "DTJ_POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
 
 
 def labels(job: api.DecentralizedTrainingJob, component: str) -> dict[str, str]:
@@ -201,8 +203,11 @@ def _pod(
                 "image": t.image,
                 "imagePullPolicy": t.image_pull_policy,
                 "command": command,
-                "env": env,
+                "env": [*env, POD_IP_ENV],
                 "resources": resources,
+                # A worker that fails says why in its last log lines: the pod's
+                # status carries them and the operator quotes them.
+                "terminationMessagePolicy": "FallbackToLogsOnError",
                 "securityContext": container_sec,
                 "volumeMounts": [
                     {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},

@@ -2,7 +2,7 @@
 
 By default the session starts the pinned local control plane (etcd,
 kube-apiserver, kube-controller-manager, kube-scheduler and kwok; see
-dtj_operator.devcluster) and stops it afterwards. Set KUBECONFIG to run the
+dtj_devcluster.controlplane) and stops it afterwards. Set KUBECONFIG to run the
 same tests against a cluster you already have (kind, k3d, ...).
 """
 
@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from dtj_operator import devcluster
+from dtj_devcluster import controlplane as devcluster
 
 from tests.e2e.kube import ROOT, Kube, new_namespace, start_operator
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from dtj_operator import devcluster
+from dtj_devcluster import controlplane as devcluster
 
 from tests.e2e.kube import Kube, wait_for
 
@@ -113,7 +113,7 @@ def test_deleted_and_drained_workers_are_replaced_as_preemptions(kube: Kube, ope
     # A spot node vanishes: the pod garbage collector removes its pods (after
     # its 40 s quarantine) and the worker comes back on another spot node.
     gone = running(kube, namespace, "spotty", 2)["spotty-worker-1"]["spec"]["nodeName"]
-    manifest = next(n for n in devcluster.fake_nodes() if n["metadata"]["name"] == gone)
+    manifest = next(n for n in devcluster.fake_gpu_nodes() if n["metadata"]["name"] == gone)
     kube.run("delete", "node", gone)
     try:
         wait_for(

@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import threading
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch.distributed as dist
 
@@ -22,27 +24,46 @@ from .entrypoint import DEFAULT_CONFIG_PATH
 
 
 def serve(host: str, port: int) -> dist.TCPStore:
-    """Start the store server; port 0 picks a free port (read it back from `.port`)."""
+    """Start the store server on `host` (an address, or 0.0.0.0 for all); port 0
+    picks a free port (read it back from `.port`).
+
+    TCPStore itself listens on every interface; to listen on the pod's own IP
+    only (several pods may share a node's loopback, as in the local cluster)
+    we bind the socket and hand it over.
+    """
+    listen_fd = None
+    if host not in ("", "0.0.0.0"):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+        port = sock.getsockname()[1]
+        listen_fd = sock.detach()  # the store owns it from here
     return dist.TCPStore(
         host,
         port,
         is_master=True,
         wait_for_workers=False,
         timeout=timedelta(seconds=30),
+        master_listen_fd=listen_fd,
         use_libuv=True,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument(
+        "--host",
+        default=os.environ.get("DTJ_POD_IP") or "0.0.0.0",
+        help="address to listen on (default: DTJ_POD_IP, the pod's IP, else all)",
+    )
     parser.add_argument("--port", type=int, default=29400)
     parser.add_argument(
         "--report-status",
         action="store_true",
         help="write the workers' aggregated progress to the job's status (in a pod)",
     )
-    parser.add_argument("--interval", type=float, default=10.0)
+    parser.add_argument("--interval", type=float, default=5.0)
     args = parser.parse_args(argv)
     store = serve(args.host, args.port)
     stop = threading.Event()
@@ -56,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         writer = progress.StatusWriter.in_cluster(os.environ["DTJ_NAMESPACE"], cfg.job)
         report_loop(store, cfg.replicas, writer, stop, args.interval)
     stop.wait()
+    print("coordinator stopping", flush=True)
     return 0
 
 
@@ -66,17 +88,27 @@ def report_loop(
     stop: threading.Event,
     interval: float,
 ) -> None:
-    """Every `interval` seconds, write new progress to the job status until stopped."""
-    last: int | None = None
-    while not stop.wait(interval):
-        reports = progress.read_reports(store, replicas)
-        summary = progress.aggregate(reports)
-        if summary and summary["step"] != last:
-            try:
-                writer.write(summary)
-                last = summary["step"]
-            except OSError as e:  # the API server may be briefly away: try next time
-                print(f"could not write progress to the job status: {e}", flush=True)
+    """Every `interval` seconds, write new progress to the job status; once every
+    worker has reported its result, write the result. A last pass runs when
+    stopped, so a result that lands just before the pod is deleted is kept."""
+    written: dict[str, Any] = {}
+    stopping = False
+    while not stopping:
+        stopping = stop.wait(interval)
+        update: dict[str, Any] = {}
+        summary = progress.aggregate(progress.read_reports(store, replicas))
+        if summary and summary["step"] != written.get("progress", {}).get("step"):
+            update["progress"] = summary
+        result = progress.summarize_results(progress.read_results(store, replicas), replicas)
+        if result and result != written.get("result"):
+            update["result"] = result
+        if not update:
+            continue
+        try:
+            writer.write(update)
+            written.update(update)
+        except OSError as e:  # the API server may be briefly away: try next time
+            print(f"could not write progress to the job status: {e}", flush=True)
 
 
 if __name__ == "__main__":

@@ -3,11 +3,16 @@
 The contract with the operator (rendered by dtj_operator.render):
   DTJ_CONFIG  path of the TrainerConfig JSON (the job's ConfigMap, mounted)
   DTJ_RANK    this worker's slot, 0..replicas-1
-  DTJ_METRICS_PORT  optional port for Prometheus metrics (DTJ_METRICS_ADDR, default 0.0.0.0)
+  DTJ_POD_IP  optional address to listen on (gloo, metrics): the pod's IP, from
+              the downward API; several pods may share a node's loopback
+  DTJ_METRICS_PORT  optional port for Prometheus metrics (on DTJ_POD_IP, else 0.0.0.0)
   DTJ_SIMULATE_SLOWDOWN  optional factor > 1 that makes this worker that much
               slower (emulates older hardware in demos and benchmarks)
 Progress and the final result go to the coordinator store (keys
 `progress/<rank>` and `result/<rank>`, JSON) and to stdout as JSON lines.
+A spec the trainer cannot run (unknown model or data set, a factory that does
+not import) ends the process with exit code 2 and one line on stderr saying
+what to change: the operator shows it as the failure's message.
 """
 
 from __future__ import annotations
@@ -58,8 +63,37 @@ def env_int(name: str) -> int | None:
     return int(value) if value else None
 
 
+CONFIG_ERROR = 2
+
+
 def main() -> int:
-    rt = load_runtime(os.environ)
+    try:
+        return run(load_runtime(os.environ))
+    except ConfigError as e:
+        print(f"dtj-trainer: error: {e}", file=sys.stderr, flush=True)
+        return CONFIG_ERROR
+
+
+class ConfigError(Exception):
+    """The job's spec asks for something this trainer cannot do."""
+
+
+def backend_for(requested: str) -> str:
+    """nccl needs a visible CUDA device; without one the worker says so and uses gloo."""
+    import torch
+
+    if requested == "nccl" and not torch.cuda.is_available():
+        print(
+            "dtj-trainer: warning: the job requests GPUs (nccl) but no CUDA device is "
+            "visible in this container; training on the CPU with gloo",
+            file=sys.stderr,
+            flush=True,
+        )
+        return "gloo"
+    return requested
+
+
+def run(rt: Runtime) -> int:
     # The push receiver is a Python thread: let it in often, so pushes do not
     # queue up behind a fast training loop (default switch interval is 5 ms).
     sys.setswitchinterval(0.0002)
@@ -67,14 +101,16 @@ def main() -> int:
     from .loop import Worker  # torch is imported only once the contract is valid
     from .transport import DistTransport, connect_store
 
+    pod_ip = os.environ.get("DTJ_POD_IP") or None
     store = connect_store(cfg.store_host, cfg.store_port, timeout=cfg.timeout_seconds)
     transport = DistTransport(
         store,
         generation=0,
         rank=rt.rank,
         size=cfg.replicas,
-        backend=cfg.backend,
+        backend=backend_for(cfg.backend),
         timeout=cfg.timeout_seconds,
+        host=pod_ip,
     )
 
     exporter = None
@@ -82,7 +118,7 @@ def main() -> int:
         from .exporter import Exporter
 
         exporter = Exporter(job=cfg.job, rank=rt.rank)
-        exporter.serve(port, os.environ.get("DTJ_METRICS_ADDR", "0.0.0.0"))
+        exporter.serve(port, pod_ip or "0.0.0.0")
 
     def report(p: Progress) -> None:
         if exporter:
@@ -91,7 +127,10 @@ def main() -> int:
         store.set(f"progress/{rt.rank}", line)
         print(line, flush=True)
 
-    worker = Worker.build(cfg, transport, slowdown=rt.slowdown)
+    try:
+        worker = Worker.build(cfg, transport, slowdown=rt.slowdown)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(e) from e
     result = asyncio.run(worker.train(report))
     line = json.dumps(asdict(result))
     store.set(f"result/{rt.rank}", line)

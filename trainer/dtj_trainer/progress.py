@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .metrics import Progress
+from .metrics import Progress, Result
 
 GROUP, VERSION, PLURAL = "training.dtj.io", "v1alpha1", "decentralizedtrainingjobs"
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
@@ -50,6 +50,29 @@ def read_reports(store: Any, replicas: int) -> list[Progress]:
     return out
 
 
+def read_results(store: Any, replicas: int) -> list[Result]:
+    out = []
+    for rank in range(replicas):
+        key = f"result/{rank}"
+        if store.check([key]):
+            out.append(Result(**json.loads(store.get(key))))
+    return out
+
+
+def summarize_results(results: list[Result], replicas: int) -> dict[str, Any]:
+    """status.result once every worker has finished: the averaged model's test accuracy
+    (the same on every worker: they average together) and the range of their own."""
+    if not results or len(results) < replicas:
+        return {}
+    own = [r.worker_accuracy for r in results]
+    return {
+        "testAccuracy": f"{results[0].averaged_accuracy:.4f}",
+        "workerAccuracy": f"{min(own):.4f}-{max(own):.4f}",
+        "steps": max(r.steps for r in results),
+        "workers": len(results),
+    }
+
+
 @dataclass(frozen=True)
 class StatusWriter:
     """PATCHes one job's status subresource over HTTPS with a bearer token."""
@@ -69,14 +92,15 @@ class StatusWriter:
         ctx = ssl.create_default_context(cafile=str(SA_DIR / "ca.crt"))
         return cls(f"https://{host}:{port}", (SA_DIR / "token").read_text(), namespace, job, ctx)
 
-    def write(self, progress: dict[str, Any]) -> None:
+    def write(self, status: dict[str, Any]) -> None:
+        """Merge-patch these status fields (progress, result)."""
         url = (
             f"{self.server}/apis/{GROUP}/{VERSION}/namespaces/{self.namespace}/"
             f"{PLURAL}/{self.job}/status"
         )
         req = urllib.request.Request(
             url,
-            data=json.dumps({"status": {"progress": progress}}).encode(),
+            data=json.dumps({"status": status}).encode(),
             method="PATCH",
             headers={
                 "Authorization": f"Bearer {self.token}",

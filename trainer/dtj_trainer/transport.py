@@ -86,15 +86,28 @@ def connect_store(host: str, port: int, *, timeout: float) -> dist.Store:
 
 
 def _group(
-    store: dist.Store, prefix: str, rank: int, size: int, backend: str, timeout: float
+    store: dist.Store,
+    prefix: str,
+    rank: int,
+    size: int,
+    backend: str,
+    timeout: float,
+    host: str | None = None,
 ) -> Any:
+    """A process group on `store` under `prefix`; gloo listens on `host` (the pod IP)
+    when given, else on the address its hostname resolves to."""
     prefixed = dist.PrefixStore(prefix, store)
     td = timedelta(seconds=timeout)
     if backend == "nccl":  # pragma: no cover - needs a GPU
         opts = dist.ProcessGroupNCCL.Options()
         opts._timeout = td
         return dist.ProcessGroupNCCL(prefixed, rank, size, opts)
-    return dist.ProcessGroupGloo(prefixed, rank, size, td)
+    if host is None:
+        return dist.ProcessGroupGloo(prefixed, rank, size, td)
+    gloo_opts = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
+    gloo_opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
+    gloo_opts._timeout = td
+    return dist.ProcessGroupGloo(prefixed, rank, size, gloo_opts)
 
 
 class _Mailbox:
@@ -153,13 +166,15 @@ class DistTransport:
         size: int,
         backend: str = "gloo",
         timeout: float = 60.0,
+        host: str | None = None,
     ) -> None:
         self.rank, self.size, self.generation = rank, size, generation
+        self._host = host
         self.virtual_time = False
         self.counters = CommCounters()
         self._device = torch.device("cuda" if backend == "nccl" else "cpu")
         self._store = store
-        self._pg = _group(store, f"gen{generation}/", rank, size, backend, timeout)
+        self._pg = _group(store, f"gen{generation}/", rank, size, backend, timeout, host)
         self._msg_pg: Any = None
         self._mailbox: _Mailbox | None = None
         self._sends: list[Any] = []
@@ -215,7 +230,13 @@ class DistTransport:
             # A group of its own (every worker builds it here, together), with a
             # long timeout: the receiver idles between pushes.
             self._msg_pg = _group(
-                self._store, f"gen{self.generation}/msg/", self.rank, self.size, "gloo", 24 * 3600
+                self._store,
+                f"gen{self.generation}/msg/",
+                self.rank,
+                self.size,
+                "gloo",
+                24 * 3600,
+                self._host,
             )
             self._mailbox = _Mailbox(self._msg_pg, numel)
 

@@ -1,15 +1,21 @@
 """A real, local Kubernetes control plane for tests and demos, without Docker.
 
-    dtj cluster up      # build (once, cached) and start; prints `export KUBECONFIG=...`
-    dtj cluster down    # stop every process and remove the state directory
+    dtj-cluster up      # build (once, cached) and start; prints `export KUBECONFIG=...`
+    dtj-cluster down    # stop every process and remove the state directory
 
 etcd, kube-apiserver, kube-controller-manager and kube-scheduler are the real
 binaries, built from pinned Go modules by hack/controlplane/build.sh and
-cached under the user's cache directory. kwok plays the kubelets: it keeps the
-fake nodes below alive and moves scheduled pods to Running. Everything binds to
-127.0.0.1 and the fake nodes get loopback pod CIDRs, so nothing can leave the
-machine. We start the processes ourselves rather than through kwokctl to keep
-ports, CIDRs and teardown under our control and to never trigger a download.
+cached under the user's cache directory. Two kinds of nodes:
+
+- executing nodes (`dtj.io/runtime=process`): the node agent
+  (dtj_devcluster.nodeagent) runs their pods as local processes;
+- fake GPU nodes in two pools: kwok keeps them alive and moves their pods to
+  Running without running anything (scheduling, scale and node-pool tests).
+
+Everything binds to 127.0.0.1 and every node gets a loopback pod CIDR, so
+nothing can leave the machine. We start the processes ourselves rather than
+through kwokctl to keep ports, CIDRs and teardown under our control and to
+never trigger a download.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ from typing import Any
 
 import yaml
 
+from . import nodeagent
+
 ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = ROOT / "hack" / "controlplane" / "build.sh"
 KWOK_STAGES = ROOT / "hack" / "kwok" / "stages.yaml"
@@ -39,6 +47,8 @@ GPU = "nvidia.com/gpu"
 SPOT_TAINT = {"key": "pool", "value": "spot", "effect": "NoSchedule"}
 # (pool, count, gpus per node, preemptible)
 NODE_POOLS = [("ondemand", 2, 8, False), ("spot", 4, 4, True)]
+# Executing nodes: name -> loopback pod CIDR.
+PROCESS_NODES = {"process-0": "127.100.0.0/24", "process-1": "127.101.0.0/24"}
 
 
 def state_root() -> Path:
@@ -77,7 +87,12 @@ def kubeconfig(server: str, token: str, user: str) -> dict[str, Any]:
     }
 
 
-def fake_nodes() -> list[dict[str, Any]]:
+def image_paths() -> list[str]:
+    """What pods on executing nodes need of this machine: the checkout and its virtualenv."""
+    return sorted({str(ROOT), sys.prefix, sys.base_prefix})
+
+
+def fake_gpu_nodes() -> list[dict[str, Any]]:
     """Two node pools of fake GPU nodes, each with a loopback pod CIDR."""
     nodes = []
     index = 0
@@ -138,8 +153,19 @@ class LocalCluster:
 
     # -- lifecycle ---------------------------------------------------------
 
-    def start(self, *, timeout: float = 120.0, audit: bool = False) -> None:
-        """Start everything; `audit` writes every request's metadata to audit.log."""
+    def start(
+        self,
+        *,
+        timeout: float = 120.0,
+        audit: bool = False,
+        fake_nodes: bool = True,
+        process_nodes: int = len(PROCESS_NODES),
+    ) -> None:
+        """Start everything; `audit` writes every request's metadata to audit.log.
+
+        `fake_nodes` adds kwok's two GPU pools; `process_nodes` executing nodes
+        (0 to 2) run their pods as local processes.
+        """
         d = self.directory
         if self.pidfile.exists():
             raise RuntimeError(f"a cluster already runs from {d}; run `dtj cluster down` first")
@@ -163,6 +189,9 @@ class LocalCluster:
             # Separate identities so an audit log can tell who made which request.
             "dtj-operator": (secrets.token_hex(16), "system:masters"),
             "bench-client": (secrets.token_hex(16), "system:masters"),
+            # The executing nodes' kubelet stand-in: registers nodes, runs pods,
+            # mints their service-account tokens.
+            "dtj-node-agent": (secrets.token_hex(16), "system:masters"),
         }
         (d / "tokens.csv").write_text(
             "".join(f'{tok},{user},{user},"{grp}"\n' for user, (tok, grp) in tokens.items())
@@ -223,7 +252,9 @@ class LocalCluster:
                 "--leader-elect=false",
                 "--secure-port=0",
                 f"--service-account-private-key-file={sa_key}",
-                "--controllers=*,-nodeipam,-root-ca-cert-publisher,-service-lb-controller",
+                "--controllers=*,-nodeipam,-service-lb-controller",
+                # Published as kube-root-ca.crt: pods trust the API server with it.
+                f"--root-ca-file={d / 'certs' / 'apiserver.crt'}",
                 "--concurrent-gc-syncs=10",
             ],
             "kube-scheduler": [
@@ -243,6 +274,21 @@ class LocalCluster:
                 "--node-lease-duration-seconds=40",
             ],
         }
+        if not fake_nodes:
+            del commands["kwok"]
+        executing = dict(list(PROCESS_NODES.items())[:process_nodes])
+        if executing:
+            commands["node-agent"] = [
+                sys.executable,
+                "-m",
+                "dtj_devcluster.nodeagent",
+                f"--dir={d}",
+                f"--api-port={api_port}",
+                *(f"--node={n}={cidr}" for n, cidr in executing.items()),
+                *(f"--image-path={p}" for p in image_paths()),
+                # Beside kwok's pools, only pods that ask for executing nodes run there.
+                *(["--taint"] if fake_nodes else []),
+            ]
         pids: dict[str, int] = {}
         try:
             for name, cmd in commands.items():
@@ -261,15 +307,9 @@ class LocalCluster:
                 if name == "kube-apiserver":
                     self._wait_ready(server, tokens["admin"][0], timeout)
             self._wait_default_service_account(timeout)
-            self.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(fake_nodes()))
-            self.kubectl(
-                "wait",
-                "--for=condition=Ready",
-                "node",
-                "-l",
-                "type=kwok",
-                f"--timeout={int(timeout)}s",
-            )
+            if fake_nodes:
+                self.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(fake_gpu_nodes()))
+            self._wait_nodes(len(executing) + (len(fake_gpu_nodes()) if fake_nodes else 0), timeout)
         except BaseException:
             self.stop(keep_logs=True)
             raise
@@ -321,6 +361,25 @@ class LocalCluster:
             f"kube-apiserver not ready; see {self.directory}/logs/kube-apiserver.log"
         )
 
+    def _wait_nodes(self, count: int, timeout: float) -> None:
+        def ready() -> int:
+            out = self.kubectl("get", "nodes", "-o", "json", check=False)
+            if out.returncode != 0:
+                return 0
+            return sum(
+                any(
+                    c["type"] == "Ready" and c["status"] == "True"
+                    for c in n["status"].get("conditions") or []
+                )
+                for n in json.loads(out.stdout)["items"]
+            )
+
+        deadline = time.monotonic() + timeout
+        while ready() < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{count} nodes never became Ready; see {self.directory}/logs")
+            time.sleep(0.5)
+
     def _wait_default_service_account(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -336,10 +395,29 @@ class LocalCluster:
             for pid in reversed(list(pids.values())):
                 _terminate(pid)
             self.pidfile.unlink()
+        for pid in leftover_processes(self.directory):  # pods outliving a killed agent
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         if keep_logs:
             print(f"control plane logs kept in {self.directory / 'logs'}", file=sys.stderr)
         elif self.directory.exists():
             subprocess.run(["rm", "-rf", str(self.directory)], check=False)
+
+
+def leftover_processes(directory: Path) -> list[int]:
+    """Processes started for pods of the cluster in `directory` that still run."""
+    marker = f"{nodeagent.MARKER_ENV}={directory}".encode()
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if marker in env:
+            out.append(int(entry.name))
+    return out
 
 
 def _terminate(pid: int, grace: float = 10.0) -> None:
@@ -360,10 +438,10 @@ def _terminate(pid: int, grace: float = 10.0) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
-def up(directory: Path | None = None) -> LocalCluster:
+def up(directory: Path | None = None, *, fake_nodes: bool = True) -> LocalCluster:
     cluster = LocalCluster(directory or state_root() / "default", build())
     t0 = time.monotonic()
-    cluster.start()
+    cluster.start(fake_nodes=fake_nodes)
     print(
         f"local control plane ready in {time.monotonic() - t0:.0f}s "
         f"(logs: {cluster.directory / 'logs'})",
