@@ -16,8 +16,9 @@ kwok's fake nodes execute nothing. The nodes this agent registers (label
 - stdout/stderr are kept per container and served to `kubectl logs` through
   a kubelet-style HTTPS endpoint on 127.0.0.1.
 
-Every process it starts carries DTJ_LOCAL_CLUSTER=<cluster dir> in its
-environment, so `dtj-cluster down` can prove nothing survives.
+Every process it starts carries DTJ_LOCAL_CLUSTER=<cluster dir> and
+DTJ_LOCAL_POD=<namespace>/<pod> in its environment, so `dtj-cluster down` (and
+the tests) can find anything that survives.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from . import logserver, podspec
 log = logging.getLogger("dtj-node-agent")
 RUNTIME_LABEL = "dtj.io/runtime"
 MARKER_ENV = "DTJ_LOCAL_CLUSTER"
+POD_ENV = "DTJ_LOCAL_POD"  # <namespace>/<name>: which pod a process belongs to
 HOST_IP = "127.0.0.1"
 HEARTBEAT_SECONDS = 10.0
 RETRY_SECONDS = 2.0
@@ -423,6 +425,8 @@ class NodeAgent:
             self.done.add(uid)
             return
         self.waiting.pop(uid, None)
+        sandbox.mkdir(parents=True, exist_ok=True)
+        (sandbox / "pod.json").write_text(json.dumps([meta["namespace"], meta["name"]]))
         self.free_ips[node].pop(0)
         self.runs[uid] = run
         self._write_etc(run)
@@ -531,6 +535,7 @@ class NodeAgent:
             pod, c, base=base, pod_ip=run.ip, host_ip=HOST_IP, lookup=self._lookup(run.namespace)
         )
         env[MARKER_ENV] = self.marker
+        env[POD_ENV] = f"{run.namespace}/{run.name}"
         argv = podspec.argv(c, env)
         tmp = run.sandbox / "tmp"
         tmp.mkdir(parents=True, exist_ok=True)
@@ -763,6 +768,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    import urllib3
+
+    urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)  # local, self-signed
     nodes = dict(n.split("=", 1) for n in args.node)
     directory = Path(args.dir)
     agent = NodeAgent(

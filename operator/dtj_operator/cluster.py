@@ -99,9 +99,20 @@ class Cluster:
             raise
         return True
 
-    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+    def patch_status(
+        self,
+        namespace: str,
+        name: str,
+        status: dict[str, Any],
+        *,
+        resource_version: str | None = None,
+    ) -> None:
+        """Merge-patch the status; with `resource_version`, only if nobody wrote since."""
+        patch: dict[str, Any] = {"status": status}
+        if resource_version is not None:
+            patch["metadata"] = {"resourceVersion": resource_version}
         self.custom.patch_namespaced_custom_object_status(
-            api.GROUP, api.VERSION, namespace, api.PLURAL, name, {"status": status}
+            api.GROUP, api.VERSION, namespace, api.PLURAL, name, patch
         )
 
     def increment_status(self, namespace: str, name: str, counter: str, attempts: int = 5) -> None:

@@ -59,6 +59,8 @@ def reconcile(body: dict[str, Any], cluster: Cluster) -> dict[str, Any]:
         return _finished(job, body, pods, cluster, old, now)
 
     verdict = lifecycle.assess(job, pods, old, now)
+    if verdict.reason == "BackoffLimitExceeded" and verdict.failed:
+        return _fail_on_failures(job, body, pods, cluster, verdict)
     for counter, lost in (("failures", verdict.failed), ("preemptions", verdict.preempted)):
         for pod in lost:
             # Counted once: only the pass whose delete succeeds counts it. The
@@ -116,6 +118,32 @@ def reconcile(body: dict[str, Any], cluster: Cluster) -> dict[str, Any]:
     new = status.compute(job, body, live, problems=problems)
     if status.differs(old, new):
         cluster.patch_status(ns, name, new)
+    return new
+
+
+def _fail_on_failures(
+    job: api.DecentralizedTrainingJob,
+    body: dict[str, Any],
+    pods: list[dict[str, Any]],
+    cluster: Cluster,
+    verdict: lifecycle.Assessment,
+) -> dict[str, Any]:
+    """The failures that end the job: kept (so `kubectl logs` still shows why) and
+    counted in the same write that ends the job, guarded by the resourceVersion
+    this pass read, so they are counted exactly once or the pass runs again."""
+    meta = body["metadata"]
+    ns, name = meta["namespace"], meta["name"]
+    new = status.compute(
+        job, body, pods, finished=(verdict.phase or "Failed", verdict.reason, verdict.message)
+    )
+    new["failures"] = int((body.get("status") or {}).get("failures") or 0) + len(verdict.failed)
+    new["lastFailure"] = lifecycle.failure_note(verdict.failed[-1])
+    cluster.patch_status(ns, name, new, resource_version=meta["resourceVersion"])
+    for pod in verdict.failed:
+        cluster.warn(body, "WorkerFailed", lifecycle.failure_note(pod))
+    log.info("job %s/%s failed: %s", ns, name, verdict.message)
+    for pod_name in lifecycle.pods_to_clean(job, pods):
+        cluster.delete_pod(ns, pod_name)
     return new
 
 

@@ -30,7 +30,7 @@ def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
     cluster = devcluster.LocalCluster(tmp_path_factory.mktemp("cluster"), devcluster.build())
     cluster.start()
     try:
-        yield Kube(cluster.kubeconfig, str(cluster.bin / "kubectl"))
+        yield Kube(cluster.kubeconfig, str(cluster.bin / "kubectl"), cluster)
     finally:
         cluster.stop()
 

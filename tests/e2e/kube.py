@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dtj_devcluster.controlplane import LocalCluster
 from dtj_operator.cli import operator_command
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,6 +24,7 @@ class Kube:
 
     kubeconfig: Path
     kubectl_bin: str
+    local: LocalCluster | None = None  # the local cluster, when the tests started it
 
     @property
     def env(self) -> dict[str, str]:
