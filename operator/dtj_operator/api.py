@@ -240,6 +240,10 @@ class TrainingProgress(Model):
     samples_per_second: str | None = Field(None, description="Summed throughput.")
     consensus_distance: str | None = Field(None, description="(1/n) sum ||x_i - x_bar||^2.")
     updated: str | None = Field(None, description="When the workers last reported.")
+    generation: int | None = Field(
+        None, description="Membership generation (it changes when workers join or leave)."
+    )
+    members: int | None = Field(None, description="Workers training in this generation.")
 
 
 class TrainingResult(Model):

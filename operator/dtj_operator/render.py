@@ -94,6 +94,7 @@ def trainer_config(
     return TrainerConfig(
         job=job.name or "local",
         replicas=s.replicas,
+        min_replicas=s.min_replicas,
         algorithm=s.algorithm,
         optimizer=s.optimizer,
         batching=s.batching,

@@ -67,6 +67,7 @@ def test_quickstart_job_runs_and_is_garbage_collected(kube: Kube, operator, name
         "ALGORITHM",
         "STEP",
         "LOSS",
+        "ACCURACY",
         "AGE",
     ]
     assert table[1].split()[:5] == ["quickstart", "Running", "4", "4", "dpsgd"]

@@ -167,6 +167,9 @@ class TrainerConfig(Model):
 
     job: str = Field(description="Name of the DecentralizedTrainingJob.")
     replicas: int = Field(ge=1, description="Number of worker slots.")
+    min_replicas: int | None = Field(
+        None, ge=1, description="Members needed to train (default: replicas); fewer wait."
+    )
     algorithm: AlgorithmSpec = Field(default_factory=AlgorithmSpec)
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     batching: BatchingSpec = Field(default_factory=BatchingSpec)

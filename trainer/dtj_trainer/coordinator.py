@@ -18,7 +18,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from . import progress
+from . import membership, progress
 from .config import TrainerConfig
 from .entrypoint import DEFAULT_CONFIG_PATH
 
@@ -65,41 +65,68 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--interval", type=float, default=5.0)
     args = parser.parse_args(argv)
+    cfg = TrainerConfig.model_validate_json(
+        Path(os.environ.get("DTJ_CONFIG", DEFAULT_CONFIG_PATH)).read_text()
+    )
     store = serve(args.host, args.port)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    print(f"coordinator store listening on {args.host}:{store.port}", flush=True)
+    say(f"store listening on {args.host}:{store.port}")
+    registrar = start_registrar(cfg, args.host, store.port, stop)
     if args.report_status:
-        cfg = TrainerConfig.model_validate_json(
-            Path(os.environ.get("DTJ_CONFIG", DEFAULT_CONFIG_PATH)).read_text()
-        )
         writer = progress.StatusWriter.in_cluster(os.environ["DTJ_NAMESPACE"], cfg.job)
-        report_loop(store, cfg.replicas, writer, stop, args.interval)
+        report_loop(store, registrar, writer, stop, args.interval)
     stop.wait()
-    print("coordinator stopping", flush=True)
+    say("stopping")
     return 0
+
+
+def say(message: str) -> None:
+    print(f"dtj-coordinator: {message}", flush=True)
+
+
+def start_registrar(
+    cfg: TrainerConfig, host: str, port: int, stop: threading.Event
+) -> membership.Registrar:
+    """The job's membership authority, on a store connection of its own, in a thread."""
+    from .transport import connect_store
+
+    client = connect_store(
+        "127.0.0.1" if host in ("", "0.0.0.0") else host, port, timeout=cfg.timeout_seconds
+    )
+    registrar = membership.Registrar(
+        client, min_members=cfg.min_replicas or cfg.replicas, expected=cfg.replicas, log=say
+    )
+    threading.Thread(target=registrar.run, args=(stop,), name="dtj-registrar", daemon=True).start()
+    return registrar
 
 
 def report_loop(
     store: dist.Store,
-    replicas: int,
+    registrar: membership.Registrar,
     writer: progress.StatusWriter,
     stop: threading.Event,
     interval: float,
 ) -> None:
-    """Every `interval` seconds, write new progress to the job status; once every
-    worker has reported its result, write the result. A last pass runs when
-    stopped, so a result that lands just before the pod is deleted is kept."""
+    """Every `interval` seconds, write new progress (with the generation and its live
+    members) to the job status, and the result once workers finish. A last pass
+    runs when stopped, so a result that lands just before the pod is deleted is kept."""
     written: dict[str, Any] = {}
     stopping = False
     while not stopping:
         stopping = stop.wait(interval)
         update: dict[str, Any] = {}
-        summary = progress.aggregate(progress.read_reports(store, replicas))
-        if summary and summary["step"] != written.get("progress", {}).get("step"):
-            update["progress"] = summary
-        result = progress.summarize_results(progress.read_results(store, replicas), replicas)
+        live = sorted({membership.slot_of(m) for m in registrar.members})
+        summary = progress.aggregate(progress.read_reports(store, live))
+        if summary:
+            summary["generation"] = registrar.generation
+            summary["members"] = len(registrar.members)
+            keys = ("step", "generation", "members")
+            if any(summary[k] != written.get("progress", {}).get(k) for k in keys):
+                update["progress"] = summary
+        everyone = sorted({membership.slot_of(m) for m in registrar.ever})
+        result = progress.summarize_results(progress.read_results(store, everyone))
         if result and result != written.get("result"):
             update["result"] = result
         if not update:
@@ -108,7 +135,7 @@ def report_loop(
             writer.write(update)
             written.update(update)
         except OSError as e:  # the API server may be briefly away: try next time
-            print(f"could not write progress to the job status: {e}", flush=True)
+            say(f"could not write progress to the job status: {e}")
 
 
 if __name__ == "__main__":

@@ -20,13 +20,18 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sys
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 from .config import TrainerConfig
 from .metrics import Progress
+
+if TYPE_CHECKING:
+    from .transport import Transport
 
 DEFAULT_CONFIG_PATH = "/etc/dtj/config.json"
 
@@ -93,25 +98,53 @@ def backend_for(requested: str) -> str:
     return requested
 
 
+def say(message: str) -> None:
+    print(f"dtj-trainer: {message}", flush=True)
+
+
 def run(rt: Runtime) -> int:
+    """Join the job's membership, train through generation changes, report.
+
+    SIGTERM (preemption, scale-down, pod deletion) makes the worker hand its
+    model to the members and exit 0 within the grace period; it writes no result.
+    """
     # The push receiver is a Python thread: let it in often, so pushes do not
     # queue up behind a fast training loop (default switch interval is 5 ms).
     sys.setswitchinterval(0.0002)
     cfg = rt.config
-    from .loop import Worker  # torch is imported only once the contract is valid
-    from .transport import DistTransport, connect_store
+    from .loop import AlreadyDone, Elastic, Left, Worker  # torch only once the contract is valid
+    from .membership import Generation, Member
+    from .transport import DistTransport, Unconnected, connect_store
 
     pod_ip = os.environ.get("DTJ_POD_IP") or None
+    backend = backend_for(cfg.backend)
     store = connect_store(cfg.store_host, cfg.store_port, timeout=cfg.timeout_seconds)
-    transport = DistTransport(
-        store,
-        generation=0,
-        rank=rt.rank,
-        size=cfg.replicas,
-        backend=backend_for(cfg.backend),
-        timeout=cfg.timeout_seconds,
-        host=pod_ip,
-    )
+    beat_store = connect_store(cfg.store_host, cfg.store_port, timeout=cfg.timeout_seconds)
+    holder: dict[str, Worker] = {}
+
+    def on_newer(g: int) -> None:  # from the heartbeat thread
+        worker = holder.get("worker")
+        if worker is None or worker.elastic is None or g <= worker.elastic.generation.number:
+            return
+        worker.elastic.changed.set()
+        if getattr(worker.transport, "generation", g) < g:
+            worker.transport.abandon()  # wakes the main thread if it waits on the old one
+
+    def connect(gen: Generation, rank: int) -> DistTransport:
+        return DistTransport(
+            store,
+            generation=gen.number,
+            rank=rank,
+            size=len(gen.members),
+            backend=backend,
+            timeout=cfg.timeout_seconds,
+            host=pod_ip,
+        )
+
+    member = Member(store, beat_store, rt.rank, on_newer)
+    member.join()
+    say(f"joined as {member.id}; waiting for a generation")
+    elastic = Elastic(member, store, connect, Generation(-1, ()), cfg.timeout_seconds, say)
 
     exporter = None
     if port := env_int("DTJ_METRICS_PORT"):
@@ -128,14 +161,27 @@ def run(rt: Runtime) -> int:
         print(line, flush=True)
 
     try:
-        worker = Worker.build(cfg, transport, slowdown=rt.slowdown)
+        # Not connected yet: train() joins the first generation.
+        unconnected = cast("Transport", Unconnected())
+        worker = Worker.build(cfg, unconnected, slowdown=rt.slowdown, slot=rt.rank, elastic=elastic)
     except (ValueError, TypeError) as e:
         raise ConfigError(e) from e
-    result = asyncio.run(worker.train(report))
+    holder["worker"] = worker
+    signal.signal(signal.SIGTERM, lambda *_: elastic.leaving.set())
+    try:
+        result = asyncio.run(worker.train(report))
+    except Left:
+        member.stop()
+        return 0
+    except AlreadyDone:
+        say("the job's training had already finished when this worker joined: nothing to do")
+        member.leave()
+        return 0
     line = json.dumps(asdict(result))
     store.set(f"result/{rt.rank}", line)
     print(line, flush=True)
-    transport.close()
+    member.leave()  # done: the others need not wait for this worker any more
+    worker.transport.close()
     return 0
 
 

@@ -1,9 +1,11 @@
 """Run a job's workers as local processes: the embedded default (`dtj local`).
 
 The launcher plays the cluster's part on one machine: it hosts the
-coordinator store on 127.0.0.1, starts one `python -m dtj_trainer` per slot
-with the same environment contract the operator renders into pods, shows
-progress read from the store, and prints the result.
+coordinator (store and membership registrar) on 127.0.0.1, starts one
+`python -m dtj_trainer` per slot with the same environment contract the
+operator renders into pods, shows progress read from the store, and prints
+the result. `LocalJob` also lets tests and benchmarks stop workers (SIGTERM,
+SIGKILL) and add new ones while the job trains.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from . import membership
 from .config import TrainerConfig
 from .metrics import Progress, Result
 
@@ -52,6 +56,100 @@ def progress_line(cfg: TrainerConfig, reports: list[Progress]) -> str:
     )
 
 
+class LocalJob:
+    """A job's coordinator and worker processes on this machine."""
+
+    def __init__(
+        self,
+        cfg: TrainerConfig,
+        *,
+        extra_env: dict[str, dict[str, str]] | None = None,
+        logs: Path | None = None,
+    ) -> None:
+        from .coordinator import serve  # imports torch
+
+        self.store = serve("127.0.0.1", 0)
+        self.cfg = cfg.model_copy(update={"store_host": "127.0.0.1", "store_port": self.store.port})
+        self.extra_env = extra_env or {}
+        self._tmp = tempfile.TemporaryDirectory(prefix="dtj-local-")
+        self.dir = Path(self._tmp.name)
+        self.logs = logs
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.stop = threading.Event()
+        from .coordinator import start_registrar
+
+        self.registrar = start_registrar(self.cfg, "127.0.0.1", self.store.port, self.stop)
+        self.registrar.log = lambda _: None
+        self.start_time = time.perf_counter()
+
+    def start_worker(self, slot: int, *, replicas: int | None = None) -> None:
+        """Start the worker of `slot` (a replacement, or a new slot when scaling up)."""
+        cfg = self.cfg
+        if replicas is not None:
+            cfg = cfg.model_copy(update={"replicas": replicas})
+        path = self.dir / f"config-{cfg.replicas}.json"
+        path.write_text(cfg.model_dump_json(by_alias=True))
+        env = {
+            **os.environ,
+            "DTJ_CONFIG": str(path),
+            "DTJ_RANK": str(slot),
+            # One core per worker keeps n workers on a small machine from thrashing.
+            "OMP_NUM_THREADS": "1",
+            **self.extra_env.get(str(slot), {}),
+        }
+        out: Any = subprocess.DEVNULL
+        if self.logs is not None:
+            self.logs.mkdir(parents=True, exist_ok=True)
+            out = open(self.logs / f"worker-{slot}.log", "ab")  # noqa: SIM115 - the child's
+        self.procs[slot] = subprocess.Popen(
+            [sys.executable, "-m", "dtj_trainer"],
+            env=env,
+            stdout=out,
+            start_new_session=True,
+        )
+
+    def signal(self, slot: int, sig: int) -> None:
+        os.killpg(self.procs[slot].pid, sig)
+
+    def generation(self) -> membership.Generation | None:
+        return membership.read_current(self.store)
+
+    def reports(self) -> dict[int, Progress]:
+        raw = {s: _read(self.store, f"progress/{s}") for s in self.procs}
+        return {s: Progress(**r) for s, r in raw.items() if r is not None}
+
+    def failed(self) -> list[tuple[int, int]]:
+        return [(s, p.returncode) for s, p in self.procs.items() if p.returncode]
+
+    def results(self) -> dict[int, Result]:
+        raw = {s: _read(self.store, f"result/{s}") for s in self.procs}
+        return {s: Result(**r) for s, r in raw.items() if r is not None}
+
+    def running(self) -> bool:
+        return any(p.poll() is None for p in self.procs.values())
+
+    def close(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+        for p in self.procs.values():
+            p.wait()
+        self.stop.set()
+        self._tmp.cleanup()
+
+    def result(self) -> LocalResult:
+        results = list(self.results().values())
+        if not results:
+            raise RuntimeError("no worker reported a result")
+        return LocalResult(
+            averaged_accuracy=results[0].averaged_accuracy,
+            worker_accuracies=[r.worker_accuracy for r in results],
+            consensus_distance=results[0].consensus_distance,
+            wall_seconds=time.perf_counter() - self.start_time,
+            worker_samples_per_second=[r.samples_per_second for r in results],
+        )
+
+
 def run(
     cfg: TrainerConfig,
     *,
@@ -60,73 +158,35 @@ def run(
     poll_seconds: float = 0.2,
 ) -> LocalResult:
     """Train `cfg` with cfg.replicas local processes; raise if a worker fails."""
-    from .coordinator import serve  # imports torch
-
-    store = serve("127.0.0.1", 0)
-    cfg = cfg.model_copy(update={"store_host": "127.0.0.1", "store_port": store.port})
-    n = cfg.replicas
-    start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="dtj-local-") as tmp:
-        path = Path(tmp) / "config.json"
-        path.write_text(cfg.model_dump_json(by_alias=True))
-        procs = []
-        for rank in range(n):
-            env = {
-                **os.environ,
-                "DTJ_CONFIG": str(path),
-                "DTJ_RANK": str(rank),
-                # One core per worker keeps n workers on a small machine from thrashing.
-                "OMP_NUM_THREADS": "1",
-                **(extra_env or {}).get(str(rank), {}),
-            }
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "dtj_trainer"],
-                    env=env,
-                    stdout=subprocess.DEVNULL,
-                    start_new_session=True,
-                )
-            )
+    job = LocalJob(cfg, extra_env=extra_env)
+    cfg = job.cfg
+    try:
+        for slot in range(cfg.replicas):
+            job.start_worker(slot)
         print(
-            f"started {n} workers: {cfg.algorithm.name}"
+            f"started {cfg.replicas} workers: {cfg.algorithm.name}"
             + (f" on a {cfg.algorithm.topology}" if cfg.algorithm.name == "dpsgd" else "")
-            + f", {cfg.training.steps} steps, store 127.0.0.1:{store.port}",
+            + f", {cfg.training.steps} steps, store 127.0.0.1:{cfg.store_port}",
             file=out,
             flush=True,
         )
-        try:
-            last_step = 0
-            while any(p.poll() is None for p in procs):
-                failed = [(r, p.returncode) for r, p in enumerate(procs) if p.returncode]
-                if failed:
-                    rank, code = failed[0]
-                    raise RuntimeError(
-                        f"worker {rank} exited with code {code}; its error is printed above"
-                    )
-                raw = [_read(store, f"progress/{r}") for r in range(n)]
-                ready = [Progress(**r) for r in raw if r is not None]
-                if len(ready) == n and min(r.step for r in ready) > last_step:
-                    last_step = min(r.step for r in ready)
-                    print(progress_line(cfg, ready), file=out, flush=True)
-                time.sleep(poll_seconds)
-            failed = [(r, p.returncode) for r, p in enumerate(procs) if p.returncode]
-            if failed:
-                rank, code = failed[0]
-                raise RuntimeError(f"worker {rank} exited with code {code}; see its error above")
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    os.killpg(p.pid, signal.SIGTERM)
-            for p in procs:
-                p.wait()
-    raw = [_read(store, f"result/{r}") for r in range(n)]
-    if any(r is None for r in raw):
-        raise RuntimeError("a worker exited without reporting a result")
-    results = [Result(**r) for r in raw if r is not None]
-    return LocalResult(
-        averaged_accuracy=results[0].averaged_accuracy,
-        worker_accuracies=[r.worker_accuracy for r in results],
-        consensus_distance=results[0].consensus_distance,
-        wall_seconds=time.perf_counter() - start,
-        worker_samples_per_second=[r.samples_per_second for r in results],
-    )
+        last_step = 0
+        while job.running():
+            if failed := job.failed():
+                slot, code = failed[0]
+                raise RuntimeError(
+                    f"worker {slot} exited with code {code}; its error is printed above"
+                )
+            ready = list(job.reports().values())
+            if len(ready) == cfg.replicas and min(r.step for r in ready) > last_step:
+                last_step = min(r.step for r in ready)
+                print(progress_line(cfg, ready), file=out, flush=True)
+            time.sleep(poll_seconds)
+        if failed := job.failed():
+            slot, code = failed[0]
+            raise RuntimeError(f"worker {slot} exited with code {code}; see its error above")
+        if len(job.results()) < cfg.replicas:
+            raise RuntimeError("a worker exited without reporting a result")
+        return job.result()
+    finally:
+        job.close()

@@ -5,20 +5,35 @@
 
 It is a coroutine so that the same code runs as a real process
 (DistTransport) and as one of many virtual workers in the simulator.
+
+Elastic runs (a real process with an `Elastic`) change membership
+generations between rounds: when the coordinator publishes a new generation
+(a worker joined, left or died) or a collective fails, the worker abandons
+the old generation's groups (so nobody waits on it), joins the new one and
+runs one state sync with its members: a weighted average of the members'
+models plus the models handed off by workers that left, in which a joiner
+has weight 0 and takes the members' step (a warm start, not step 0). Then
+each method starts afresh on the new group: dpsgd and allreduce re-derive
+their schedules, GoSGD's weights restart at 1/n (sum 1), DASGD forgets
+in-flight messages of the old generation, Teleportation draws from the live
+set.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
 
 from . import algorithms, checkpoint, data, models
 from .config import ASYNC_ALGORITHMS, TrainerConfig
+from .membership import Cancelled, Generation, Member
 from .metrics import Progress, Result
 from .transport import Transport
 
@@ -53,6 +68,41 @@ async def weighted_average(
 
 
 @dataclass
+class Elastic:
+    """What a worker needs to move between membership generations."""
+
+    member: Member
+    store: Any
+    connect: Callable[[Generation, int], Transport]  # the data plane of a generation
+    generation: Generation
+    timeout: float
+    say: Callable[[str], None] = print
+    changed: threading.Event = field(default_factory=threading.Event)
+    leaving: threading.Event = field(default_factory=threading.Event)
+    synced: tuple[str, ...] = ()  # the members of the last generation that synced
+
+    def handoff_key(self, member: str) -> str:
+        return f"handoff/{member}"
+
+    def newer_exists(self) -> bool:
+        """Whether a generation newer than ours is published (the watchdog's hint, checked)."""
+        self.changed.clear()
+        newest = self.member.current()
+        return newest is not None and newest.number > self.generation.number
+
+
+class Left(Exception):
+    """This worker left the job (SIGTERM) after handing its model off."""
+
+
+class AlreadyDone(Exception):
+    """This worker joined after the job's training had finished: nothing to do."""
+
+
+DONE_KEY = "job/done"
+
+
+@dataclass
 class Worker:
     """One worker's model, data and optimizer, built identically on every rank."""
 
@@ -67,15 +117,29 @@ class Worker:
     algo: algorithms.Algorithm | None = None
     stop_after: int | None = None  # end the run early after this round (benchmarks)
     current_step: int = 0
+    elastic: Elastic | None = None
+    slot: int = 0
+    k: int | None = None  # teleportation's k for this run
 
     @classmethod
-    def build(cls, cfg: TrainerConfig, transport: Transport, *, slowdown: float = 1.0) -> Worker:
+    def build(
+        cls,
+        cfg: TrainerConfig,
+        transport: Transport,
+        *,
+        slowdown: float = 1.0,
+        slot: int | None = None,
+        elastic: Elastic | None = None,
+    ) -> Worker:
+        """`slot` picks the data shard (of cfg.replicas); it is the rank in a fixed run."""
         seed = cfg.training.seed
+        slot = transport.rank if slot is None else slot
         ds = data.load(cfg.training.dataset, seed)
         n_val = int(VALIDATION_FRACTION * len(ds.y_train))
         x_train, y_train = ds.x_train[n_val:], ds.y_train[n_val:]
-        shards = data.split(y_train.numpy(), transport.size, cfg.training.data_split, seed)
-        mine = torch.from_numpy(shards[transport.rank])
+        parts = transport.size if elastic is None else max(cfg.replicas, slot + 1)
+        shards = data.split(y_train.numpy(), parts, cfg.training.data_split, seed)
+        mine = torch.from_numpy(shards[slot])
         torch.manual_seed(seed)  # identical x0 on every worker
         model = models.build(
             cfg.training.model, num_features=ds.num_features, num_classes=ds.num_classes
@@ -86,7 +150,7 @@ class Worker:
             momentum=cfg.optimizer.momentum,
             weight_decay=cfg.optimizer.weight_decay,
         )
-        sampler = data.Sampler(x_train[mine], y_train[mine], seed=seed * 100_003 + transport.rank)
+        sampler = data.Sampler(x_train[mine], y_train[mine], seed=seed * 100_003 + slot)
         local = algorithms.Local(
             model, opt, sampler, cfg.batching.per_worker, cfg.optimizer.lr, nn.CrossEntropyLoss()
         )
@@ -99,55 +163,78 @@ class Worker:
             ds.y_train[:n_val],
             algorithms.flat_params(model),
             slowdown,
+            elastic=elastic,
+            slot=slot,
         )
 
     def reset(self) -> None:
         """Back to x0 with a fresh optimizer state (the k search restarts from x0)."""
+        self.current_step = 0
         self.local.set_params(self.x0)
         self.local.optimizer.state.clear()
 
     async def run(
         self, steps: int, *, k: int | None = None, report: Reporter | None = None
     ) -> tuple[float, float]:
-        """Train for `steps` rounds; returns (this model's final weight, samples/s)."""
-        cfg, t = self.cfg, self.transport
-        algo = algorithms.make(cfg.algorithm, t, seed=cfg.training.seed, k=k)
+        """Train until `steps` rounds; returns (this model's final weight, samples/s).
+
+        In an elastic run a failed round or a new generation leads to `regroup`
+        and training goes on from the same step; SIGTERM leads to `leave`.
+        """
+        cfg = self.cfg
+        self.k = k
+        algo = algorithms.make(cfg.algorithm, self.transport, seed=cfg.training.seed, k=k)
         self.algo = algo
         await algo.setup(self.local)
         window_start, window_samples = time.perf_counter(), 0
         run_start, run_samples = window_start, 0
         losses: list[float] = []
         staleness: list[float] = []
-        for step in range(steps):
-            self.current_step = step
-            t0 = time.perf_counter()
-            stats = await algo.round(self.local, step)
-            spent = time.perf_counter() - t0
-            if self.slowdown > 1 and not t.virtual_time:
-                # Heterogeneity emulation: this worker is slower hardware.
-                await asyncio.sleep((self.slowdown - 1) * spent)
-            await t.tick(self.slowdown)
+        while self.current_step < steps:
+            el = self.elastic
+            if el is not None and el.leaving.is_set():
+                await self.leave()
+            if el is not None and el.changed.is_set() and el.newer_exists():
+                algo = await self.regroup()
+            step = self.current_step
+            t = self.transport
+            try:
+                t0 = time.perf_counter()
+                stats = await algo.round(self.local, step)
+                spent = time.perf_counter() - t0
+                if self.slowdown > 1 and not t.virtual_time:
+                    # Heterogeneity emulation: this worker is slower hardware.
+                    await asyncio.sleep((self.slowdown - 1) * spent)
+                await t.tick(self.slowdown)
+                done = step + 1
+                distance = None
+                wants_report = report and (done % cfg.training.eval_every == 0 or done == steps)
+                if wants_report and cfg.algorithm.name not in ASYNC_ALGORITHMS:
+                    # Synchronous methods reach this step together: two small
+                    # all-reduces give the live consensus distance.
+                    weight = float(getattr(algo, "holding", True))
+                    _, distance = await weighted_average(self.local.params(), weight, t)
+            except RuntimeError as e:  # a peer vanished mid-round, or we were told to move on
+                if el is None:
+                    raise
+                el.say(f"round {step} interrupted ({str(e).splitlines()[0][:120]}); regrouping")
+                algo = await self.regroup()
+                continue
+            self.current_step = done
             window_samples += stats.samples
             run_samples += stats.samples
             if stats.loss is not None:
                 losses.append(stats.loss)
             if stats.staleness is not None:
                 staleness.append(stats.staleness)
-            done = step + 1
             ckpt = cfg.training.checkpoint
             if ckpt and report and (done % ckpt.every_steps == 0 or done == steps):
-                checkpoint.save(ckpt.path, t.rank, step=done, params=self.local.params())
-            if report and (done % cfg.training.eval_every == 0 or done == steps):
-                distance = None
-                if cfg.algorithm.name not in ASYNC_ALGORITHMS:
-                    # Synchronous methods reach this step together: two small
-                    # all-reduces give the live consensus distance.
-                    weight = float(getattr(algo, "holding", True))
-                    _, distance = await weighted_average(self.local.params(), weight, t)
+                checkpoint.save(ckpt.path, self.slot, step=done, params=self.local.params())
+            if report and wants_report:
                 now = time.perf_counter()
                 report(
                     Progress(
-                        rank=t.rank,
+                        rank=self.slot,
                         step=done,
                         loss=sum(losses) / len(losses) if losses else float("nan"),
                         samples_per_second=window_samples / max(now - window_start, 1e-9),
@@ -165,8 +252,120 @@ class Worker:
             if report and self.stop_after is not None and done >= self.stop_after:
                 break
         rate = run_samples / max(time.perf_counter() - run_start, 1e-9)
-        weight = await algo.finish(self.local)
-        return weight, rate
+        while True:
+            try:
+                weight = await self.algo.finish(self.local)
+                return weight, rate
+            except RuntimeError:
+                if self.elastic is None:
+                    raise
+                await self.regroup()
+
+    # -- membership changes (elastic runs) ------------------------------------------
+
+    def model_weight(self) -> float:
+        """This model's weight in a state sync: GoSGD's sum-weight, else 1; 0 before
+        the first step (a joiner brings nothing yet)."""
+        if self.current_step == 0:
+            return 0.0
+        return float(getattr(self.algo, "a", 1.0))
+
+    async def sync_state(self, departed: list[str]) -> None:
+        """One collective on a new generation: every member takes the weighted average of
+        the members' models and of the hand-offs of members that left, and a step:
+        synchronous methods the members' latest (a round cut short by the change is
+        skipped, so everyone is in step again), asynchronous ones keep their own,
+        and a joiner takes the members' mean: a warm start, not step 0."""
+        el, t = self.elastic, self.transport
+        assert el is not None
+        w = self.model_weight()
+        x = self.local.params()
+        contrib, weight = x * w, w
+        if t.rank == 0:  # the hand-offs count once
+            for member in departed:
+                key = el.handoff_key(member)
+                if el.store.check([key]):
+                    handed = torch.frombuffer(bytearray(el.store.get(key)), dtype=torch.float32)
+                    contrib = contrib + handed[:-1] * handed[-1]
+                    weight += float(handed[-1])
+        steps = torch.zeros(t.size)
+        steps[t.rank] = self.current_step
+        packed = await t.all_reduce_mean(torch.cat([contrib, torch.tensor([weight]), steps]))
+        total_w = float(packed[-t.size - 1]) * t.size
+        if total_w > 0:
+            self.local.set_params(packed[: -t.size - 1] * t.size / total_w)
+        member_steps = [round(float(v) * t.size) for v in packed[-t.size :]]
+        trained = [s for s in member_steps if s > 0]
+        if not trained:
+            return
+        if self.cfg.algorithm.name not in ASYNC_ALGORITHMS:
+            self.current_step = max(trained)
+        elif self.current_step == 0:
+            self.current_step = round(sum(trained) / len(trained))
+        if member_steps[t.rank] == 0:
+            el.say(f"warm start from the members' average model at step {self.current_step}")
+
+    async def regroup(self) -> algorithms.Algorithm:
+        """Move to the next generation this worker is in; returns the algorithm for it.
+
+        Retried until a state sync succeeds: another member may vanish meanwhile."""
+        el = self.elastic
+        assert el is not None
+        while True:
+            self.transport.abandon()
+            el.changed.clear()
+            newest = el.member.current()
+            if newest is None or newest.number <= el.generation.number:
+                el.member.request_reform()  # nothing changed that the registrar saw
+            try:
+                gen = el.member.wait_for(
+                    el.generation.number, el.timeout, el.say, self._should_stop_waiting
+                )
+            except Cancelled:
+                if el.leaving.is_set():
+                    await self.leave()
+                raise AlreadyDone() from None
+            rank = gen.rank_of(el.member.id)
+            assert rank is not None
+            self.transport.close()
+            el.generation = gen
+            try:
+                self.transport = el.connect(gen, rank)
+                await self.sync_state([m for m in el.synced if m not in gen.members])
+            except RuntimeError as e:
+                el.say(f"generation {gen.number} broke while forming ({str(e)[:100]}); again")
+                continue
+            el.synced = gen.members
+            break
+        el.say(
+            f"generation {gen.number}: rank {rank} of {len(gen.members)}, step {self.current_step}"
+        )
+        k = None if self.k is None else min(self.k, len(gen.members))
+        self.algo = algorithms.make(
+            self.cfg.algorithm, self.transport, seed=self.cfg.training.seed, k=k
+        )
+        await self.algo.setup(self.local)
+        return self.algo
+
+    def _should_stop_waiting(self) -> bool:
+        """SIGTERM, or (for a worker that has not trained yet) the job is over."""
+        el = self.elastic
+        assert el is not None
+        if el.leaving.is_set():
+            return True
+        return self.current_step == 0 and bool(el.store.check([DONE_KEY]))
+
+    async def leave(self) -> NoReturn:
+        """SIGTERM: hand the model (and its weight) to the members, announce, stop."""
+        el = self.elastic
+        assert el is not None
+        w = max(self.model_weight(), 0.0)
+        payload = torch.cat([self.local.params().float(), torch.tensor([w])])
+        el.store.set(el.handoff_key(el.member.id), payload.numpy().tobytes())
+        el.member.leave()
+        self.transport.abandon()
+        el.say(f"left at step {self.current_step}, model handed off to the members")
+        raise Left()
 
     async def search_k(self, budget: int) -> int:
         """Teleportation's k, found within `budget` total rounds (ALGORITHMS.md, Algorithm 2).
@@ -191,7 +390,10 @@ class Worker:
 
     async def train(self, report: Reporter | None = None) -> Result:
         cfg = self.cfg
-        await self.transport.all_reduce_mean(torch.zeros(1))  # start together
+        if self.elastic is not None:
+            await self.regroup()  # the first generation; a joiner warm-starts here
+        else:
+            await self.transport.all_reduce_mean(torch.zeros(1))  # start together
         start = time.perf_counter()
         k = None
         if cfg.algorithm.name == "teleportation" and cfg.algorithm.active_nodes == "auto":
@@ -206,8 +408,18 @@ class Worker:
         ds = self.dataset
         own = accuracy(self.local.model, ds.x_test, ds.y_test)
         x = self.local.params()
-        x_bar, dist = await weighted_average(x, weight, self.transport)
+        while True:
+            try:
+                x_bar, dist = await weighted_average(x, weight, self.transport)
+                break
+            except RuntimeError:
+                if self.elastic is None:
+                    raise
+                await self.regroup()  # a member left during the final average: again
+                x, weight = self.local.params(), 1.0
         self.local.set_params(x_bar)
         avg = accuracy(self.local.model, ds.x_test, ds.y_test)
         self.local.set_params(x)
+        if self.elastic is not None:  # a replacement arriving from now on has nothing to do
+            self.elastic.store.set(DONE_KEY, str(self.current_step))
         return Result(self.cfg.training.steps, own, avg, dist, seconds, k, rate)

@@ -41,28 +41,30 @@ def aggregate(reports: list[Progress]) -> dict[str, Any]:
     return out
 
 
-def read_reports(store: Any, replicas: int) -> list[Progress]:
+def read_reports(store: Any, slots: list[int]) -> list[Progress]:
+    """The latest report of each worker slot that has one."""
     out = []
-    for rank in range(replicas):
+    for rank in slots:
         key = f"progress/{rank}"
         if store.check([key]):
             out.append(Progress(**json.loads(store.get(key))))
     return out
 
 
-def read_results(store: Any, replicas: int) -> list[Result]:
+def read_results(store: Any, slots: list[int]) -> list[Result]:
     out = []
-    for rank in range(replicas):
+    for rank in slots:
         key = f"result/{rank}"
         if store.check([key]):
             out.append(Result(**json.loads(store.get(key))))
     return out
 
 
-def summarize_results(results: list[Result], replicas: int) -> dict[str, Any]:
-    """status.result once every worker has finished: the averaged model's test accuracy
-    (the same on every worker: they average together) and the range of their own."""
-    if not results or len(results) < replicas:
+def summarize_results(results: list[Result]) -> dict[str, Any]:
+    """status.result from the workers that finished: the averaged model's test accuracy
+    (the same on every worker: they average together at the end) and the range of
+    their own. Workers that left early report no result."""
+    if not results:
         return {}
     own = [r.worker_accuracy for r in results]
     return {

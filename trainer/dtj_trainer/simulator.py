@@ -138,6 +138,9 @@ class SimTransport:
         await self.all_reduce_mean(torch.zeros(1))  # every push has been made
         return self.inbox()
 
+    def abandon(self) -> None:
+        return None
+
     def close(self) -> None:
         return None
 

@@ -20,6 +20,7 @@ own (on NCCL it would be announced over the store first: not built yet).
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 import time
 from datetime import timedelta
@@ -31,6 +32,7 @@ import torch.distributed as dist
 from .metrics import CommCounters
 
 Message = tuple[int, torch.Tensor]
+ABANDON_TAG = 999  # never sent: only used to close connections (DistTransport.abandon)
 
 
 class Transport(Protocol):
@@ -75,6 +77,10 @@ class Transport(Protocol):
         """End of run: wait until every push sent by anyone has arrived; return the rest."""
         ...
 
+    def abandon(self) -> None:
+        """Stop being part of this generation; peers blocked on us fail fast."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -95,7 +101,8 @@ def _group(
     host: str | None = None,
 ) -> Any:
     """A process group on `store` under `prefix`; gloo listens on `host` (the pod IP)
-    when given, else on the address its hostname resolves to."""
+    when given, else on the address its hostname resolves to. `timeout` bounds
+    forming the group and each operation (gloo fixes it at construction)."""
     prefixed = dist.PrefixStore(prefix, store)
     td = timedelta(seconds=timeout)
     if backend == "nccl":  # pragma: no cover - needs a GPU
@@ -138,7 +145,10 @@ class _Mailbox:
         posted = collections.deque(self._post() for _ in range(self.DEPTH))
         while posted:
             buf, work = posted.popleft()
-            work.wait()
+            try:
+                work.wait()
+            except RuntimeError:  # the generation was broken (DistTransport.abandon)
+                return
             if buf[-1].item() == 1.0:
                 continue
             self._queue.append((work.source_rank(), buf[:-1]))
@@ -152,6 +162,22 @@ class _Mailbox:
 
     def join(self) -> None:
         self._thread.join()
+
+
+class Unconnected:
+    """The transport of a worker that has not joined a generation yet."""
+
+    rank, size, generation = 0, 1, -1
+    virtual_time = False
+
+    def __init__(self) -> None:
+        self.counters = CommCounters()
+
+    def abandon(self) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
 
 
 class DistTransport:
@@ -276,6 +302,25 @@ class DistTransport:
                 w.wait()
             box.join()
         return self.inbox()
+
+    def abandon(self) -> None:
+        """Leave this generation so that nobody waits on us: close every connection.
+
+        Neither abort() nor shutdown() closes gloo's connections, but a wait
+        that times out does (for that peer), and a peer whose connection
+        closes fails its pending operations at once. So a receive from each
+        peer with a 1 ms timeout makes everyone still blocked in this
+        generation move on within milliseconds. Safe to call from another
+        thread, and more than once.
+        """
+        for pg in (self._pg, self._msg_pg):
+            if pg is None:
+                continue
+            for peer in range(self.size):
+                if peer == self.rank:
+                    continue
+                with contextlib.suppress(RuntimeError):
+                    pg.recv([torch.zeros(1)], peer, ABANDON_TAG).wait(timedelta(milliseconds=1))
 
     def close(self) -> None:
         self._pg = None
