@@ -8,6 +8,9 @@ The contract with the operator (rendered by dtj_operator.render):
   DTJ_METRICS_PORT  optional port for Prometheus metrics (on DTJ_POD_IP, else 0.0.0.0)
   DTJ_SIMULATE_SLOWDOWN  optional factor > 1 that makes this worker that much
               slower (emulates older hardware in demos and benchmarks)
+  DTJ_SIMULATE_SAMPLE_SECONDS  optional modelled compute seconds per sample,
+              spent before the worker communicates (tests, benchmarks); the
+              slowdown then multiplies this modelled compute only
 Progress and the final result go to the coordinator store (keys
 `progress/<rank>` and `result/<rank>`, JSON) and to stdout as JSON lines.
 A spec the trainer cannot run (unknown model or data set, a factory that does
@@ -43,6 +46,7 @@ class Runtime:
     config: TrainerConfig
     rank: int
     slowdown: float = 1.0
+    sample_seconds: float = 0.0
 
 
 def load_runtime(env: Mapping[str, str]) -> Runtime:
@@ -60,7 +64,10 @@ def load_runtime(env: Mapping[str, str]) -> Runtime:
     slowdown = float(env.get("DTJ_SIMULATE_SLOWDOWN", "1"))
     if slowdown < 1:
         raise SystemExit(f"DTJ_SIMULATE_SLOWDOWN={slowdown} must be >= 1")
-    return Runtime(config, rank, slowdown)
+    sample_seconds = float(env.get("DTJ_SIMULATE_SAMPLE_SECONDS", "0"))
+    if sample_seconds < 0:
+        raise SystemExit(f"DTJ_SIMULATE_SAMPLE_SECONDS={sample_seconds} must be >= 0")
+    return Runtime(config, rank, slowdown, sample_seconds)
 
 
 def env_int(name: str) -> int | None:
@@ -163,7 +170,14 @@ def run(rt: Runtime) -> int:
     try:
         # Not connected yet: train() joins the first generation.
         unconnected = cast("Transport", Unconnected())
-        worker = Worker.build(cfg, unconnected, slowdown=rt.slowdown, slot=rt.rank, elastic=elastic)
+        worker = Worker.build(
+            cfg,
+            unconnected,
+            slowdown=rt.slowdown,
+            slot=rt.rank,
+            elastic=elastic,
+            sample_seconds=rt.sample_seconds,
+        )
     except (ValueError, TypeError) as e:
         raise ConfigError(e) from e
     holder["worker"] = worker

@@ -105,6 +105,7 @@ class LocalJob:
             [sys.executable, "-m", "dtj_trainer"],
             env=env,
             stdout=out,
+            stderr=subprocess.STDOUT if self.logs is not None else None,
             start_new_session=True,
         )
 

@@ -130,6 +130,7 @@ class Worker:
         slowdown: float = 1.0,
         slot: int | None = None,
         elastic: Elastic | None = None,
+        sample_seconds: float = 0.0,
     ) -> Worker:
         """`slot` picks the data shard (of cfg.replicas); it is the rank in a fixed run."""
         seed = cfg.training.seed
@@ -152,7 +153,13 @@ class Worker:
         )
         sampler = data.Sampler(x_train[mine], y_train[mine], seed=seed * 100_003 + slot)
         local = algorithms.Local(
-            model, opt, sampler, cfg.batching.per_worker, cfg.optimizer.lr, nn.CrossEntropyLoss()
+            model,
+            opt,
+            sampler,
+            cfg.batching.per_worker,
+            cfg.optimizer.lr,
+            nn.CrossEntropyLoss(),
+            sample_seconds * slowdown,
         )
         return cls(
             cfg,
@@ -202,7 +209,7 @@ class Worker:
                 t0 = time.perf_counter()
                 stats = await algo.round(self.local, step)
                 spent = time.perf_counter() - t0
-                if self.slowdown > 1 and not t.virtual_time:
+                if self.slowdown > 1 and not t.virtual_time and not self.local.sample_seconds:
                     # Heterogeneity emulation: this worker is slower hardware.
                     await asyncio.sleep((self.slowdown - 1) * spent)
                 await t.tick(self.slowdown)

@@ -142,17 +142,17 @@ class _Mailbox:
         return buf, self._pg.recv_anysource([buf], 1)
 
     def _run(self) -> None:
-        posted = collections.deque(self._post() for _ in range(self.DEPTH))
-        while posted:
-            buf, work = posted.popleft()
-            try:
+        try:
+            posted = collections.deque(self._post() for _ in range(self.DEPTH))
+            while posted:
+                buf, work = posted.popleft()
                 work.wait()
-            except RuntimeError:  # the generation was broken (DistTransport.abandon)
-                return
-            if buf[-1].item() == 1.0:
-                continue
-            self._queue.append((work.source_rank(), buf[:-1]))
-            posted.append(self._post())
+                if buf[-1].item() == 1.0:
+                    continue
+                self._queue.append((work.source_rank(), buf[:-1]))
+                posted.append(self._post())
+        except RuntimeError:  # the generation was abandoned: its pushes are void
+            return
 
     def take(self) -> list[Message]:
         out = []

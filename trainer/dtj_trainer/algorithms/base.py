@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -31,9 +32,14 @@ class Local:
     batch: int
     lr: float
     loss_fn: nn.Module
+    # Benchmarks and tests only: modelled compute time per sample, spent here,
+    # before the worker communicates (heterogeneous hardware, GPU-like steps).
+    sample_seconds: float = 0.0
 
     def grad(self) -> float:
         """Forward and backward on a fresh local mini-batch; returns the loss."""
+        if self.sample_seconds:
+            time.sleep(self.sample_seconds * self.batch)
         x, y = self.sampler.next(self.batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.loss_fn(self.model(x), y)
