@@ -137,8 +137,9 @@ def vanished_worker(
     """Which counter a worker pod that vanished without the operator deleting it
     belongs to: "preemptions" (deleted, drained, evicted, its node gone: the pod
     garbage collector fails such pods with a DisruptionTarget condition before
-    removing them), "failures" (it had failed on its own), or None (not a loss:
-    finished, suspended or finished job, or a slot no longer wanted).
+    removing them; whatever its exit code once its deletion stopped it),
+    "failures" (it had failed on its own before), or None (not a loss: it had
+    finished, the job is suspended or finished, or the slot is no longer wanted).
     """
     labels = pod["metadata"].get("labels") or {}
     if labels.get(render.LABEL_COMPONENT) != render.WORKER:
@@ -148,8 +149,26 @@ def vanished_worker(
     if int(labels.get(render.LABEL_SLOT, "0")) >= job.spec.replicas:
         return None
     phase = (pod.get("status") or {}).get("phase")
-    if phase == "Succeeded":
-        return None
-    if phase == "Failed" and not is_preempted(pod):
-        return "failures"
+    if phase in ("Succeeded", "Failed") and not stopped_by_deletion(pod):
+        if phase == "Succeeded":
+            return None
+        return "preemptions" if is_preempted(pod) else "failures"
     return "preemptions"
+
+
+def stopped_by_deletion(pod: dict[str, Any]) -> bool:
+    """Whether the worker's containers ended after its deletion was requested: a worker
+    that hands off and exits 0 on SIGTERM (or is killed at the end of its grace
+    period) was stopped by whoever deleted it, not finished or failed on its own."""
+    meta = pod["metadata"]
+    when = meta.get("deletionTimestamp")
+    if not when:
+        return False
+    grace = int(meta.get("deletionGracePeriodSeconds") or 0)
+    requested = parse_time(when) - dt.timedelta(seconds=grace + 1)  # 1 s: timestamp rounding
+    ends = [
+        parse_time(term["finishedAt"])
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []
+        if (term := (cs.get("state") or {}).get("terminated")) and term.get("finishedAt")
+    ]
+    return not ends or max(ends) >= requested

@@ -71,3 +71,10 @@ def namespace(crds: Kube) -> Iterator[str]:
     name = new_namespace(crds, "e2e")
     yield name
     crds.run("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture
+def local(kube: Kube) -> devcluster.LocalCluster:
+    if kube.local is None:
+        pytest.skip("needs the local cluster's executing nodes (run without KUBECONFIG)")
+    return kube.local

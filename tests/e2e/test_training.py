@@ -8,7 +8,6 @@ the real ones. These tests need those nodes, so they run on the local cluster.
 
 from __future__ import annotations
 
-import copy
 import json
 import subprocess
 import sys
@@ -18,45 +17,10 @@ import pytest
 import yaml
 from dtj_devcluster import controlplane
 
-from tests.e2e.kube import ROOT, Kube, wait_for
+from tests.e2e.jobs import job_status, manifest, pods
+from tests.e2e.kube import Kube, wait_for
 
 pytestmark = pytest.mark.e2e
-
-EXECUTING_POOL = {
-    "name": "local",
-    "nodeSelector": {"dtj.io/runtime": "process"},
-    "tolerations": [
-        {"key": "dtj.io/runtime", "operator": "Equal", "value": "process", "effect": "NoSchedule"}
-    ],
-}
-
-
-@pytest.fixture
-def local(kube: Kube) -> controlplane.LocalCluster:
-    if kube.local is None:
-        pytest.skip("needs the local cluster's executing nodes (run without KUBECONFIG)")
-    return kube.local
-
-
-def manifest(name: str, **spec: Any) -> str:
-    """examples/quickstart.yaml on the executing nodes, with `spec` merged in."""
-    body = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
-    body["metadata"]["name"] = name
-    merged = copy.deepcopy(body["spec"])
-    for key, value in spec.items():
-        merged[key] = {**merged.get(key, {}), **value} if isinstance(value, dict) else value
-    merged["nodePools"] = [EXECUTING_POOL]
-    body["spec"] = merged
-    return yaml.safe_dump(body)
-
-
-def job_status(kube: Kube, ns: str, name: str) -> dict[str, Any]:
-    return dict(kube.json("get", "dtj", name, "-n", ns).get("status") or {})
-
-
-def pods(kube: Kube, ns: str, name: str) -> dict[str, dict[str, Any]]:
-    items = kube.json("get", "pods", "-n", ns, "-l", f"training.dtj.io/job={name}")["items"]
-    return {p["metadata"]["name"]: p for p in items}
 
 
 def train_to_the_end(kube: Kube, ns: str, name: str, body: str) -> dict[str, Any]:

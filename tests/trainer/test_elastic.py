@@ -26,7 +26,7 @@ SETTINGS = {
     "gosgd": {"optimizer": {"lr": 0.1}},
     "allreduce": {"optimizer": {"lr": 0.1, "momentum": 0.9}},
 }
-STEPS, STOP_AT, VICTIM = 1500, 300, 2
+STEPS, STOP_AT, VICTIM = 800, 200, 2
 
 
 def config(algorithm: str) -> TrainerConfig:
@@ -74,8 +74,8 @@ def wait(what: str, probe, timeout: float = 120.0):
 
 def run(tmp_path: Path, algorithm: str, sig: int | None) -> Outcome:
     logs = tmp_path / f"{algorithm}-{sig}"
-    # Steps of modelled compute (~6 ms), as on real hardware, not a tiny model's ~1 ms.
-    env = {str(s): {"DTJ_SIMULATE_SAMPLE_SECONDS": "0.0002"} for s in range(4)}
+    # Steps of modelled compute (~16 ms), as on real hardware, not a tiny model's ~1 ms.
+    env = {str(s): {"DTJ_SIMULATE_SAMPLE_SECONDS": "0.0005"} for s in range(4)}
     job = LocalJob(config(algorithm), logs=logs, extra_env=env)
     try:
         for slot in range(4):

@@ -79,3 +79,52 @@ def test_clean_pod_policy():
         "demo-worker-1",
     ]
     assert lifecycle.pods_to_clean(job({"runPolicy": {"cleanPodPolicy": "None"}}), pods) == []
+
+
+def deleted(pod, *, requested: str, grace: int, finished: str, code: int):
+    """`pod` as its DELETED event shows it: deletion requested at `requested`."""
+    when = lifecycle.parse_time(requested) + dt.timedelta(seconds=grace)
+    pod["metadata"]["deletionTimestamp"] = when.strftime("%Y-%m-%dT%H:%M:%SZ")
+    pod["metadata"]["deletionGracePeriodSeconds"] = grace
+    term = {"exitCode": code, "finishedAt": finished}
+    pod["status"]["containerStatuses"] = [{"state": {"terminated": term}}]
+    return pod
+
+
+def test_a_worker_stopped_by_its_deletion_is_a_preemption_whatever_its_exit_code():
+    spec = job()
+    handed_off = deleted(
+        worker(1, "Succeeded"),
+        requested="2026-01-01T12:00:00Z",
+        grace=30,
+        finished="2026-01-01T12:00:02Z",
+        code=0,
+    )
+    assert lifecycle.stopped_by_deletion(handed_off)
+    assert lifecycle.vanished_worker(spec, handed_off, {}) == "preemptions"
+    killed = deleted(
+        worker(1, "Failed"),
+        requested="2026-01-01T12:00:00Z",
+        grace=30,
+        finished="2026-01-01T12:00:30Z",
+        code=137,
+    )
+    assert lifecycle.vanished_worker(spec, killed, {}) == "preemptions"
+    # Finished (or failed) before anyone deleted it: not a loss, or a failure.
+    finished = deleted(
+        worker(1, "Succeeded"),
+        requested="2026-01-01T12:05:00Z",
+        grace=30,
+        finished="2026-01-01T12:00:00Z",
+        code=0,
+    )
+    assert not lifecycle.stopped_by_deletion(finished)
+    assert lifecycle.vanished_worker(spec, finished, {}) is None
+    crashed = deleted(
+        worker(1, "Failed"),
+        requested="2026-01-01T12:05:00Z",
+        grace=30,
+        finished="2026-01-01T12:00:00Z",
+        code=1,
+    )
+    assert lifecycle.vanished_worker(spec, crashed, {}) == "failures"

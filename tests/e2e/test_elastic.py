@@ -1,0 +1,182 @@
+"""Preemption and scaling through the whole stack, on the executing nodes.
+
+A job trains on real worker processes; a worker pod is deleted, its node
+drained, or the job scaled, while it trains. The job stays Running, the loss
+is counted as a preemption (never a failure), no surviving worker restarts,
+the replacement joins the running generation, and the job succeeds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from dtj_devcluster import controlplane
+
+from tests.e2e.jobs import job_status, manifest, pods
+from tests.e2e.kube import Kube, wait_for
+
+pytestmark = pytest.mark.e2e
+
+# Modelled compute per sample (~16 ms a step) so a run lasts long enough to disturb.
+SLOW = {"env": [{"name": "DTJ_SIMULATE_SAMPLE_SECONDS", "value": "0.0005"}]}
+
+
+def elastic_job(name: str, replicas: int = 4, steps: int = 800) -> str:
+    return manifest(
+        name,
+        replicas=replicas,
+        minReplicas=3,
+        algorithm={"name": "dpsgd", "topology": "ring"},
+        training={"steps": steps, "evalEvery": 50},
+        template=SLOW,
+    )
+
+
+def worker_pids(local: controlplane.LocalCluster, ns: str) -> dict[str, int]:
+    """pod name -> pid of its trainer process."""
+    out = {}
+    for pid in controlplane.leftover_processes(local.directory, ns):
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = f.read().split(b"\0")
+        pod = next(e for e in env if e.startswith(b"DTJ_LOCAL_POD=")).split(b"/")[-1]
+        if b"-worker-" in pod:
+            out[pod.decode()] = pid
+    return out
+
+
+def training(kube: Kube, ns: str, name: str, replicas: int) -> dict[str, Any]:
+    def going() -> dict[str, Any] | None:
+        st = job_status(kube, ns, name)
+        prog = st.get("progress") or {}
+        ok = st.get("phase") == "Running" and prog.get("members") == replicas
+        return st if ok and prog.get("step", 0) >= 100 else None
+
+    return wait_for(f"{replicas} members training", going, timeout=180)
+
+
+def finish(kube: Kube, ns: str, name: str) -> dict[str, Any]:
+    """Wait for the end, checking the job never left Running meanwhile."""
+    phases: set[str] = set()
+
+    def done() -> dict[str, Any] | None:
+        st = job_status(kube, ns, name)
+        phases.add(st.get("phase", ""))
+        return st if st.get("phase") in ("Succeeded", "Failed") else None
+
+    st = wait_for("the job to finish", done, timeout=420, every=1.0)
+    assert st["phase"] == "Succeeded", st
+    assert phases <= {"Running", "Succeeded"}, phases
+    assert not st.get("failures"), st
+    assert float(st["result"]["testAccuracy"]) >= 0.95, st["result"]
+    return st
+
+
+def assert_survivors_untouched(
+    kube: Kube, ns: str, name: str, before: dict[str, dict[str, Any]], gone: set[str]
+) -> None:
+    now = pods(kube, ns, name)
+    for pod_name, pod in before.items():
+        if pod_name in gone or "-worker-" not in pod_name:
+            continue
+        assert now[pod_name]["metadata"]["uid"] == pod["metadata"]["uid"], pod_name
+        assert now[pod_name]["status"]["containerStatuses"][0].get("restartCount", 0) == 0
+
+
+def test_a_deleted_worker_is_a_preemption_and_its_replacement_joins(
+    kube, local, operator, namespace
+):
+    kube.run("apply", "-n", namespace, "-f", "-", input=elastic_job("keepgoing"))
+    training(kube, namespace, "keepgoing", 4)
+    before = pods(kube, namespace, "keepgoing")
+    pids = worker_pids(local, namespace)
+    gen = job_status(kube, namespace, "keepgoing")["progress"]["generation"]
+    kube.run("delete", "pod", "-n", namespace, "keepgoing-worker-2", "--wait=false")
+    wait_for(
+        "the preemption to be counted",
+        lambda: job_status(kube, namespace, "keepgoing").get("preemptions") == 1,
+    )
+    st = wait_for(
+        "the replacement to join a newer generation",
+        lambda: (
+            (s := job_status(kube, namespace, "keepgoing"))
+            and (s.get("progress") or {}).get("members") == 4
+            and s["progress"]["generation"] > gen + 1
+            and s
+        ),
+        timeout=180,
+    )
+    assert (
+        pods(kube, namespace, "keepgoing")["keepgoing-worker-2"]["metadata"]["uid"]
+        != (before["keepgoing-worker-2"]["metadata"]["uid"])
+    )
+    after = worker_pids(local, namespace)
+    for pod_name in ("keepgoing-worker-0", "keepgoing-worker-1", "keepgoing-worker-3"):
+        assert after[pod_name] == pids[pod_name], f"{pod_name} restarted"
+    wait_for(
+        "the replacement's warm start",
+        lambda: (
+            "warm start from the members' average model at step"
+            in kube.run("logs", "-n", namespace, "keepgoing-worker-2").stdout
+        ),
+    )
+    st = finish(kube, namespace, "keepgoing")
+    assert st["preemptions"] == 1
+    assert_survivors_untouched(kube, namespace, "keepgoing", before, {"keepgoing-worker-2"})
+
+
+def test_draining_a_node_moves_its_workers_as_preemptions(kube, local, operator, namespace):
+    kube.run("apply", "-n", namespace, "-f", "-", input=elastic_job("drained"))
+    training(kube, namespace, "drained", 4)
+    before = pods(kube, namespace, "drained")
+    victims = {
+        n for n, p in before.items() if "-worker-" in n and p["spec"]["nodeName"] == "process-1"
+    }
+    assert victims, "the scheduler put no worker on process-1"
+    try:
+        kube.run(
+            "drain",
+            "process-1",
+            "--pod-selector=app.kubernetes.io/component=worker",
+            "--delete-emptydir-data",
+            "--force",
+            "--timeout=120s",
+        )
+        wait_for(
+            "the drained workers to be replaced on the other node",
+            lambda: (
+                (p := pods(kube, namespace, "drained"))
+                and all(
+                    p[n]["spec"].get("nodeName") == "process-0"
+                    and p[n]["status"].get("phase") == "Running"
+                    for n in victims
+                    if n in p
+                )
+                and all(n in p for n in victims)
+            ),
+            timeout=180,
+        )
+        st = finish(kube, namespace, "drained")
+        assert st["preemptions"] == len(victims)
+        assert_survivors_untouched(kube, namespace, "drained", before, victims)
+    finally:
+        kube.run("uncordon", "process-1")
+
+
+def test_scaling_up_and_down_while_training(kube, local, operator, namespace):
+    kube.run("apply", "-n", namespace, "-f", "-", input=elastic_job("scaled", steps=1400))
+    training(kube, namespace, "scaled", 4)
+    before = pods(kube, namespace, "scaled")
+    pids = worker_pids(local, namespace)
+    kube.run("scale", "dtj/scaled", "-n", namespace, "--replicas=6")
+    training(kube, namespace, "scaled", 6)
+    kube.run("scale", "dtj/scaled", "-n", namespace, "--replicas=3")
+    training(kube, namespace, "scaled", 3)
+    after = worker_pids(local, namespace)
+    for slot in range(3):
+        pod_name = f"scaled-worker-{slot}"
+        assert after[pod_name] == pids[pod_name], f"{pod_name} restarted"
+    st = finish(kube, namespace, "scaled")
+    assert not st.get("preemptions"), "a scale-down is not a preemption"
+    assert st["result"]["workers"] == 3
+    assert_survivors_untouched(kube, namespace, "scaled", before, {"scaled-worker-3"})
