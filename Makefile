@@ -5,13 +5,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml devcluster/pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: demo demo-cluster test install controlplane lint typecheck unit trainer-test e2e crds cluster-up cluster-down clean
+.PHONY: bench demo demo-cluster test install controlplane lint typecheck unit trainer-test e2e crds cluster-up cluster-down clean
 
 $(STAMP): pyproject.toml devcluster/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "Installing the project and its test tools into $(VENV) (torch is large; pip's cache keeps it)"
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[operator,trainer,dev]' -e ./devcluster
+	$(PY) -m pip install --quiet -e '.[operator,trainer,dev,bench]' -e ./devcluster
 	@rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP)
@@ -49,6 +49,12 @@ e2e: install controlplane
 test: install controlplane lint typecheck
 	$(PY) -m pytest -q -ra; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+## make bench: the measurements (not run by make test); JSON and PNG in bench/results/.
+bench: install
+	$(PY) bench/preemption.py
+	$(PY) bench/straggler.py
+	$(PY) bench/teleportation_scaling.py
 
 ## make crds: regenerate crds/ and the chart's copy from the API models.
 crds: install

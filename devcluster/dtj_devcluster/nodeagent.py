@@ -52,6 +52,7 @@ MARKER_ENV = "DTJ_LOCAL_CLUSTER"
 POD_ENV = "DTJ_LOCAL_POD"  # <namespace>/<name>: which pod a process belongs to
 HOST_IP = "127.0.0.1"
 HEARTBEAT_SECONDS = 10.0
+NODE_RETURNS_SECONDS = 20.0  # a deleted node is replaced by a new one (a new name)
 RETRY_SECONDS = 2.0
 TOKEN_SECONDS = 3607
 SANDBOX = [
@@ -190,6 +191,7 @@ class NodeAgent:
         self.waiting: dict[str, dict[str, Any]] = {}  # uid -> pod waiting for a volume
         self.free_ips = {n: list(IPv4Network(c).hosts())[1:] for n, c in nodes.items()}
         self.stop = threading.Event()
+        self._watchers: dict[str, int] = {}  # node -> incarnation of its pod watcher
         self.run_as_users = self._can_drop_privileges(directory)
         self.logs = logserver.LogServer(self._log_path, directory / "logserver")
 
@@ -236,8 +238,9 @@ class NodeAgent:
             "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
         }
 
-    def register(self) -> None:
-        for name, cidr in self.nodes.items():
+    def register(self, names: list[str] | None = None) -> None:
+        for name in names or list(self.nodes):
+            cidr = self.nodes[name]
             body: Any = process_node(name, cidr, self.logs.port, self.gpus, tainted=self.tainted)
             with contextlib.suppress(ApiException):
                 self.core.create_node(body)
@@ -287,8 +290,10 @@ class NodeAgent:
                     time.sleep(1)
 
     def watch_pods(self, node: str) -> None:
-        """List then watch the pods bound to `node`; relist after any break."""
-        while not self.stop.is_set() and node in self.nodes:
+        """List then watch the pods bound to `node`; relist after any break. Ends when
+        the node is deleted (a returning node gets a watcher of its own)."""
+        self._watchers[node] = incarnation = self._watchers.get(node, 0) + 1
+        while not self.stop.is_set() and self._watchers.get(node) == incarnation:
             try:
                 listed: Any = self.core.list_pod_for_all_namespaces(
                     field_selector=f"spec.nodeName={node}"
@@ -302,9 +307,9 @@ class NodeAgent:
                     timeout_seconds=120,
                 ):
                     pod = self.api.sanitize_for_serialization(ev["object"])
-                    self.events.put(("pod", (ev["type"], pod)))
-                    if self.stop.is_set() or node not in self.nodes:
+                    if self._watchers.get(node) != incarnation:
                         return
+                    self.events.put(("pod", (ev["type"], pod)))
             except Exception as e:
                 if not self.stop.is_set():
                     log.warning("pod watch of %s restarts: %s", node, e)
@@ -362,10 +367,29 @@ class NodeAgent:
             target = self.runs.get(payload)
             if target is not None:
                 self._signal(target, signal.SIGKILL)
-        elif kind == "node-gone" and self.nodes.pop(payload, None) is not None:
+        elif kind == "node-gone" and payload in self.nodes:
+            cidr = self.nodes.pop(payload)
+            self._watchers[payload] = self._watchers.get(payload, 0) + 1  # ends its watcher
             log.info("node %s was deleted: its processes die with it", payload)
             for gone in [r for r in self.runs.values() if r.node == payload]:
                 self.forget(gone.pod, lost=True)
+            back = threading.Timer(
+                NODE_RETURNS_SECONDS, self.events.put, [("node-back", (payload, cidr))]
+            )
+            back.daemon = True
+            back.start()
+        elif kind == "node-back":
+            old, cidr = payload
+            name = next(
+                f"process-{i}"
+                for i in range(len(self._watchers) + 1)
+                if f"process-{i}" not in self._watchers
+            )
+            log.info("a new machine, %s, replaces node %s", name, old)
+            self.nodes[name] = cidr
+            self.free_ips[name] = list(IPv4Network(cidr).hosts())[1:]
+            self.register([name])
+            threading.Thread(target=self.watch_pods, args=(name,), daemon=True).start()
 
     def observe(self, pod: dict[str, Any]) -> None:
         meta = pod["metadata"]

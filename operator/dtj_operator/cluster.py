@@ -136,8 +136,20 @@ class Cluster:
                     raise
         raise RuntimeError(f"could not update status.{counter} of {namespace}/{name}: conflicts")
 
+    def workers_on_node(self, node: str, selector: str) -> list[dict[str, Any]]:
+        """Live worker pods bound to `node` (server-side label and field selectors)."""
+        raw = self.core.list_pod_for_all_namespaces(
+            label_selector=selector, field_selector=f"spec.nodeName={node}"
+        )
+        pods = [self._api.sanitize_for_serialization(p) for p in raw.items]
+        return [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+
     def warn(self, body: dict[str, Any], reason: str, message: str) -> None:
         """A Warning Event on the job (`kubectl describe dtj` and `kubectl get events`)."""
+        self.event(body, "Warning", reason, message)
+
+    def event(self, body: dict[str, Any], type_: str, reason: str, message: str) -> None:
+        """An Event on the job (`kubectl describe dtj` and `kubectl get events`)."""
         meta = body["metadata"]
         now = datetime.datetime.now(datetime.UTC)
         event = client.CoreV1Event(
@@ -153,7 +165,7 @@ class Cluster:
             ),
             reason=reason,
             message=message[:1024],
-            type="Warning",
+            type=type_,
             count=1,
             first_timestamp=now,
             last_timestamp=now,

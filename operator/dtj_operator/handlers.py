@@ -77,6 +77,26 @@ def pod_event(type: str, body: kopf.Body, namespace: str | None, **_: Any) -> No
     reconcile_latest(namespace, job_name)
 
 
+@kopf.on.event("", "v1", "nodes")
+def node_event(type: str, body: kopf.Body, **_: Any) -> None:
+    """Move workers off a node that announces its end, before it takes them down."""
+    reason = lifecycle.disruption(dict(body)) if type != "DELETED" else None
+    if reason is None:
+        return
+    cluster = _cluster()
+    for pod in cluster.workers_on_node(body["metadata"]["name"], render.worker_selector_all()):
+        meta = pod["metadata"]
+        job_name = meta["labels"][render.LABEL_JOB]
+        with _locks[(meta["namespace"], job_name)]:
+            if cluster.delete_pod(meta["namespace"], meta["name"], meta["uid"]):
+                cluster.increment_status(meta["namespace"], job_name, "preemptions")
+                job = cluster.get_job(meta["namespace"], job_name)
+                if job is not None:
+                    cluster.event(
+                        job, "Normal", "WorkerMoved", f"moved {meta['name']} away: {reason}"
+                    )
+
+
 @kopf.timer(api.GROUP, api.VERSION, api.PLURAL, interval=10, idle=5)
 def resync(name: str, namespace: str | None, **_: Any) -> None:
     if namespace:

@@ -20,6 +20,30 @@ PREEMPTION_REASONS = frozenset(
 )
 TERMINAL = ("Succeeded", "Failed")
 
+# Taints that announce a node is about to go away: its workers leave at once (a
+# graceful hand-off) instead of dying with it. Listed in the README.
+DISRUPTION_TAINTS = {
+    "node.kubernetes.io/unschedulable": "cordoned",
+    "ToBeDeletedByClusterAutoscaler": "being removed by the cluster autoscaler",
+    "karpenter.sh/disrupted": "being disrupted by Karpenter",
+    "karpenter.sh/disruption": "being disrupted by Karpenter",
+    "cloud.google.com/impending-node-termination": "about to be terminated (GKE)",
+    "aws-node-termination-handler/spot-itn": "about to be reclaimed (AWS spot interruption)",
+    "aws-node-termination-handler/scheduled-maintenance": "scheduled for maintenance (AWS)",
+    "dtj.io/impending-termination": "marked for termination",
+}
+
+
+def disruption(node: dict[str, Any]) -> str | None:
+    """Why `node` is about to go away, if it says so (a taint above, or cordoned)."""
+    spec = node.get("spec") or {}
+    for taint in spec.get("taints") or []:
+        if taint.get("key") in DISRUPTION_TAINTS:
+            return f"node {node['metadata']['name']} is {DISRUPTION_TAINTS[taint['key']]}"
+    if spec.get("unschedulable"):
+        return f"node {node['metadata']['name']} is cordoned"
+    return None
+
 
 def is_preempted(pod: dict[str, Any]) -> bool:
     st = pod.get("status") or {}

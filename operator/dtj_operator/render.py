@@ -47,6 +47,11 @@ def worker_selector(job_name: str) -> str:
     return f"{LABEL_JOB}={job_name},{LABEL_COMPONENT}={WORKER}"
 
 
+def worker_selector_all() -> str:
+    """The label selector of every job's workers."""
+    return f"app.kubernetes.io/managed-by={MANAGED_BY},{LABEL_COMPONENT}={WORKER}"
+
+
 def owner_reference(body: dict[str, Any]) -> dict[str, Any]:
     meta = body["metadata"]
     return {

@@ -98,7 +98,10 @@ def compute(
             generation,
         )
     suspended = job.spec.run_policy.suspend
-    running = ready >= needed and not suspended and finished is None
+    # Workers that finished their steps are done, not missing: the job keeps
+    # Running while the others finish.
+    done = sum(1 for p in live if (p.get("status") or {}).get("phase") == "Succeeded")
+    running = ready > 0 and ready + done >= needed and not suspended and finished is None
     if finished is not None:
         phase, reason, msg = finished
         conds = set_condition(conds, phase, True, reason, msg, generation)
@@ -119,7 +122,7 @@ def compute(
     else:
         running_reason = "Suspended" if suspended else "WaitingForWorkers"
     conds = set_condition(conds, "Running", running, running_reason, msg, generation)
-    degraded = running and ready < desired
+    degraded = running and ready + done < desired
     conds = set_condition(
         conds,
         "Degraded",

@@ -18,8 +18,14 @@ from tests.e2e.kube import Kube, wait_for
 
 pytestmark = pytest.mark.e2e
 
-# Modelled compute per sample (~16 ms a step) so a run lasts long enough to disturb.
-SLOW = {"env": [{"name": "DTJ_SIMULATE_SAMPLE_SECONDS", "value": "0.0005"}]}
+# Modelled compute per sample (~16 ms a step) so a run lasts long enough to disturb;
+# one thread per worker, as the local launcher does, so 5-7 processes share 2 cores.
+SLOW = {
+    "env": [
+        {"name": "DTJ_SIMULATE_SAMPLE_SECONDS", "value": "0.0005"},
+        {"name": "OMP_NUM_THREADS", "value": "1"},
+    ]
+}
 
 
 def elastic_job(name: str, replicas: int = 4, steps: int = 800) -> str:
@@ -125,42 +131,63 @@ def test_a_deleted_worker_is_a_preemption_and_its_replacement_joins(
     assert_survivors_untouched(kube, namespace, "keepgoing", before, {"keepgoing-worker-2"})
 
 
-def test_draining_a_node_moves_its_workers_as_preemptions(kube, local, operator, namespace):
-    kube.run("apply", "-n", namespace, "-f", "-", input=elastic_job("drained"))
-    training(kube, namespace, "drained", 4)
-    before = pods(kube, namespace, "drained")
-    victims = {
-        n for n, p in before.items() if "-worker-" in n and p["spec"]["nodeName"] == "process-1"
-    }
-    assert victims, "the scheduler put no worker on process-1"
-    try:
-        kube.run(
+DISRUPT = {
+    # kubectl drain: cordon, then evict (here only the workers).
+    "drain": (
+        [
             "drain",
             "process-1",
             "--pod-selector=app.kubernetes.io/component=worker",
             "--delete-emptydir-data",
             "--force",
             "--timeout=120s",
-        )
+        ],
+        ["uncordon", "process-1"],
+    ),
+    # The cluster autoscaler's scale-down taint: the operator moves the workers itself.
+    "autoscaler-taint": (
+        ["taint", "node", "process-1", "ToBeDeletedByClusterAutoscaler=1:NoSchedule"],
+        ["taint", "node", "process-1", "ToBeDeletedByClusterAutoscaler-"],
+    ),
+}
+
+
+@pytest.mark.parametrize("how", list(DISRUPT))
+def test_a_disrupted_node_loses_its_workers_as_preemptions(kube, local, operator, namespace, how):
+    name = f"moved-{how.split('-')[0]}"
+    kube.run("apply", "-n", namespace, "-f", "-", input=elastic_job(name))
+    training(kube, namespace, name, 4)
+    before = pods(kube, namespace, name)
+    victims = {
+        n for n, p in before.items() if "-worker-" in n and p["spec"]["nodeName"] == "process-1"
+    }
+    assert victims, "the scheduler put no worker on process-1"
+    disrupt, restore = DISRUPT[how]
+    try:
+        kube.run(*disrupt)
         wait_for(
-            "the drained workers to be replaced on the other node",
+            "the workers to be replaced on the other node",
             lambda: (
-                (p := pods(kube, namespace, "drained"))
+                (p := pods(kube, namespace, name))
+                and all(n in p for n in victims)
                 and all(
                     p[n]["spec"].get("nodeName") == "process-0"
                     and p[n]["status"].get("phase") == "Running"
                     for n in victims
-                    if n in p
                 )
-                and all(n in p for n in victims)
             ),
             timeout=180,
         )
-        st = finish(kube, namespace, "drained")
+        st = finish(kube, namespace, name)
         assert st["preemptions"] == len(victims)
-        assert_survivors_untouched(kube, namespace, "drained", before, victims)
+        assert_survivors_untouched(kube, namespace, name, before, victims)
     finally:
-        kube.run("uncordon", "process-1")
+        kube.run(*restore)
+    if how == "autoscaler-taint":
+        events = kube.json(
+            "get", "events", "-n", namespace, "--field-selector", "reason=WorkerMoved"
+        )
+        assert any("cluster autoscaler" in e["message"] for e in events["items"]), events
 
 
 def test_scaling_up_and_down_while_training(kube, local, operator, namespace):
@@ -180,3 +207,65 @@ def test_scaling_up_and_down_while_training(kube, local, operator, namespace):
     assert not st.get("preemptions"), "a scale-down is not a preemption"
     assert st["result"]["workers"] == 3
     assert_survivors_untouched(kube, namespace, "scaled", before, {"scaled-worker-3"})
+
+
+def test_the_coordinator_is_replaced_and_the_workers_stay(kube, local, operator, namespace):
+    kube.run("apply", "-n", namespace, "-f", "-", input=elastic_job("recoord"))
+    training(kube, namespace, "recoord", 4)
+    before = pods(kube, namespace, "recoord")
+    pids = worker_pids(local, namespace)
+    gen = job_status(kube, namespace, "recoord")["progress"]["generation"]
+    old = before["recoord-coordinator"]["metadata"]["uid"]
+    kube.run("delete", "pod", "-n", namespace, "recoord-coordinator", "--wait=false")
+    wait_for(
+        "a new coordinator",
+        lambda: (
+            (c := pods(kube, namespace, "recoord").get("recoord-coordinator"))
+            and c["metadata"]["uid"] != old
+            and c["status"].get("phase") == "Running"
+        ),
+        timeout=120,
+    )
+    wait_for(
+        "the workers registered with it, in a newer generation",
+        lambda: (
+            (p := job_status(kube, namespace, "recoord").get("progress") or {})
+            and p.get("members") == 4
+            and p.get("generation", -1) > gen
+        ),
+        timeout=120,
+    )
+    assert worker_pids(local, namespace) == pids, "a worker restarted"
+    st = finish(kube, namespace, "recoord")
+    assert not st.get("preemptions"), "losing the coordinator is not a worker preemption"
+    assert_survivors_untouched(kube, namespace, "recoord", before, set())
+
+
+def test_a_deleted_node_takes_its_workers_and_they_come_back_elsewhere(
+    kube, local, operator, namespace
+):
+    kube.run("apply", "-n", namespace, "-f", "-", input=elastic_job("nodegone", steps=1200))
+    training(kube, namespace, "nodegone", 4)
+    before = pods(kube, namespace, "nodegone")
+    victims = {
+        n for n, p in before.items() if "-worker-" in n and p["spec"]["nodeName"] == "process-1"
+    }
+    assert victims, "the scheduler put no worker on process-1"
+    try:
+        kube.run("delete", "node", "process-1", "--wait=false")
+        wait_for(
+            "the lost workers counted as preemptions",
+            lambda: job_status(kube, namespace, "nodegone").get("preemptions") == len(victims),
+            timeout=180,
+        )
+        st = finish(kube, namespace, "nodegone")
+        assert st["preemptions"] == len(victims)
+        assert_survivors_untouched(kube, namespace, "nodegone", before, victims)
+    finally:
+        # The node agent registers a replacement machine under a new name.
+        wait_for(
+            "a replacement executing node",
+            lambda: len(kube.json("get", "nodes", "-l", "dtj.io/runtime=process")["items"]) == 2,
+            timeout=120,
+        )
+        kube.run("wait", "--for=condition=Ready", "node", "-l", "dtj.io/runtime=process")

@@ -1,9 +1,10 @@
 """Workers leave and join a running job; nobody else restarts (4 real processes).
 
-Each run trains 4 workers through the local coordinator (store + registrar),
-stops one mid-run (SIGTERM: it hands its model off and leaves; SIGKILL: its
-heartbeat stops), then starts a replacement for its slot. Compared with an
-undisturbed run of the same seed.
+Each run trains 4 workers through the local coordinator (store + registrar).
+Mid-run, slot 2's worker gets SIGTERM (it hands its model off and leaves) and
+a replacement starts; once that one is in, slot 3's worker gets SIGKILL (its
+heartbeat stops) and a replacement starts. Compared with an undisturbed run
+of the same seed.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ SETTINGS = {
     "gosgd": {"optimizer": {"lr": 0.1}},
     "allreduce": {"optimizer": {"lr": 0.1, "momentum": 0.9}},
 }
-STEPS, STOP_AT, VICTIM = 800, 200, 2
+STEPS = 600
 
 
 def config(algorithm: str) -> TrainerConfig:
@@ -46,7 +47,7 @@ def config(algorithm: str) -> TrainerConfig:
 @dataclass
 class Outcome:
     accuracy: float
-    detected_after: float | None  # seconds from the signal to a generation without it
+    detected_after: dict[int, float]  # signal -> seconds until a generation without it
     history: dict[int, list[list[Progress]]]  # slot -> per incarnation -> reports
     exit_codes: dict[int, int]
     survivors_kept_pid: bool
@@ -72,8 +73,19 @@ def wait(what: str, probe, timeout: float = 120.0):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def run(tmp_path: Path, algorithm: str, sig: int | None) -> Outcome:
-    logs = tmp_path / f"{algorithm}-{sig}"
+@dataclass
+class Event:
+    slot: int
+    sig: int
+    at_step: int
+
+
+EVENTS = [Event(2, signal.SIGTERM, 100), Event(3, signal.SIGKILL, 0)]  # SIGKILL: once 2 is back
+
+
+def run(tmp_path: Path, algorithm: str, events: list[Event]) -> Outcome:
+    """Train; for each event stop that slot's worker, then start its replacement."""
+    logs = tmp_path / algorithm
     # Steps of modelled compute (~16 ms), as on real hardware, not a tiny model's ~1 ms.
     env = {str(s): {"DTJ_SIMULATE_SAMPLE_SECONDS": "0.0005"} for s in range(4)}
     job = LocalJob(config(algorithm), logs=logs, extra_env=env)
@@ -81,18 +93,28 @@ def run(tmp_path: Path, algorithm: str, sig: int | None) -> Outcome:
         for slot in range(4):
             job.start_worker(slot)
         pids = {s: p.pid for s, p in job.procs.items()}
-        detected = None
-        if sig is not None:
-            wait("the victim's progress", lambda: job.reports().get(VICTIM, _none).step >= STOP_AT)
+        detected: dict[int, float] = {}
+        for ev in events:
+            wait(
+                f"slot {ev.slot} at step {ev.at_step} in a full generation",
+                lambda ev=ev: (
+                    job.reports().get(ev.slot, _none).step >= ev.at_step
+                    and len(job.generation().members) == 4
+                ),
+            )
             t0 = time.monotonic()
-            job.signal(VICTIM, sig)
-            victim = next(m for m in job.generation().members if m.startswith(f"{VICTIM}."))
-            wait("a generation without the victim", lambda: victim not in job.generation().members)
-            detected = time.monotonic() - t0
-            job.start_worker(VICTIM)  # the replacement, as soon as the slot is free
+            job.signal(ev.slot, ev.sig)
+            victim = next(m for m in job.generation().members if m.startswith(f"{ev.slot}."))
+            wait(
+                "a generation without the victim",
+                lambda v=victim: v not in job.generation().members,
+            )
+            detected[ev.sig] = time.monotonic() - t0
+            job.start_worker(ev.slot)  # the replacement, as soon as the slot is free
         wait("the end of training", lambda: not job.running(), timeout=300)
         codes = {s: p.returncode for s, p in job.procs.items()}
-        kept = all(job.procs[s].pid == pids[s] for s in range(4) if s != VICTIM)
+        stopped = {ev.slot for ev in events}
+        kept = all(job.procs[s].pid == pids[s] for s in range(4) if s not in stopped)
         return Outcome(
             job.result().averaged_accuracy,
             detected,
@@ -110,48 +132,42 @@ _none = Progress(rank=-1, step=-1, loss=0.0, samples_per_second=0.0)
 @pytest.fixture(scope="module")
 def undisturbed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Outcome]:
     tmp = tmp_path_factory.mktemp("undisturbed")
-    return {a: run(tmp, a, None) for a in SETTINGS}
+    return {a: run(tmp, a, []) for a in SETTINGS}
 
 
-def assert_survivors_trained_on(out: Outcome) -> None:
+def assert_survivors_trained_on(out: Outcome, survivors: list[int], stop_at: int) -> None:
     assert out.survivors_kept_pid
     assert all(code == 0 for code in out.exit_codes.values()), out.exit_codes
-    for slot in (0, 1, 3):
+    for slot in survivors:
         (reports,) = out.history[slot]  # one incarnation: never restarted
         steps = [r.step for r in reports]
         assert steps == sorted(steps) and steps[-1] == STEPS, steps
-        before = [r.loss for r in reports if r.step <= STOP_AT][-3:]
+        before = [r.loss for r in reports if r.step <= stop_at][-3:]
         assert reports[-1].loss < sum(before) / len(before)
 
 
-def assert_joiner_warm_started(out: Outcome) -> None:
-    _, second_life = out.history[VICTIM]
-    assert second_life, "the replacement reported no progress"
+def assert_joiner_warm_started(out: Outcome, slot: int, stopped_at: int) -> None:
+    _, second_life = out.history[slot]
+    assert second_life, f"the replacement of slot {slot} reported no progress"
     joined = second_life[0]
-    assert joined.step > STOP_AT, f"the replacement started from step {joined.step}"
-    initial = out.history[0][0][0].loss  # a fresh model's loss (first report)
+    assert joined.step > stopped_at, f"the replacement started from step {joined.step}"
+    cold = out.history[0][0][0].loss  # a fresh model after its first 20 steps
     peers = [r.loss for r in out.history[0][0] if abs(r.step - joined.step) <= 40]
-    assert joined.loss < initial / 3, (joined.loss, initial)
-    assert joined.loss < max(3 * max(peers), 0.1), (joined.loss, peers)
+    # Close to the peers (its first window: a fresh optimizer on the averaged model),
+    # far from a cold start.
+    assert joined.loss < cold / 5, (joined.loss, cold)
+    assert joined.loss < max(6 * max(peers), 0.2), (joined.loss, peers)
 
 
 @pytest.mark.parametrize("algorithm", list(SETTINGS))
-def test_sigterm_hands_off_and_a_replacement_warm_starts(tmp_path, algorithm, undisturbed):
-    out = run(tmp_path, algorithm, signal.SIGTERM)
-    assert out.detected_after is not None and out.detected_after < 2.0
-    assert_survivors_trained_on(out)
-    assert_joiner_warm_started(out)
+def test_workers_leave_and_die_and_replacements_warm_start(tmp_path, algorithm, undisturbed):
+    out = run(tmp_path, algorithm, EVENTS)
+    assert out.detected_after[signal.SIGTERM] < 2.0, out.detected_after
+    assert out.detected_after[signal.SIGKILL] < 10.0, out.detected_after
+    assert_survivors_trained_on(out, [0, 1], EVENTS[0].at_step)
+    assert_joiner_warm_started(out, 2, EVENTS[0].at_step)
+    assert_joiner_warm_started(out, 3, EVENTS[0].at_step)
     assert abs(out.accuracy - undisturbed[algorithm].accuracy) <= 0.01, (
         out.accuracy,
         undisturbed[algorithm].accuracy,
     )
-
-
-@pytest.mark.parametrize("algorithm", list(SETTINGS))
-def test_sigkill_is_detected_and_the_rest_continue(tmp_path, algorithm, undisturbed):
-    out = run(tmp_path, algorithm, signal.SIGKILL)
-    assert out.detected_after is not None and out.detected_after < 10.0
-    assert out.exit_codes[VICTIM] == 0  # the replacement's
-    assert_survivors_trained_on(out)
-    assert_joiner_warm_started(out)
-    assert out.accuracy >= undisturbed[algorithm].accuracy - 0.02

@@ -66,3 +66,13 @@ def test_creation_problems_show_as_a_false_created_condition():
     created = cond(st, "Created")
     assert created["status"] == "False" and created["reason"] == "CreateFailed"
     assert "Forbidden" in created["message"]
+
+
+def test_workers_that_finished_first_keep_the_job_running_while_the_rest_finish():
+    pods = [pod(0, "Succeeded", ready=False), pod(1, "Succeeded", ready=False), pod(2), pod(3)]
+    st = compute({"replicas": 4, "minReplicas": 3}, pods)
+    assert st["phase"] == "Running"
+    assert cond(st, "Degraded")["status"] == "False"
+    # Really short of workers: a worker missing is not one that finished.
+    st = compute({"replicas": 4, "minReplicas": 3}, [pod(0, "Succeeded", ready=False), pod(2)])
+    assert st["phase"] == "Pending"

@@ -21,6 +21,7 @@ what to change: the operator shows it as the failure's message.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -28,7 +29,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from .config import TrainerConfig
 from .metrics import Progress
@@ -121,12 +122,18 @@ def run(rt: Runtime) -> int:
     cfg = rt.config
     from .loop import AlreadyDone, Elastic, Left, Worker  # torch only once the contract is valid
     from .membership import Generation, Member
+    from .storelink import StoreLink
     from .transport import DistTransport, Unconnected, connect_store
 
     pod_ip = os.environ.get("DTJ_POD_IP") or None
     backend = backend_for(cfg.backend)
-    store = connect_store(cfg.store_host, cfg.store_port, timeout=cfg.timeout_seconds)
-    beat_store = connect_store(cfg.store_host, cfg.store_port, timeout=cfg.timeout_seconds)
+
+    def reach() -> Any:
+        return connect_store(cfg.store_host, cfg.store_port, timeout=cfg.timeout_seconds)
+
+    # Two connections (the heartbeat thread has its own); both follow a replaced
+    # coordinator, and the heartbeat's registers this worker with it again.
+    store, beat_store = StoreLink(reach), StoreLink(reach)
     holder: dict[str, Worker] = {}
 
     def on_newer(g: int) -> None:  # from the heartbeat thread
@@ -139,7 +146,7 @@ def run(rt: Runtime) -> int:
 
     def connect(gen: Generation, rank: int) -> DistTransport:
         return DistTransport(
-            store,
+            store.store,
             generation=gen.number,
             rank=rank,
             size=len(gen.members),
@@ -149,6 +156,7 @@ def run(rt: Runtime) -> int:
         )
 
     member = Member(store, beat_store, rt.rank, on_newer)
+    beat_store.on_reconnect = member.rejoin
     member.join()
     say(f"joined as {member.id}; waiting for a generation")
     elastic = Elastic(member, store, connect, Generation(-1, ()), cfg.timeout_seconds, say)
@@ -164,8 +172,10 @@ def run(rt: Runtime) -> int:
         if exporter:
             exporter.update(p)
         line = json.dumps(asdict(p))
-        store.set(f"progress/{rt.rank}", line)
         print(line, flush=True)
+        # While the coordinator is being replaced this fails: the next report will do.
+        with contextlib.suppress(RuntimeError):
+            store.store.set(f"progress/{rt.rank}", line)
 
     try:
         # Not connected yet: train() joins the first generation.

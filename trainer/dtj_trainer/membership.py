@@ -114,6 +114,8 @@ class Registrar:
         for req in self.requests():
             if "join" in req:
                 joiner = req["join"]
+                # A coordinator that replaced a lost one continues the numbering.
+                self.generation = max(self.generation, int(req.get("after", -1)))
                 same_slot = [m for m in members + self._waiting if slot_of(m) == slot_of(joiner)]
                 for old in same_slot:  # its replacement is here: the old one is gone
                     if old in members:
@@ -147,7 +149,7 @@ class Registrar:
         reform = self._reform_since is not None and (
             self.clock() - self._reform_since >= self.dead_after
         )
-        if not (changed or reform) and self.generation >= 0:
+        if not (changed or reform) and self.ever:
             return None
         if not members:
             return None
@@ -162,7 +164,7 @@ class Registrar:
         everyone = len(members) + len(self._waiting)
         if everyone >= self.expected:
             return True
-        if self.generation < 0:
+        if not self.ever:  # this coordinator's first generation
             return waited >= self.startup and everyone >= self.min_members
         return waited >= self.settle
 
@@ -198,6 +200,7 @@ class Member:
         self.store = store
         self.id = new_id(slot)
         self.on_newer = on_newer
+        self.generation = -1  # the last generation this worker was admitted to
         self._hb_store = heartbeat_store  # its own connection: used from another thread
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="dtj-heartbeat", daemon=True)
@@ -206,6 +209,12 @@ class Member:
         self._hb_store.add(f"hb/{self.id}", 1)
         self._thread.start()
         self.store.append(REQUESTS, json.dumps({"join": self.id}) + "\n")
+
+    def rejoin(self) -> None:
+        """Register with a new coordinator (the old one was replaced): same id, and the
+        generation reached, so the new one numbers its generations after it."""
+        request = {"join": self.id, "after": self.generation}
+        self._hb_store.append(REQUESTS, json.dumps(request) + "\n")
 
     def leave(self) -> None:
         self.store.append(REQUESTS, json.dumps({"leave": self.id}) + "\n")
@@ -253,6 +262,7 @@ class Member:
             gen = self.current()
             if gen is not None and gen.number > after and self.id in gen.members:
                 if not gen.paused:
+                    self.generation = gen.number
                     return gen
                 deadline = time.monotonic() + timeout
                 note = (

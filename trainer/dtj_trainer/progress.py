@@ -42,22 +42,18 @@ def aggregate(reports: list[Progress]) -> dict[str, Any]:
 
 
 def read_reports(store: Any, slots: list[int]) -> list[Progress]:
-    """The latest report of each worker slot that has one."""
-    out = []
-    for rank in slots:
-        key = f"progress/{rank}"
-        if store.check([key]):
-            out.append(Progress(**json.loads(store.get(key))))
-    return out
+    """The latest progress report of each worker slot that has one."""
+    return [Progress(**r) for r in _records(store, "progress", slots)]
 
 
 def read_results(store: Any, slots: list[int]) -> list[Result]:
-    out = []
-    for rank in slots:
-        key = f"result/{rank}"
-        if store.check([key]):
-            out.append(Result(**json.loads(store.get(key))))
-    return out
+    """The result of each worker slot that has finished."""
+    return [Result(**r) for r in _records(store, "result", slots)]
+
+
+def _records(store: Any, kind: str, slots: list[int]) -> list[dict[str, Any]]:
+    keys = [f"{kind}/{slot}" for slot in slots]
+    return [json.loads(store.get(key)) for key in keys if store.check([key])]
 
 
 def summarize_results(results: list[Result]) -> dict[str, Any]:
