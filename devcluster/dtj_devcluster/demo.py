@@ -88,6 +88,8 @@ def _follow(cluster: controlplane.LocalCluster, name: str, timeout: float) -> in
         time.sleep(1)
     st = job.get("status") or {}
     result = st.get("result") or {}
+    if st.get("lastFailure"):
+        print(f"last worker failure: {st['lastFailure']}", file=sys.stderr)
     if st.get("phase") != "Succeeded":
         cond: dict[str, Any] = next(
             (c for c in st.get("conditions", []) if c["type"] == "Failed"), {}

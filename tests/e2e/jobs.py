@@ -26,6 +26,9 @@ def manifest(name: str, **spec: Any) -> str:
     for key, value in spec.items():
         merged[key] = {**merged.get(key, {}), **value} if isinstance(value, dict) else value
     merged["nodePools"] = [EXECUTING_POOL]
+    # One thread per worker (as the local launcher does): several pods share 2 cores.
+    template = merged.setdefault("template", {})
+    template["env"] = [*template.get("env", []), {"name": "OMP_NUM_THREADS", "value": "1"}]
     body["spec"] = merged
     return yaml.safe_dump(body)
 

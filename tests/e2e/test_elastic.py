@@ -18,14 +18,8 @@ from tests.e2e.kube import Kube, wait_for
 
 pytestmark = pytest.mark.e2e
 
-# Modelled compute per sample (~16 ms a step) so a run lasts long enough to disturb;
-# one thread per worker, as the local launcher does, so 5-7 processes share 2 cores.
-SLOW = {
-    "env": [
-        {"name": "DTJ_SIMULATE_SAMPLE_SECONDS", "value": "0.0005"},
-        {"name": "OMP_NUM_THREADS", "value": "1"},
-    ]
-}
+# Modelled compute per sample (~16 ms a step) so a run lasts long enough to disturb.
+SLOW = {"env": [{"name": "DTJ_SIMULATE_SAMPLE_SECONDS", "value": "0.0005"}]}
 
 
 def elastic_job(name: str, replicas: int = 4, steps: int = 800) -> str:
