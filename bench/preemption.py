@@ -186,7 +186,13 @@ def torchrun_baseline(steps: int) -> dict[str, Any]:
 
 
 def _timeline(rec: Recorder, t0: float) -> list[tuple[float, int, int]]:
-    return [(round(t - t0, 3), slot, step) for (t, slot, step) in rec.samples[::4]]
+    """Every worker's step over time, where it changed."""
+    out, last = [], {}
+    for t, slot, step in rec.samples:
+        if last.get(slot) != step:
+            out.append((round(t - t0, 3), slot, step))
+            last[slot] = step
+    return out
 
 
 def plot(report: dict[str, Any], path: Path) -> None:

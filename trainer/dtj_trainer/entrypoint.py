@@ -157,8 +157,6 @@ def run(rt: Runtime) -> int:
 
     member = Member(store, beat_store, rt.rank, on_newer)
     beat_store.on_reconnect = member.rejoin
-    member.join()
-    say(f"joined as {member.id}; waiting for a generation")
     elastic = Elastic(member, store, connect, Generation(-1, ()), cfg.timeout_seconds, say)
 
     exporter = None
@@ -191,6 +189,9 @@ def run(rt: Runtime) -> int:
     except (ValueError, TypeError) as e:
         raise ConfigError(e) from e
     holder["worker"] = worker
+    # Register only now, ready to train: members that admit us wait for no data loading.
+    member.join()
+    say(f"joined as {member.id}; waiting for a generation")
     signal.signal(signal.SIGTERM, lambda *_: elastic.leaving.set())
     try:
         result = asyncio.run(worker.train(report))
