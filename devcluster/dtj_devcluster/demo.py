@@ -83,7 +83,9 @@ def _follow(cluster: controlplane.LocalCluster, name: str, timeout: float) -> in
             if line != last:
                 print(f"dtj/{name}  {line}", flush=True)
                 last = line
-            if (job.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+            st = job.get("status") or {}
+            # The coordinator writes the result moments after the workers finish.
+            if st.get("phase") == "Failed" or (st.get("phase") == "Succeeded" and st.get("result")):
                 break
         time.sleep(1)
     st = job.get("status") or {}

@@ -67,6 +67,8 @@ def finish(kube: Kube, ns: str, name: str) -> dict[str, Any]:
     st = wait_for("the job to finish", done, timeout=420, every=1.0)
     assert st["phase"] == "Succeeded", st
     assert phases <= {"Running", "Succeeded"}, phases
+    # The coordinator writes the result on its next report or as it stops: moments later.
+    st = wait_for("status.result", lambda: (s := job_status(kube, ns, name)).get("result") and s)
     assert not st.get("failures"), st
     assert float(st["result"]["testAccuracy"]) >= 0.95, st["result"]
     return st

@@ -50,7 +50,8 @@ def train_to_the_end(kube: Kube, ns: str, name: str, body: str) -> dict[str, Any
     assert st["phase"] == "Succeeded", (st, kube.run("get", "pods", "-n", ns, "-o", "wide").stdout)
     assert len(seen) >= 2, f"status.progress moved only through steps {sorted(seen)}"
     assert all(float(loss) > 0 for loss in seen.values())
-    return st
+    # The coordinator writes the result on its next report or as it stops: moments later.
+    return wait_for("status.result", lambda: (s := job_status(kube, ns, name)).get("result") and s)
 
 
 def assert_trained(kube: Kube, local: controlplane.LocalCluster, ns: str, name: str, st: dict):
@@ -79,8 +80,20 @@ def assert_trained(kube: Kube, local: controlplane.LocalCluster, ns: str, name: 
     assert can.stdout.strip() == "no"
 
 
+# Modelled compute (~16 ms a step): long enough for the coordinator's 5 s reports to
+# show the progress moving.
+SLOW = {"env": [{"name": "DTJ_SIMULATE_SAMPLE_SECONDS", "value": "0.0005"}]}
+LONGER = {"steps": 800, "evalEvery": 50}
+
+
 def test_a_dpsgd_job_applied_with_kubectl_trains_to_90_percent(kube, local, operator, namespace):
-    body = manifest("ring", replicas=4, algorithm={"name": "dpsgd", "topology": "ring"})
+    body = manifest(
+        "ring",
+        replicas=4,
+        algorithm={"name": "dpsgd", "topology": "ring"},
+        training=LONGER,
+        template=SLOW,
+    )
     st = train_to_the_end(kube, namespace, "ring", body)
     assert_trained(kube, local, namespace, "ring", st)
 
@@ -91,6 +104,8 @@ def test_a_gosgd_job_applied_with_kubectl_trains_to_90_percent(kube, local, oper
         replicas=4,
         algorithm={"name": "gosgd", "gossipProbability": 0.1},
         optimizer={"lr": 0.1, "momentum": 0.0},
+        training=LONGER,
+        template=SLOW,
     )
     st = train_to_the_end(kube, namespace, "gossip", body)
     assert_trained(kube, local, namespace, "gossip", st)

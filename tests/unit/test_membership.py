@@ -1,0 +1,158 @@
+"""The coordinator's membership decisions (dtj_trainer.membership.Registrar), with a fake store."""
+
+from __future__ import annotations
+
+import json
+
+from dtj_trainer import membership
+
+
+class FakeStore:
+    """The TCPStore calls the registrar makes, on a dict."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {}
+
+    def check(self, keys: list[str]) -> bool:
+        return all(k in self.data for k in keys)
+
+    def get(self, key: str) -> bytes:
+        return self.data[key]
+
+    def set(self, key: str, value: str) -> None:
+        self.data[key] = value.encode()
+
+    def append(self, key: str, value: str) -> None:
+        self.data[key] = self.data.get(key, b"") + value.encode()
+
+    def add(self, key: str, amount: int) -> int:
+        value = int(self.data.get(key, b"0")) + amount
+        self.data[key] = str(value).encode()
+        return value
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def request(store: FakeStore, **kw: object) -> None:
+    store.append(membership.REQUESTS, json.dumps(kw) + "\n")
+
+
+def beat(store: FakeStore, *members: str) -> None:
+    for m in members:
+        store.add(f"hb/{m}", 1)
+
+
+def registrar(store: FakeStore, clock: Clock, **kw: int) -> membership.Registrar:
+    args = {"min_members": 3, "expected": 4, **kw}
+    return membership.Registrar(store, clock=clock, log=lambda _: None, **args)
+
+
+def test_the_first_generation_waits_for_the_expected_workers():
+    store, clock = FakeStore(), Clock()
+    reg = registrar(store, clock)
+    for m in ("0.a", "1.b", "2.c"):
+        request(store, join=m)
+        beat(store, m)
+    assert reg.step() is None  # 3 of 4, not yet 30 s
+    request(store, join="3.d")
+    gen = reg.step()
+    assert gen is not None and gen.number == 0 and not gen.paused
+    assert gen.members == ("0.a", "1.b", "2.c", "3.d")
+    assert membership.read_current(store) == gen
+
+
+def test_without_all_workers_it_starts_after_the_startup_wait_with_min_members():
+    store, clock = FakeStore(), Clock()
+    reg = registrar(store, clock)
+    for m in ("0.a", "1.b", "2.c"):
+        request(store, join=m)
+    reg.step()
+    clock.now = 31
+    beat(store, "0.a", "1.b", "2.c")
+    gen = reg.step()
+    assert gen is not None and len(gen.members) == 3 and not gen.paused
+
+
+def started(store: FakeStore, clock: Clock) -> membership.Registrar:
+    reg = registrar(store, clock)
+    for m in ("0.a", "1.b", "2.c", "3.d"):
+        request(store, join=m)
+        beat(store, m)
+    reg.step()
+    return reg
+
+
+def test_a_leaver_is_dropped_at_once_and_below_min_the_generation_pauses():
+    store, clock = FakeStore(), Clock()
+    reg = started(store, clock)
+    request(store, leave="3.d")
+    gen = reg.step()
+    assert gen.number == 1 and gen.members == ("0.a", "1.b", "2.c") and not gen.paused
+    request(store, leave="2.c")
+    gen = reg.step()
+    assert gen.members == ("0.a", "1.b") and gen.paused
+
+
+def test_a_silent_member_is_dropped_after_dead_after_seconds():
+    store, clock = FakeStore(), Clock()
+    reg = started(store, clock)
+    clock.now = 4
+    beat(store, "0.a", "1.b", "2.c")  # 3.d stopped
+    assert reg.step() is None
+    clock.now = 6
+    beat(store, "0.a", "1.b", "2.c")
+    gen = reg.step()
+    assert gen.members == ("0.a", "1.b", "2.c")
+
+
+def test_a_replacement_evicts_the_old_incarnation_of_its_slot():
+    store, clock = FakeStore(), Clock()
+    reg = started(store, clock)
+    request(store, join="3.e")  # slot 3's replacement: the old incarnation is gone
+    beat(store, "3.e")
+    gen = reg.step()
+    assert gen.members == ("0.a", "1.b", "2.c", "3.e")  # all expected there: at once
+
+
+def test_joiners_short_of_the_expected_size_settle_before_they_are_admitted():
+    store, clock = FakeStore(), Clock()
+    reg = registrar(store, clock, expected=6)
+    for m in ("0.a", "1.b", "2.c", "3.d"):
+        request(store, join=m)
+    reg.step()
+    clock.now = 31
+    beat(store, "0.a", "1.b", "2.c", "3.d")
+    assert len(reg.step().members) == 4
+    request(store, join="4.f")
+    beat(store, "4.f")
+    assert reg.step() is None  # more may come: wait `settle`
+    clock.now = 32.5
+    beat(store, "0.a", "1.b", "2.c", "3.d", "4.f")
+    assert reg.step().members[-1] == "4.f"
+
+
+def test_a_reform_request_re_forms_the_same_members_after_the_heartbeat_grace():
+    store, clock = FakeStore(), Clock()
+    reg = started(store, clock)
+    request(store, reform="1.b")
+    assert reg.step() is None
+    clock.now = 5.5
+    beat(store, "0.a", "1.b", "2.c", "3.d")
+    gen = reg.step()
+    assert gen.number == 1 and gen.members == ("0.a", "1.b", "2.c", "3.d")
+
+
+def test_a_new_coordinator_continues_the_numbering_of_the_old_one():
+    store, clock = FakeStore(), Clock()
+    reg = registrar(store, clock)
+    for m in ("0.a", "1.b", "2.c", "3.d"):
+        request(store, join=m, after=7)
+        beat(store, m)
+    gen = reg.step()
+    assert gen.number == 8
