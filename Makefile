@@ -51,9 +51,10 @@ test: install controlplane lint typecheck
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 ## make bench: the measurements (not run by make test); JSON and PNG in bench/results/.
+## Quick settings by default; `make bench FULL=1` runs every seed (about an hour).
 bench: install
+	$(PY) bench/heterogeneity.py $(if $(FULL),--full)
 	$(PY) bench/preemption.py
-	$(PY) bench/straggler.py
 	$(PY) bench/teleportation_scaling.py
 
 ## make crds: regenerate crds/ and the chart's copy from the API models.

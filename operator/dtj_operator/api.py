@@ -89,7 +89,12 @@ class NodePool(Model):
         description="Nodes may vanish (spot); losing a worker here is a preemption, not a failure.",
     )
     speed: float = Field(
-        1.0, gt=0, description="Relative speed hint, the balancer's starting point."
+        1.0,
+        gt=0,
+        description=(
+            "Relative speed of the pool's workers (2 = twice the samples per second of "
+            "1): with batching.dynamic, the first batch plan; measured speed takes over."
+        ),
     )
 
 
@@ -209,6 +214,35 @@ CEL_RULES = [
         ),
     ),
     _Rule(
+        "!(has(self.training.steps) && has(self.training.budget))",
+        "set training.steps (rounds per worker) or training.budget (job-wide), not both",
+        "spec.training.steps",
+        lambda s: s.training.steps is None or s.training.budget is None,
+    ),
+    _Rule(
+        "!has(self.training.budget) || !(has(self.training.budget.samples)"
+        " && has(self.training.budget.epochs))",
+        "set training.budget.samples or training.budget.epochs, not both",
+        "spec.training.budget",
+        lambda s: (
+            s.training.budget is None
+            or s.training.budget.samples is None
+            or s.training.budget.epochs is None
+        ),
+    ),
+    _Rule(
+        "!has(self.training.budget) || has(self.training.budget.samples)"
+        " || has(self.training.budget.epochs) || has(self.training.budget.seconds)",
+        "training.budget needs samples, epochs or seconds",
+        "spec.training.budget",
+        lambda s: (
+            s.training.budget is None
+            or s.training.budget.samples is not None
+            or s.training.budget.epochs is not None
+            or s.training.budget.seconds is not None
+        ),
+    ),
+    _Rule(
         "self.batching.minPerWorker <= self.batching.maxPerWorker",
         "batching.minPerWorker must not exceed maxPerWorker",
         "spec.batching.minPerWorker",
@@ -232,6 +266,17 @@ class Condition(Model):
     observed_generation: int | None = Field(None, description="Generation the condition is for.")
 
 
+class WorkerProgress(Model):
+    """One worker's share of the work, as the dynamic batch controller set it."""
+
+    slot: int = Field(description="Worker slot.")
+    step: int | None = Field(None, description="Rounds this worker has run.")
+    batch: int | None = Field(None, description="Its local batch size.")
+    compute_samples_per_second: str | None = Field(
+        None, description="Its measured compute throughput (waiting excluded)."
+    )
+
+
 class TrainingProgress(Model):
     """Training progress as last reported by the workers."""
 
@@ -244,6 +289,17 @@ class TrainingProgress(Model):
         None, description="Membership generation (it changes when workers join or leave)."
     )
     members: int | None = Field(None, description="Workers training in this generation.")
+    samples: int | None = Field(
+        None, description="Samples trained on by all workers together (jobs with a budget)."
+    )
+    workers: list[WorkerProgress] | None = Field(
+        None, description="Each worker's batch and measured speed (dynamic batching)."
+    )
+    paused: bool | None = Field(
+        None,
+        description="Training waits: fewer live members than minReplicas (see the Degraded "
+        "condition).",
+    )
 
 
 class TrainingResult(Model):
@@ -280,6 +336,9 @@ class JobStatus(Model):
         None, description="Workers that failed (counts toward backoffLimit)."
     )
     last_failure: str | None = Field(None, description="The last worker failure, in a sentence.")
+    last_preemption: str | None = Field(
+        None, description="The last worker lost to the platform, and why, in a sentence."
+    )
     start_time: str | None = Field(None, description="When the job started running.")
     completion_time: str | None = Field(None, description="When the job finished.")
     progress: TrainingProgress | None = Field(None, description="Training progress.")

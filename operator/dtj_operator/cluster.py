@@ -115,8 +115,16 @@ class Cluster:
             api.GROUP, api.VERSION, namespace, api.PLURAL, name, patch
         )
 
-    def increment_status(self, namespace: str, name: str, counter: str, attempts: int = 5) -> None:
-        """Add one to status.<counter>; resourceVersion makes concurrent writers retry."""
+    def increment_status(
+        self,
+        namespace: str,
+        name: str,
+        counter: str,
+        also: dict[str, Any] | None = None,
+        attempts: int = 5,
+    ) -> None:
+        """Add one to status.<counter> (and write `also` in the same patch);
+        resourceVersion makes concurrent writers retry."""
         for _ in range(attempts):
             job = self.get_job(namespace, name)
             if job is None:
@@ -124,7 +132,7 @@ class Cluster:
             value = int((job.get("status") or {}).get(counter) or 0) + 1
             patch = {
                 "metadata": {"resourceVersion": job["metadata"]["resourceVersion"]},
-                "status": {counter: value},
+                "status": {counter: value, **(also or {})},
             }
             try:
                 self.custom.patch_namespaced_custom_object_status(

@@ -72,7 +72,11 @@ def pod_event(type: str, body: kopf.Body, namespace: str | None, **_: Any) -> No
                 return
             parsed = api.DecentralizedTrainingJob.from_body(job)
             counter = lifecycle.vanished_worker(parsed, dict(body), job.get("status") or {})
-            if counter is not None:
+            if counter == "preemptions":
+                note = lifecycle.preemption_note(dict(body))
+                _cluster().increment_status(namespace, job_name, counter, {"lastPreemption": note})
+                _cluster().event(job, "Normal", "WorkerPreempted", f"{note}; replacing it")
+            elif counter is not None:
                 _cluster().increment_status(namespace, job_name, counter)
     reconcile_latest(namespace, job_name)
 
@@ -89,12 +93,13 @@ def node_event(type: str, body: kopf.Body, **_: Any) -> None:
         job_name = meta["labels"][render.LABEL_JOB]
         with _locks[(meta["namespace"], job_name)]:
             if cluster.delete_pod(meta["namespace"], meta["name"], meta["uid"]):
-                cluster.increment_status(meta["namespace"], job_name, "preemptions")
+                note = lifecycle.preemption_note(dict(pod), f"moved away, {reason}")
+                cluster.increment_status(
+                    meta["namespace"], job_name, "preemptions", {"lastPreemption": note}
+                )
                 job = cluster.get_job(meta["namespace"], job_name)
                 if job is not None:
-                    cluster.event(
-                        job, "Normal", "WorkerMoved", f"moved {meta['name']} away: {reason}"
-                    )
+                    cluster.event(job, "Normal", "WorkerMoved", note)
 
 
 @kopf.timer(api.GROUP, api.VERSION, api.PLURAL, interval=10, idle=5)

@@ -55,6 +55,33 @@ def is_preempted(pod: dict[str, Any]) -> bool:
     )
 
 
+# Why the platform took a pod (its DisruptionTarget condition's reason), for users.
+DISRUPTION_REASONS = {
+    "PreemptionByScheduler": "preempted by a higher-priority pod",
+    "DeletionByTaintManager": "evicted from a tainted node",
+    "EvictionByEvictionAPI": "evicted (a drain or the eviction API)",
+    "DeletionByPodGC": "lost with its node",
+    "TerminationByKubelet": "stopped by its node (shutdown or resource pressure)",
+}
+
+
+def preemption_note(pod: dict[str, Any], why: str | None = None) -> str:
+    """A lost worker in a sentence: its name and why the platform took it."""
+    name = pod["metadata"]["name"]
+    if why:
+        return f"{name}: {why}"
+    st = pod.get("status") or {}
+    for c in st.get("conditions") or []:
+        if c.get("type") == "DisruptionTarget" and c.get("status") == "True":
+            reason = DISRUPTION_REASONS.get(c.get("reason", ""), c.get("reason") or "disrupted")
+            return f"{name}: {reason}"
+    if st.get("reason") in PREEMPTION_REASONS:
+        return f"{name}: {st['reason'].lower()}" + (
+            f" ({st['message'][:300]})" if st.get("message") else ""
+        )
+    return f"{name}: deleted"
+
+
 def exit_code(pod: dict[str, Any]) -> int | None:
     for cs in (pod.get("status") or {}).get("containerStatuses") or []:
         term = (cs.get("state") or {}).get("terminated")

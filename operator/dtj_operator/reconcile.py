@@ -66,14 +66,15 @@ def reconcile(body: dict[str, Any], cluster: Cluster) -> dict[str, Any]:
             # Counted once: only the pass whose delete succeeds counts it. The
             # replacement comes on a later pass, once the old pod is gone.
             if cluster.delete_pod(ns, pod["metadata"]["name"], pod["metadata"].get("uid")):
-                cluster.increment_status(ns, name, counter)
-                code = lifecycle.exit_code(pod)
-                what = "was preempted" if counter == "preemptions" else f"failed (exit {code})"
                 if counter == "failures":
                     note = lifecycle.failure_note(pod)
-                    cluster.patch_status(ns, name, {"lastFailure": note})
+                    cluster.increment_status(ns, name, counter, {"lastFailure": note})
                     cluster.warn(body, "WorkerFailed", note)
-                log.info("worker %s/%s %s; replacing it", ns, pod["metadata"]["name"], what)
+                else:
+                    note = lifecycle.preemption_note(pod)
+                    cluster.increment_status(ns, name, counter, {"lastPreemption": note})
+                    cluster.event(body, "Normal", "WorkerPreempted", f"{note}; replacing it")
+                log.info("worker %s/%s lost (%s); replacing it", ns, pod["metadata"]["name"], note)
     if verdict.phase is not None:
         new = status.compute(
             job,

@@ -250,6 +250,9 @@ def worker_pod(
         {"name": "DTJ_METRICS_PORT", "value": str(METRICS_PORT)},
         *job.spec.template.env,
     ]
+    if pool is not None:
+        # The pool's relative speed seeds the batch plan; measured speed takes over.
+        env.append({"name": "DTJ_SPEED_HINT", "value": str(pool.speed)})
     return _pod(
         job,
         owner,

@@ -61,6 +61,29 @@ def set_condition(
     return [c for c in conditions if c.get("type") != type_] + [cond]
 
 
+def degradation(
+    old: dict[str, Any], running: bool, present: int, desired: int
+) -> tuple[bool, str, str]:
+    """Whether the job trains short-handed, and why: the Degraded condition.
+
+    Training paused below minReplicas (as the coordinator reports) comes first;
+    otherwise missing workers, with the last one the platform took."""
+    prog = old.get("progress") or {}
+    if running and prog.get("paused"):
+        return (
+            True,
+            "TrainingPaused",
+            f"training paused: {prog.get('members', 0)} live workers, fewer than minReplicas; "
+            "it resumes when replacements join",
+        )
+    if running and present < desired:
+        msg = f"{present}/{desired} workers ready; training continues"
+        if old.get("lastPreemption"):
+            msg += f" (last lost: {old['lastPreemption']})"
+        return True, "WorkersMissing", msg
+    return False, "AllWorkersReady", ""
+
+
 def compute(
     job: api.DecentralizedTrainingJob,
     body: dict[str, Any],
@@ -122,14 +145,8 @@ def compute(
     else:
         running_reason = "Suspended" if suspended else "WaitingForWorkers"
     conds = set_condition(conds, "Running", running, running_reason, msg, generation)
-    degraded = running and ready + done < desired
     conds = set_condition(
-        conds,
-        "Degraded",
-        degraded,
-        "WorkersMissing" if degraded else "AllWorkersReady",
-        f"{ready}/{desired} workers ready; training continues" if degraded else "",
-        generation,
+        conds, "Degraded", *degradation(old, running, ready + done, desired), generation
     )
     conds = set_condition(
         conds,

@@ -14,7 +14,7 @@ import pytest
 from dtj_devcluster import controlplane
 
 from tests.e2e.jobs import job_status, manifest, pods
-from tests.e2e.kube import Kube, wait_for
+from tests.e2e.kube import Kube, new_namespace, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -22,7 +22,10 @@ pytestmark = pytest.mark.e2e
 SLOW = {"env": [{"name": "DTJ_SIMULATE_SAMPLE_SECONDS", "value": "0.0005"}]}
 
 
-def elastic_job(name: str, replicas: int = 4, steps: int = 800) -> str:
+STEPS = 1400  # every job here, disturbed or not: so their accuracies compare
+
+
+def elastic_job(name: str, replicas: int = 4, steps: int = STEPS) -> str:
     return manifest(
         name,
         replicas=replicas,
@@ -55,8 +58,21 @@ def training(kube: Kube, ns: str, name: str, replicas: int) -> dict[str, Any]:
     return wait_for(f"{replicas} members training", going, timeout=180)
 
 
-def finish(kube: Kube, ns: str, name: str) -> dict[str, Any]:
-    """Wait for the end, checking the job never left Running meanwhile."""
+@pytest.fixture(scope="module")
+def undisturbed(kube: Kube, operator: Any) -> float:
+    """Test accuracy of the same job trained with nobody leaving."""
+    ns = new_namespace(kube, "e2e")
+    try:
+        kube.run("apply", "-n", ns, "-f", "-", input=elastic_job("calm"))
+        training(kube, ns, "calm", 4)
+        return float(finish(kube, ns, "calm")["result"]["testAccuracy"])
+    finally:
+        kube.run("delete", "namespace", ns, "--wait=false", check=False)
+
+
+def finish(kube: Kube, ns: str, name: str, baseline: float | None = None) -> dict[str, Any]:
+    """Wait for the end, checking the job never left Running meanwhile, and that its
+    accuracy is within 1 point of the undisturbed run's (`baseline`)."""
     phases: set[str] = set()
 
     def done() -> dict[str, Any] | None:
@@ -70,7 +86,10 @@ def finish(kube: Kube, ns: str, name: str) -> dict[str, Any]:
     # The coordinator writes the result on its next report or as it stops: moments later.
     st = wait_for("status.result", lambda: (s := job_status(kube, ns, name)).get("result") and s)
     assert not st.get("failures"), st
-    assert float(st["result"]["testAccuracy"]) >= 0.95, st["result"]
+    accuracy = float(st["result"]["testAccuracy"])
+    assert accuracy >= 0.95, st["result"]
+    if baseline is not None:
+        assert abs(accuracy - baseline) <= 0.01, (accuracy, baseline)
     return st
 
 
@@ -86,7 +105,7 @@ def assert_survivors_untouched(
 
 
 def test_a_deleted_worker_is_a_preemption_and_its_replacement_joins(
-    kube, local, operator, namespace
+    kube, local, operator, namespace, undisturbed
 ):
     kube.run("apply", "-n", namespace, "-f", "-", input=elastic_job("keepgoing"))
     training(kube, namespace, "keepgoing", 4)
@@ -122,8 +141,13 @@ def test_a_deleted_worker_is_a_preemption_and_its_replacement_joins(
             in kube.run("logs", "-n", namespace, "keepgoing-worker-2").stdout
         ),
     )
-    st = finish(kube, namespace, "keepgoing")
+    st = finish(kube, namespace, "keepgoing", undisturbed)
     assert st["preemptions"] == 1
+    assert st["lastPreemption"] == "keepgoing-worker-2: deleted"
+    events = kube.json(
+        "get", "events", "-n", namespace, "--field-selector", "reason=WorkerPreempted"
+    )
+    assert [e["message"] for e in events["items"]] == ["keepgoing-worker-2: deleted; replacing it"]
     assert_survivors_untouched(kube, namespace, "keepgoing", before, {"keepgoing-worker-2"})
 
 
@@ -149,7 +173,9 @@ DISRUPT = {
 
 
 @pytest.mark.parametrize("how", list(DISRUPT))
-def test_a_disrupted_node_loses_its_workers_as_preemptions(kube, local, operator, namespace, how):
+def test_a_disrupted_node_loses_its_workers_as_preemptions(
+    kube, local, operator, namespace, how, undisturbed
+):
     name = f"moved-{how.split('-')[0]}"
     kube.run("apply", "-n", namespace, "-f", "-", input=elastic_job(name))
     training(kube, namespace, name, 4)
@@ -174,8 +200,10 @@ def test_a_disrupted_node_loses_its_workers_as_preemptions(kube, local, operator
             ),
             timeout=180,
         )
-        st = finish(kube, namespace, name)
+        st = finish(kube, namespace, name, undisturbed)
         assert st["preemptions"] == len(victims)
+        why = {"drain": "evicted (a drain", "autoscaler-taint": "by the cluster autoscaler"}[how]
+        assert why in st["lastPreemption"], st["lastPreemption"]
         assert_survivors_untouched(kube, namespace, name, before, victims)
     finally:
         kube.run(*restore)
@@ -186,8 +214,8 @@ def test_a_disrupted_node_loses_its_workers_as_preemptions(kube, local, operator
         assert any("cluster autoscaler" in e["message"] for e in events["items"]), events
 
 
-def test_scaling_up_and_down_while_training(kube, local, operator, namespace):
-    kube.run("apply", "-n", namespace, "-f", "-", input=elastic_job("scaled", steps=1400))
+def test_scaling_up_and_down_while_training(kube, local, operator, namespace, undisturbed):
+    kube.run("apply", "-n", namespace, "-f", "-", input=elastic_job("scaled"))
     training(kube, namespace, "scaled", 4)
     before = pods(kube, namespace, "scaled")
     pids = worker_pids(local, namespace)
@@ -199,13 +227,15 @@ def test_scaling_up_and_down_while_training(kube, local, operator, namespace):
     for slot in range(3):
         pod_name = f"scaled-worker-{slot}"
         assert after[pod_name] == pids[pod_name], f"{pod_name} restarted"
-    st = finish(kube, namespace, "scaled")
+    st = finish(kube, namespace, "scaled", undisturbed)
     assert not st.get("preemptions"), "a scale-down is not a preemption"
     assert st["result"]["workers"] == 3
     assert_survivors_untouched(kube, namespace, "scaled", before, {"scaled-worker-3"})
 
 
-def test_the_coordinator_is_replaced_and_the_workers_stay(kube, local, operator, namespace):
+def test_the_coordinator_is_replaced_and_the_workers_stay(
+    kube, local, operator, namespace, undisturbed
+):
     kube.run("apply", "-n", namespace, "-f", "-", input=elastic_job("recoord"))
     training(kube, namespace, "recoord", 4)
     before = pods(kube, namespace, "recoord")
@@ -232,15 +262,15 @@ def test_the_coordinator_is_replaced_and_the_workers_stay(kube, local, operator,
         timeout=120,
     )
     assert worker_pids(local, namespace) == pids, "a worker restarted"
-    st = finish(kube, namespace, "recoord")
+    st = finish(kube, namespace, "recoord", undisturbed)
     assert not st.get("preemptions"), "losing the coordinator is not a worker preemption"
     assert_survivors_untouched(kube, namespace, "recoord", before, set())
 
 
 def test_a_deleted_node_takes_its_workers_and_they_come_back_elsewhere(
-    kube, local, operator, namespace
+    kube, local, operator, namespace, undisturbed
 ):
-    kube.run("apply", "-n", namespace, "-f", "-", input=elastic_job("nodegone", steps=1200))
+    kube.run("apply", "-n", namespace, "-f", "-", input=elastic_job("nodegone"))
     training(kube, namespace, "nodegone", 4)
     before = pods(kube, namespace, "nodegone")
     victims = {
@@ -254,8 +284,9 @@ def test_a_deleted_node_takes_its_workers_and_they_come_back_elsewhere(
             lambda: job_status(kube, namespace, "nodegone").get("preemptions") == len(victims),
             timeout=180,
         )
-        st = finish(kube, namespace, "nodegone")
+        st = finish(kube, namespace, "nodegone", undisturbed)
         assert st["preemptions"] == len(victims)
+        assert "lost with its node" in st["lastPreemption"], st["lastPreemption"]
         assert_survivors_untouched(kube, namespace, "nodegone", before, victims)
     finally:
         # The node agent registers a replacement machine under a new name.

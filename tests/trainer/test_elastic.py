@@ -171,3 +171,42 @@ def test_workers_leave_and_die_and_replacements_warm_start(tmp_path, algorithm, 
         out.accuracy,
         undisturbed[algorithm].accuracy,
     )
+
+
+def test_a_frozen_worker_is_dropped_and_asks_back_in_when_it_thaws(tmp_path, undisturbed):
+    """SIGSTOP (a stalled node, a paused VM): nobody waits for it past the heartbeat
+    bound; on SIGCONT it finds itself dropped, rejoins and trains to the end."""
+    logs = tmp_path / "frozen"
+    env = {str(s): {"DTJ_SIMULATE_SAMPLE_SECONDS": "0.0005"} for s in range(4)}
+    job = LocalJob(config("dpsgd"), logs=logs, extra_env=env)
+    try:
+        for slot in range(4):
+            job.start_worker(slot)
+        pids = {s: p.pid for s, p in job.procs.items()}
+        wait(
+            "step 100 in a full generation",
+            lambda: job.reports().get(1, _none).step >= 100 and len(job.generation().members) == 4,
+        )
+        frozen = next(m for m in job.generation().members if m.startswith("1."))
+        t0 = time.monotonic()
+        job.signal(1, signal.SIGSTOP)
+        wait(
+            "a generation without the frozen worker", lambda: frozen not in job.generation().members
+        )
+        detected = time.monotonic() - t0
+        step = job.reports()[0].step
+        wait("the others to train on", lambda: job.reports()[0].step >= step + 60)
+        job.signal(1, signal.SIGCONT)
+        wait(
+            "the thawed worker back in",
+            lambda: frozen in job.generation().members and len(job.generation().members) == 4,
+        )
+        wait("the end of training", lambda: not job.running(), timeout=300)
+        assert detected < 10.0, detected
+        assert {s: p.returncode for s, p in job.procs.items()} == dict.fromkeys(range(4), 0)
+        assert {s: p.pid for s, p in job.procs.items()} == pids  # nobody restarted
+        assert "dropped this worker" in (logs / "worker-1.log").read_text()
+        accuracy = job.result().averaged_accuracy
+        assert abs(accuracy - undisturbed["dpsgd"].accuracy) <= 0.01
+    finally:
+        job.close()

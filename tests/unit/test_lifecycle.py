@@ -38,6 +38,9 @@ def test_evictions_are_preemptions_and_exits_are_failures():
     assert [p["metadata"]["name"] for p in a.failed] == ["demo-worker-0"]
     assert len(a.preempted) == 2
     assert a.phase is None
+    notes = [lifecycle.preemption_note(p) for p in a.preempted]
+    assert notes[0] == "demo-worker-1: evicted"
+    assert notes[1].startswith("demo-worker-2: ")
 
 
 def test_backoff_limit_counts_failures_only():
@@ -128,3 +131,14 @@ def test_a_worker_stopped_by_its_deletion_is_a_preemption_whatever_its_exit_code
         code=1,
     )
     assert lifecycle.vanished_worker(spec, crashed, {}) == "failures"
+
+
+def test_preemption_notes_say_why_in_words():
+    gc = worker(0, "Failed", code=137)
+    gc["status"]["conditions"].append(
+        {"type": "DisruptionTarget", "status": "True", "reason": "DeletionByPodGC"}
+    )
+    assert lifecycle.preemption_note(gc) == "demo-worker-0: lost with its node"
+    assert lifecycle.preemption_note(worker(1)) == "demo-worker-1: deleted"
+    moved = lifecycle.preemption_note(worker(2), "moved away, node n1 is cordoned")
+    assert moved == "demo-worker-2: moved away, node n1 is cordoned"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from dtj_trainer import membership
 
 
@@ -94,9 +95,11 @@ def test_a_leaver_is_dropped_at_once_and_below_min_the_generation_pauses():
     request(store, leave="3.d")
     gen = reg.step()
     assert gen.number == 1 and gen.members == ("0.a", "1.b", "2.c") and not gen.paused
+    assert not reg.paused
     request(store, leave="2.c")
     gen = reg.step()
     assert gen.members == ("0.a", "1.b") and gen.paused
+    assert reg.paused  # what the coordinator reports in status.progress.paused
 
 
 def test_a_silent_member_is_dropped_after_dead_after_seconds():
@@ -156,3 +159,22 @@ def test_a_new_coordinator_continues_the_numbering_of_the_old_one():
         beat(store, m)
     gen = reg.step()
     assert gen.number == 8
+
+
+def test_a_member_dropped_while_frozen_asks_back_in_and_is_readmitted():
+    store, clock = FakeStore(), Clock()
+    reg = started(store, clock)
+    me = membership.Member(store, store, slot=3)
+    me.id, me.generation = "3.d", 0  # admitted to generation 0, then frozen (SIGSTOP)
+    clock.now = 6
+    beat(store, "0.a", "1.b", "2.c")
+    assert reg.step().members == ("0.a", "1.b", "2.c")
+    said: list[str] = []
+    with pytest.raises(TimeoutError):
+        me.wait_for(0, timeout=0.05, say=said.append)
+    assert "dropped this worker" in said[0]
+    beat(store, "3.d")  # thawed: its heartbeat moves again
+    clock.now = 7.5
+    gen = reg.step()
+    assert gen.members == ("0.a", "1.b", "2.c", "3.d")
+    assert me.wait_for(0, timeout=1, say=said.append) == gen

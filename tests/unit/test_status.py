@@ -76,3 +76,25 @@ def test_workers_that_finished_first_keep_the_job_running_while_the_rest_finish(
     # Really short of workers: a worker missing is not one that finished.
     st = compute({"replicas": 4, "minReplicas": 3}, [pod(0, "Succeeded", ready=False), pod(2)])
     assert st["phase"] == "Pending"
+
+
+def test_degraded_says_which_worker_was_lost_and_why():
+    old = {"lastPreemption": "demo-worker-2: evicted (a drain or the eviction API)"}
+    st = compute({"replicas": 3, "minReplicas": 2}, [pod(0), pod(1)], old=old)
+    degraded = cond(st, "Degraded")
+    assert degraded["status"] == "True" and degraded["reason"] == "WorkersMissing"
+    assert "2/3 workers ready" in degraded["message"]
+    assert "demo-worker-2: evicted" in degraded["message"]
+    full = compute({"replicas": 2}, [pod(0), pod(1)], old=old)
+    assert cond(full, "Degraded")["status"] == "False"
+
+
+def test_training_paused_below_min_replicas_is_degraded():
+    old = {"progress": {"members": 1, "generation": 4, "paused": True}}
+    st = compute({"replicas": 3, "minReplicas": 2}, [pod(0), pod(1), pod(2)], old=old)
+    degraded = cond(st, "Degraded")
+    assert degraded["status"] == "True" and degraded["reason"] == "TrainingPaused"
+    assert "1 live workers, fewer than minReplicas" in degraded["message"]
+    old["progress"]["paused"] = False
+    st = compute({"replicas": 3, "minReplicas": 2}, [pod(0), pod(1), pod(2)], old=old)
+    assert cond(st, "Degraded")["status"] == "False"

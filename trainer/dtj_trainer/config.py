@@ -105,13 +105,26 @@ class OptimizerSpec(Model):
 class BatchingSpec(Model):
     """Per-worker batch sizes; dynamic batching moves samples to fast workers."""
 
-    per_worker: int = Field(32, ge=1, description="Local mini-batch size when dynamic is off.")
+    per_worker: int = Field(
+        32,
+        ge=1,
+        description="Local mini-batch size (with dynamic: the average one, unless globalBatch).",
+    )
     dynamic: bool = Field(
         False,
-        description="Rebalance local batch sizes from measured throughput (heterogeneous pools).",
+        description=(
+            "Give fast workers bigger batches, in proportion to their measured compute "
+            "throughput (damped, re-planned every 10 rounds), so synchronous rounds wait "
+            "for nobody; gradients are weighted by batch size so the update stays the "
+            "sample-weighted mean. Asynchronous methods: sets each worker's samples per "
+            "gossip round the same way. Seeded by nodePools[].speed."
+        ),
     )
     global_batch: int | None = Field(
-        None, ge=1, description="dynamic: total samples per round, split across workers."
+        None,
+        ge=1,
+        description="dynamic: total samples per round, split across workers "
+        "(default: perWorker x workers).",
     )
     min_per_worker: int = Field(4, ge=1, description="dynamic: smallest local batch.")
     max_per_worker: int = Field(512, ge=1, description="dynamic: largest local batch.")
@@ -135,6 +148,38 @@ class CheckpointSpec(Model):
     every_steps: int = Field(100, ge=1, description="Steps between checkpoints.")
 
 
+class BudgetSpec(Model):
+    """How much training the whole job does, counted over all workers together.
+
+    Fast workers do more of it: the job ends when the workers' samples add
+    up to the budget (or the time is up), not when the slowest worker has
+    run a fixed number of steps."""
+
+    samples: int | None = Field(
+        None, ge=1, description="Samples trained on by all workers together."
+    )
+    epochs: float | None = Field(
+        None,
+        gt=0,
+        description="Passes over the training set by all workers together (samples = "
+        "epochs x training-set size).",
+    )
+    seconds: float | None = Field(
+        None, gt=0, description="Wall-clock limit of training, whichever comes first."
+    )
+
+    @model_validator(mode="after")
+    def _one_amount(self) -> BudgetSpec:
+        if self.samples is not None and self.epochs is not None:
+            raise ValueError("training.budget: set samples or epochs, not both")
+        if self.samples is None and self.epochs is None and self.seconds is None:
+            raise ValueError("training.budget: set samples, epochs or seconds")
+        return self
+
+
+DEFAULT_STEPS = 300
+
+
 class TrainingSpec(Model):
     """What is trained, on what, for how long."""
 
@@ -151,7 +196,19 @@ class TrainingSpec(Model):
             "'module:function'."
         ),
     )
-    steps: int = Field(300, ge=1, description="Local steps each worker runs.")
+    steps: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            f"Rounds each worker runs, when no budget is set (default {DEFAULT_STEPS}). "
+            "Asynchronous workers then all run this many, so the slowest sets the pace; "
+            "a budget lets the fast ones do more."
+        ),
+    )
+    budget: BudgetSpec | None = Field(
+        None,
+        description="Job-wide training budget (samples, epochs and/or seconds) instead of steps.",
+    )
     eval_every: int = Field(50, ge=1, description="Steps between progress reports.")
     seed: int = Field(0, ge=0, description="Seed shared by all workers (init, shards, schedules).")
     data_split: DataSplitSpec = Field(
@@ -160,6 +217,17 @@ class TrainingSpec(Model):
         json_schema_extra=nested_default(),
     )
     checkpoint: CheckpointSpec | None = Field(None, description="Optional checkpointing.")
+
+    @model_validator(mode="after")
+    def _steps_or_budget(self) -> TrainingSpec:
+        if self.steps is not None and self.budget is not None:
+            raise ValueError("training: set steps or budget, not both")
+        return self
+
+    @property
+    def rounds(self) -> int | None:
+        """Rounds per worker when training is counted in steps (no budget)."""
+        return None if self.budget is not None else (self.steps or DEFAULT_STEPS)
 
 
 class TrainerConfig(Model):

@@ -119,11 +119,12 @@ def report_loop(
         update: dict[str, Any] = {}
         live = sorted({membership.slot_of(m) for m in registrar.members})
         summary = progress.aggregate(progress.read_reports(store, live))
-        if summary:
+        if summary or registrar.generation >= 0:
             summary["generation"] = registrar.generation
             summary["members"] = len(registrar.members)
-            keys = ("step", "generation", "members")
-            if any(summary[k] != written.get("progress", {}).get(k) for k in keys):
+            summary["paused"] = registrar.paused
+            keys = ("step", "generation", "members", "paused")
+            if any(summary.get(k) != written.get("progress", {}).get(k) for k in keys):
                 update["progress"] = summary
         everyone = sorted({membership.slot_of(m) for m in registrar.ever})
         result = progress.summarize_results(progress.read_results(store, everyone))

@@ -6,11 +6,13 @@ The contract with the operator (rendered by dtj_operator.render):
   DTJ_POD_IP  optional address to listen on (gloo, metrics): the pod's IP, from
               the downward API; several pods may share a node's loopback
   DTJ_METRICS_PORT  optional port for Prometheus metrics (on DTJ_POD_IP, else 0.0.0.0)
-  DTJ_SIMULATE_SLOWDOWN  optional factor > 1 that makes this worker that much
-              slower (emulates older hardware in demos and benchmarks)
-  DTJ_SIMULATE_SAMPLE_SECONDS  optional modelled compute seconds per sample,
-              spent before the worker communicates (tests, benchmarks); the
-              slowdown then multiplies this modelled compute only
+  DTJ_SPEED_HINT  optional relative speed of this worker's node pool (the
+              pool's `speed`): the dynamic batch plan's starting point
+  Benchmark and test knobs, not product settings:
+  DTJ_SIMULATE_SAMPLE_SECONDS  modelled compute seconds per sample, slept in
+              each local step before the worker communicates (GPU-like steps)
+  DTJ_SIMULATE_SLOWDOWN  factor >= 1 on all of this worker's compute (real and
+              modelled, never its waiting): a 3 is hardware 3x slower
 Progress and the final result go to the coordinator store (keys
 `progress/<rank>` and `result/<rank>`, JSON) and to stdout as JSON lines.
 A spec the trainer cannot run (unknown model or data set, a factory that does
@@ -48,6 +50,7 @@ class Runtime:
     rank: int
     slowdown: float = 1.0
     sample_seconds: float = 0.0
+    speed_hint: float = 1.0
 
 
 def load_runtime(env: Mapping[str, str]) -> Runtime:
@@ -68,7 +71,10 @@ def load_runtime(env: Mapping[str, str]) -> Runtime:
     sample_seconds = float(env.get("DTJ_SIMULATE_SAMPLE_SECONDS", "0"))
     if sample_seconds < 0:
         raise SystemExit(f"DTJ_SIMULATE_SAMPLE_SECONDS={sample_seconds} must be >= 0")
-    return Runtime(config, rank, slowdown, sample_seconds)
+    hint = float(env.get("DTJ_SPEED_HINT", "1"))
+    if hint <= 0:
+        raise SystemExit(f"DTJ_SPEED_HINT={hint} must be > 0")
+    return Runtime(config, rank, slowdown, sample_seconds, hint)
 
 
 def env_int(name: str) -> int | None:
@@ -185,6 +191,7 @@ def run(rt: Runtime) -> int:
             slot=rt.rank,
             elastic=elastic,
             sample_seconds=rt.sample_seconds,
+            hint=rt.speed_hint,
         )
     except (ValueError, TypeError) as e:
         raise ConfigError(e) from e

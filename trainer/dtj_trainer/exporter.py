@@ -31,6 +31,10 @@ class Exporter:
         self.rate = gauge("samples_per_second", "Training samples per second.")
         self.consensus = gauge("consensus_distance", "(1/n) sum ||x_i - x_bar||^2.")
         self.staleness = gauge("staleness", "Mean staleness of applied gradients (dasgd).")
+        self.batch = gauge("batch", "Local batch size (dynamic batching moves it).")
+        self.speed = gauge(
+            "compute_samples_per_second", "Measured compute throughput, waiting excluded."
+        )
         self.sent = counter("bytes_sent", "Bytes sent to peers.")
         self.received = counter("bytes_received", "Bytes received from peers.")
         self.wait = counter("comm_wait_seconds", "Seconds blocked waiting for peers.")
@@ -44,6 +48,10 @@ class Exporter:
             self.consensus.set(p.consensus_distance)
         if p.staleness is not None:
             self.staleness.set(p.staleness)
+        if p.batch is not None:
+            self.batch.set(p.batch)
+        if p.compute_samples_per_second is not None:
+            self.speed.set(p.compute_samples_per_second)
         self.sent.inc(max(0, p.bytes_sent - self._last.bytes_sent))
         self.received.inc(max(0, p.bytes_received - self._last.bytes_received))
         self.wait.inc(max(0.0, p.comm_wait_seconds - self._last.comm_wait_seconds))

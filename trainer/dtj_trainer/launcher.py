@@ -49,10 +49,19 @@ def progress_line(cfg: TrainerConfig, reports: list[Progress]) -> str:
     rate = sum(r.samples_per_second for r in reports)
     accs = [r.test_accuracy or 0.0 for r in reports]
     step = min(r.step for r in reports)
-    pct = 100 * step / cfg.training.steps
+    rounds, budget = cfg.training.rounds, cfg.training.budget
+    if rounds is not None:
+        where = f"step {step:>5}/{rounds} ({100 * step / rounds:3.0f}%)"
+    else:
+        done = max((r.job_samples or 0) for r in reports)
+        where = f"{done:>7,} samples" + (
+            f" ({100 * done / budget.samples:3.0f}%)" if budget and budget.samples else ""
+        )
+    batches = [r.batch for r in sorted(reports, key=lambda r: r.rank) if r.batch is not None]
+    plan = f"  batches {'/'.join(map(str, batches))}" if cfg.batching.dynamic else ""
     return (
-        f"step {step:>5}/{cfg.training.steps} ({pct:3.0f}%)  loss {loss:.3f}  "
-        f"test acc {100 * min(accs):.1f}-{100 * max(accs):.1f}%  {rate:,.0f} samples/s"
+        f"{where}  loss {loss:.3f}  "
+        f"test acc {100 * min(accs):.1f}-{100 * max(accs):.1f}%  {rate:,.0f} samples/s{plan}"
     )
 
 
@@ -151,6 +160,16 @@ class LocalJob:
         )
 
 
+def pace_text(cfg: TrainerConfig) -> str:
+    budget = cfg.training.budget
+    if budget is None:
+        return f"{cfg.training.rounds} steps per worker"
+    parts = [f"{budget.samples:,} samples" if budget.samples else ""]
+    parts.append(f"{budget.epochs:g} epochs" if budget.epochs else "")
+    parts.append(f"at most {budget.seconds:g}s" if budget.seconds else "")
+    return "budget " + ", ".join(p for p in parts if p)
+
+
 def run(
     cfg: TrainerConfig,
     *,
@@ -167,7 +186,7 @@ def run(
         print(
             f"started {cfg.replicas} workers: {cfg.algorithm.name}"
             + (f" on a {cfg.algorithm.topology}" if cfg.algorithm.name == "dpsgd" else "")
-            + f", {cfg.training.steps} steps, store 127.0.0.1:{cfg.store_port}",
+            + f", {pace_text(cfg)}, store 127.0.0.1:{cfg.store_port}",
             file=out,
             flush=True,
         )

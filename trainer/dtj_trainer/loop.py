@@ -21,7 +21,6 @@ set.
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from collections.abc import Callable
@@ -32,13 +31,16 @@ import torch
 from torch import nn
 
 from . import algorithms, checkpoint, data, models
+from .balancer import Balancer, gradient_scales
 from .config import ASYNC_ALGORITHMS, TrainerConfig
-from .membership import Cancelled, Generation, Member
+from .membership import Cancelled, Generation, Member, slot_of
 from .metrics import Progress, Result
+from .pace import Pace
 from .transport import Transport
 
 Reporter = Callable[[Progress], None]
 VALIDATION_FRACTION = 0.1
+DEFAULT_SEARCH_ROUNDS = 300  # teleportation's k search under a budget
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -100,6 +102,8 @@ class AlreadyDone(Exception):
 
 
 DONE_KEY = "job/done"
+START_KEY = "job/start"  # when the first worker started training (unix seconds)
+SAMPLES_KEY = "job/samples"  # asynchronous methods: the job's samples so far
 
 
 @dataclass
@@ -120,6 +124,12 @@ class Worker:
     elastic: Elastic | None = None
     slot: int = 0
     k: int | None = None  # teleportation's k for this run
+    pace: Pace = field(default_factory=lambda: Pace(rounds=None))
+    balancer: Balancer | None = None  # batching.dynamic
+    hint: float = 1.0  # this worker's speed hint (its node pool's speed)
+    # Asynchronous methods without a store (the simulator): a shared sample counter.
+    counter: Callable[[int], int] | None = None
+    started: float = field(default_factory=time.time)
 
     @classmethod
     def build(
@@ -131,6 +141,7 @@ class Worker:
         slot: int | None = None,
         elastic: Elastic | None = None,
         sample_seconds: float = 0.0,
+        hint: float = 1.0,
     ) -> Worker:
         """`slot` picks the data shard (of cfg.replicas); it is the rank in a fixed run."""
         seed = cfg.training.seed
@@ -159,8 +170,11 @@ class Worker:
             cfg.batching.per_worker,
             cfg.optimizer.lr,
             nn.CrossEntropyLoss(),
-            sample_seconds * slowdown,
+            sample_seconds,
+            # In virtual time (the simulator's asynchronous mode) slowness is a clock tick.
+            1.0 if transport.virtual_time else slowdown,
         )
+        balancer = Balancer(cfg.batching, hint=hint) if cfg.batching.dynamic else None
         return cls(
             cfg,
             transport,
@@ -172,6 +186,9 @@ class Worker:
             slowdown,
             elastic=elastic,
             slot=slot,
+            pace=Pace.of(cfg.training, len(y_train)),
+            balancer=balancer,
+            hint=hint,
         )
 
     def reset(self) -> None:
@@ -181,9 +198,10 @@ class Worker:
         self.local.optimizer.state.clear()
 
     async def run(
-        self, steps: int, *, k: int | None = None, report: Reporter | None = None
+        self, steps: int | None, *, k: int | None = None, report: Reporter | None = None
     ) -> tuple[float, float]:
-        """Train until `steps` rounds; returns (this model's final weight, samples/s).
+        """Train until `steps` rounds, or (None) until the job's budget is spent; returns
+        (this model's final weight, samples/s).
 
         In an elastic run a failed round or a new generation leads to `regroup`
         and training goes on from the same step; SIGTERM leads to `leave`.
@@ -197,7 +215,10 @@ class Worker:
         run_start, run_samples = window_start, 0
         losses: list[float] = []
         staleness: list[float] = []
-        while self.current_step < steps:
+        pace = self.pace
+        pace.next_check = pace.last_check = self.current_step
+        notes = steps is None or self.balancer is not None  # sync points wanted
+        while steps is None or self.current_step < steps:
             el = self.elastic
             if el is not None and el.leaving.is_set():
                 await self.leave()
@@ -206,16 +227,17 @@ class Worker:
             step = self.current_step
             t = self.transport
             try:
-                t0 = time.perf_counter()
+                if notes and step >= pace.next_check and await self.compare_notes(steps):
+                    break
+                compute = self.local.compute_seconds
                 stats = await algo.round(self.local, step)
-                spent = time.perf_counter() - t0
-                if self.slowdown > 1 and not t.virtual_time and not self.local.sample_seconds:
-                    # Heterogeneity emulation: this worker is slower hardware.
-                    await asyncio.sleep((self.slowdown - 1) * spent)
+                if self.balancer is not None:
+                    self.balancer.observe(self.local.compute_seconds - compute, stats.samples)
                 await t.tick(self.slowdown)
                 done = step + 1
                 distance = None
-                wants_report = report and (done % cfg.training.eval_every == 0 or done == steps)
+                last = done == steps
+                wants_report = report and (done % cfg.training.eval_every == 0 or last)
                 if wants_report and cfg.algorithm.name not in ASYNC_ALGORITHMS:
                     # Synchronous methods reach this step together: two small
                     # all-reduces give the live consensus distance.
@@ -228,6 +250,7 @@ class Worker:
                 algo = await self.regroup()
                 continue
             self.current_step = done
+            pace.unreported += stats.samples
             window_samples += stats.samples
             run_samples += stats.samples
             if stats.loss is not None:
@@ -235,7 +258,7 @@ class Worker:
             if stats.staleness is not None:
                 staleness.append(stats.staleness)
             ckpt = cfg.training.checkpoint
-            if ckpt and report and (done % ckpt.every_steps == 0 or done == steps):
+            if ckpt and report and (done % ckpt.every_steps == 0 or last):
                 checkpoint.save(ckpt.path, self.slot, step=done, params=self.local.params())
             if report and wants_report:
                 now = time.perf_counter()
@@ -253,6 +276,10 @@ class Worker:
                         comm_wait_seconds=t.counters.wait_seconds,
                         staleness=sum(staleness) / len(staleness) if staleness else None,
                         consensus_distance=distance,
+                        time=time.time(),
+                        batch=self.local.batch,
+                        compute_samples_per_second=self.compute_speed(),
+                        job_samples=pace.consumed or None,
                     )
                 )
                 window_start, window_samples, losses, staleness = now, 0, [], []
@@ -267,6 +294,72 @@ class Worker:
                 if self.elastic is None:
                     raise
                 await self.regroup()
+
+    # -- the job-wide budget and the batch plan ---------------------------------------
+
+    def compute_speed(self) -> float | None:
+        """This worker's measured samples per second of compute (dynamic batching)."""
+        if self.balancer is None or not self.balancer.seconds_per_sample:
+            return None
+        return 1.0 / self.balancer.seconds_per_sample
+
+    async def compare_notes(self, steps: int | None) -> bool:
+        """A sync point: count the job's samples and re-plan the batches; True when the
+        budget is spent (every member of a synchronous method decides the same)."""
+        pace, t, step = self.pace, self.transport, self.current_step
+        n, rank = t.size, t.rank
+        speed = self.balancer.speed() if self.balancer is not None else 0.0
+        if self.cfg.algorithm.name in ASYNC_ALGORITHMS:
+            total = self.count_samples(pace.unreported)
+            pace.unreported = 0
+            pace.consumed = total
+            pace.last_check, pace.next_check = step, step + pace.every
+            speeds = self.speeds_from_store(speed)
+            if speeds is not None:
+                self.apply_plan(speeds, [self.hint] * n, rank)
+            return steps is None and pace.spent(time.time() - self.started)
+        notes = torch.zeros(2 + 2 * n, dtype=torch.float64)
+        notes[0], notes[1] = pace.unreported, time.time() - self.started
+        notes[2 + rank], notes[2 + n + rank] = speed, self.hint
+        shared = (await t.all_reduce_mean(notes)) * n  # identical on every member
+        pace.unreported = 0
+        self.apply_plan(shared[2 : 2 + n].tolist(), shared[2 + n :].tolist(), rank)
+        spent = pace.settle(step, round(float(shared[0])), float(shared[1]) / n)
+        return steps is None and spent
+
+    def apply_plan(self, speeds: list[float], hints: list[float], rank: int) -> None:
+        """Set this worker's batch and gradient weight from the members' speeds."""
+        bal = self.balancer
+        if bal is None:
+            return
+        if len(bal.shares) != len(speeds):  # a new generation: start from the hints
+            bal.start(hints)
+        plan = bal.replan(speeds)
+        self.local.batch = plan[rank]
+        # allreduce weights the gradients by batch itself; the others average equally.
+        weighs_itself = getattr(self.algo, "weights_batches", False)
+        self.local.grad_scale = 1.0 if weighs_itself else gradient_scales(plan)[rank]
+
+    def count_samples(self, new: int) -> int:
+        """Asynchronous methods: add this worker's new samples to the job's count."""
+        if self.elastic is not None:
+            return int(self.elastic.store.add(SAMPLES_KEY, new))
+        if self.counter is not None:
+            return self.counter(new)
+        self.pace.consumed += new
+        return self.pace.consumed
+
+    def speeds_from_store(self, own: float) -> list[float] | None:
+        """Asynchronous methods: the members' measured speeds, through the job's store."""
+        el = self.elastic
+        if el is None or self.balancer is None:
+            return None
+        el.store.set(f"speed/{self.slot}", f"{own}")
+        out = []
+        for member in el.generation.members:
+            key = f"speed/{slot_of(member)}"
+            out.append(float(el.store.get(key)) if el.store.check([key]) else 0.0)
+        return out
 
     # -- membership changes (elastic runs) ------------------------------------------
 
@@ -295,13 +388,18 @@ class Worker:
                     handed = torch.frombuffer(bytearray(el.store.get(key)), dtype=torch.float32)
                     contrib = contrib + handed[:-1] * handed[-1]
                     weight += float(handed[-1])
-        steps = torch.zeros(t.size)
+        steps = torch.zeros(2 * t.size)
         steps[t.rank] = self.current_step
+        steps[t.size + t.rank] = self.pace.consumed
         packed = await t.all_reduce_mean(torch.cat([contrib, torch.tensor([weight]), steps]))
-        total_w = float(packed[-t.size - 1]) * t.size
+        n = t.size
+        total_w = float(packed[-2 * n - 1]) * n
         if total_w > 0:
-            self.local.set_params(packed[: -t.size - 1] * t.size / total_w)
-        member_steps = [round(float(v) * t.size) for v in packed[-t.size :]]
+            self.local.set_params(packed[: -2 * n - 1] * n / total_w)
+        member_steps = [round(float(v) * n) for v in packed[-2 * n : -n]]
+        self.pace.consumed = max(round(float(v) * n) for v in packed[-n:])
+        if self.balancer is not None:
+            self.balancer.shares = []  # re-planned from the new members' hints and speeds
         trained = [s for s in member_steps if s > 0]
         if not trained:
             return
@@ -343,6 +441,8 @@ class Worker:
                 el.say(f"generation {gen.number} broke while forming ({str(e)[:100]}); again")
                 continue
             el.synced = gen.members
+            # Members compare notes at the same rounds again (all are at this step).
+            self.pace.next_check = self.pace.last_check = self.current_step
             break
         el.say(
             f"generation {gen.number}: rank {rank} of {len(gen.members)}, step {self.current_step}"
@@ -399,14 +499,24 @@ class Worker:
         cfg = self.cfg
         if self.elastic is not None:
             await self.regroup()  # the first generation; a joiner warm-starts here
+            self.started = self.job_start(self.elastic.store)
         else:
             await self.transport.all_reduce_mean(torch.zeros(1))  # start together
+            self.started = time.time()
         start = time.perf_counter()
         k = None
         if cfg.algorithm.name == "teleportation" and cfg.algorithm.active_nodes == "auto":
-            k = await self.search_k(cfg.training.steps)
-        weight, rate = await self.run(cfg.training.steps, k=k, report=report)
+            k = await self.search_k(cfg.training.rounds or DEFAULT_SEARCH_ROUNDS)
+        weight, rate = await self.run(cfg.training.rounds, k=k, report=report)
         return await self.finish(weight, time.perf_counter() - start, k, rate)
+
+    @staticmethod
+    def job_start(store: Any) -> float:
+        """When the job started training: the first worker's clock, shared by the store
+        (the wall-clock budget counts from it, also for workers that join later)."""
+        if int(store.add(START_KEY + "/claims", 1)) == 1:
+            store.set(START_KEY, repr(time.time()))
+        return float(store.get(START_KEY))
 
     async def finish(
         self, weight: float, seconds: float, k: int | None = None, rate: float = 0.0
@@ -429,4 +539,4 @@ class Worker:
         self.local.set_params(x)
         if self.elastic is not None:  # a replacement arriving from now on has nothing to do
             self.elastic.store.set(DONE_KEY, str(self.current_step))
-        return Result(self.cfg.training.steps, own, avg, dist, seconds, k, rate)
+        return Result(self.current_step, own, avg, dist, seconds, k, rate)

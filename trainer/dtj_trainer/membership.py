@@ -90,6 +90,11 @@ class Registrar:
     _reform_since: float | None = None
     log: Callable[[str], None] = print
 
+    @property
+    def paused(self) -> bool:
+        """Training waits: a generation exists but has fewer members than the minimum."""
+        return self.generation >= 0 and len(self.members) < self.min_members
+
     def requests(self) -> list[dict[str, str]]:
         if not self.store.check([REQUESTS]):
             return []
@@ -256,10 +261,25 @@ class Member:
         admitted at all. `cancelled()` (SIGTERM) ends the wait with Left."""
         deadline = time.monotonic() + timeout
         told = ""
+        rejoined = False
         while True:
             if cancelled():
                 raise Cancelled()
             gen = self.current()
+            if (
+                gen is not None
+                and gen.number > after
+                and self.id not in gen.members
+                and self.generation >= 0
+                and not rejoined
+            ):
+                # Dropped while frozen or cut off (SIGSTOP, a stalled node): ask back in.
+                say(
+                    f"generation {gen.number} dropped this worker (it stopped answering); rejoining"
+                )
+                self.rejoin()
+                rejoined = True
+                deadline = time.monotonic() + timeout
             if gen is not None and gen.number > after and self.id in gen.members:
                 if not gen.paused:
                     self.generation = gen.number

@@ -22,6 +22,8 @@ METRIC_NAMES = {
     "bytes_received": "dtj_worker_received_bytes_total",
     "comm_wait_seconds": "dtj_worker_communication_wait_seconds_total",
     "staleness": "dtj_worker_staleness_updates",
+    "batch": "dtj_worker_batch_samples",
+    "compute_samples_per_second": "dtj_worker_compute_samples_per_second",
 }
 
 
@@ -60,6 +62,10 @@ class Progress:
     bytes_received: int = 0
     comm_wait_seconds: float = 0.0
     staleness: float | None = None
+    time: float | None = None  # unix seconds of the report
+    batch: int | None = None  # local batch size (dynamic batching moves it)
+    compute_samples_per_second: float | None = None  # measured speed, waiting excluded
+    job_samples: int | None = None  # samples of all workers together (budgeted jobs)
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)

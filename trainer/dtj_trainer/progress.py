@@ -38,6 +38,23 @@ def aggregate(reports: list[Progress]) -> dict[str, Any]:
     }
     if distances:
         out["consensusDistance"] = f"{sum(distances) / len(distances):.6g}"
+    counted = [r.job_samples for r in reports if r.job_samples is not None]
+    if counted:
+        out["samples"] = max(counted)
+    if any(r.batch is not None for r in reports):
+        out["workers"] = [
+            {
+                "slot": r.rank,
+                "step": r.step,
+                "batch": r.batch,
+                **(
+                    {"computeSamplesPerSecond": f"{r.compute_samples_per_second:.1f}"}
+                    if r.compute_samples_per_second is not None
+                    else {}
+                ),
+            }
+            for r in sorted(reports, key=lambda r: r.rank)
+        ]
     return out
 
 

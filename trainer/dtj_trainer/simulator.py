@@ -167,6 +167,14 @@ def simulate(
             Worker.build(cfg, t, slowdown=(slowdowns or {}).get(t.rank, 1.0))
             for t in world.endpoints
         ]
+        total = [0]
+
+        def count(new: int) -> int:  # the job-wide sample count (a store in real runs)
+            total[0] += new
+            return total[0]
+
+        for w in workers:
+            w.counter = count
         seen: collections.Counter[int] = collections.Counter()
 
         def hook(p: Progress) -> None:

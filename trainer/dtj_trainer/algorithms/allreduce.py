@@ -17,6 +17,8 @@ class AllReduce:
     One collective carries numerator and denominator.
     """
 
+    weights_batches = True  # dynamic batching needs no gradient scaling here
+
     def __init__(self, transport: Transport) -> None:
         self.t = transport
 

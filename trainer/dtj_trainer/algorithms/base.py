@@ -32,18 +32,31 @@ class Local:
     batch: int
     lr: float
     loss_fn: nn.Module
-    # Benchmarks and tests only: modelled compute time per sample, spent here,
-    # before the worker communicates (heterogeneous hardware, GPU-like steps).
+    # Benchmarks and tests only: modelled compute time per sample, and a factor on
+    # all of this worker's compute, spent here before the worker communicates
+    # (heterogeneous hardware; GPU-like steps where communication is small).
     sample_seconds: float = 0.0
+    slowdown: float = 1.0
+    # Dynamic batching: n b_i / sum_j b_j, so equal-weight averages are sample-weighted.
+    grad_scale: float = 1.0
+    compute_seconds: float = 0.0  # this worker's compute time so far (never waiting)
 
     def grad(self) -> float:
         """Forward and backward on a fresh local mini-batch; returns the loss."""
-        if self.sample_seconds:
-            time.sleep(self.sample_seconds * self.batch)
+        t0 = time.perf_counter()
         x, y = self.sampler.next(self.batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.loss_fn(self.model(x), y)
         loss.backward()
+        if self.grad_scale != 1.0:
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(self.grad_scale)
+        real = time.perf_counter() - t0
+        modelled = (self.slowdown - 1) * real + self.sample_seconds * self.slowdown * self.batch
+        if modelled > 0:
+            time.sleep(modelled)
+        self.compute_seconds += real + modelled
         return float(loss.item())
 
     def flat_grad(self) -> torch.Tensor:

@@ -1,0 +1,349 @@
+"""Do fast workers wait for a slow one? Every method, one budget, side by side.
+
+    .venv/bin/python bench/heterogeneity.py            # quick: 1 seed, sweeps at the tuned lr
+    .venv/bin/python bench/heterogeneity.py --full     # 3 seeds everywhere
+
+4 real worker processes per run (torch.distributed, gloo, 127.0.0.1), one of
+them with 3x slower modelled compute (DTJ_SIMULATE_SAMPLE_SECONDS x
+DTJ_SIMULATE_SLOWDOWN: compute is slept before the worker communicates, so
+communication is small next to compute, as on GPUs, and a "3x slower worker"
+is 3x the compute, not 3x the waiting). Every method trains the same model on
+the same data for the same job-wide sample budget (training.budget.samples;
+DDP runs budget / (4 x batch) rounds), the learning rate picked per method
+from a small grid. Methods: torch DDP (what users run today), allreduce,
+allreduce + dynamic batching, dpsgd, dpsgd + dynamic batching, gosgd, dasgd.
+
+Reported per method (median and spread over seeds): aggregate samples/s as a
+ratio to the ideal (the sum of each worker's solo throughput, measured),
+training wall time, and time to the target test accuracy as a ratio to DDP's.
+Then the slow worker's factor swept over 1, 2, 3, 5, and a 5-worker case with
+speeds 1, 1, 1, 1/2, 1/4. JSON and PNG in bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from dtj_trainer.config import TrainerConfig
+from dtj_trainer.launcher import LocalJob
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_SECONDS = 0.002  # modelled compute: 64 ms for a batch of 32 on a "fast" worker
+BATCH = 32
+TARGET = 0.93  # test accuracy on digits
+EVAL_EVERY = 5
+ROUNDS = 150  # budget = ROUNDS x BATCH x workers samples
+# Learning rates: the centre of each method's grid (x 0.5, 1, 2 are tried).
+METHODS: dict[str, dict[str, Any]] = {
+    "ddp": {"lr": 0.1, "momentum": 0.9},
+    "allreduce": {"lr": 0.1, "momentum": 0.9},
+    "allreduce+balancer": {"lr": 0.1, "momentum": 0.9, "dynamic": True},
+    "dpsgd": {"lr": 0.1, "momentum": 0.9},
+    "dpsgd+balancer": {"lr": 0.1, "momentum": 0.9, "dynamic": True},
+    "gosgd": {"lr": 0.1, "momentum": 0.0},
+    "dasgd": {"lr": 0.025, "momentum": 0.9},
+}
+GRID = (0.5, 1.0, 2.0)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def time_to_target(records: list[dict[str, Any]], start: float, workers: int) -> float | None:
+    """Seconds from `start` until the mean of the workers' latest test accuracies
+    first reaches TARGET (None if it never does)."""
+    latest: dict[int, float] = {}
+    for r in sorted(records, key=lambda r: r["time"]):
+        latest[r["rank"]] = r["test_accuracy"]
+        if len(latest) == workers and statistics.mean(latest.values()) >= TARGET:
+            return float(r["time"] - start)
+    return None
+
+
+def run_ddp(speeds: list[float], lr: float, seed: int, samples: int) -> dict[str, Any]:
+    port, n = free_port(), len(speeds)
+    method = METHODS["ddp"]
+    procs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for rank, speed in enumerate(speeds):
+            env = {
+                **os.environ,
+                "RANK": str(rank),
+                "WORLD_SIZE": str(n),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+                "OMP_NUM_THREADS": "1",
+            }
+            cmd = [
+                sys.executable,
+                str(ROOT / "bench" / "ddp_worker.py"),
+                f"--lr={lr}",
+                f"--momentum={method['momentum']}",
+                f"--seed={seed}",
+                f"--batch={BATCH}",
+                f"--samples={samples}",
+                f"--eval-every={EVAL_EVERY}",
+                f"--sample-seconds={SAMPLE_SECONDS}",
+                f"--slowdown={1 / speed}",
+            ]
+            out = open(Path(tmp) / f"{rank}.log", "w")  # noqa: SIM115 - the child's
+            procs.append((subprocess.Popen(cmd, env=env, stdout=out), out))
+        for p, out in procs:
+            if p.wait(timeout=600) != 0:
+                raise RuntimeError(f"a DDP worker exited with {p.returncode}")
+            out.close()
+        lines = [
+            json.loads(line)
+            for rank in range(n)
+            for line in (Path(tmp) / f"{rank}.log").read_text().splitlines()
+        ]
+    results = [r for r in lines if "result" in r]
+    start = min(r["start"] for r in results)
+    wall = max(r["result"]["seconds"] for r in results)
+    records = [r for r in lines if "result" not in r]
+    return {
+        "wall_seconds": wall,
+        "samples": results[0]["result"]["samples"],
+        "samples_per_second": results[0]["result"]["samples"] / wall,
+        "accuracy": results[0]["result"]["accuracy"],
+        "time_to_target": time_to_target(records, start, n),
+    }
+
+
+def trainer_config(name: str, n: int, lr: float, seed: int, samples: int | None) -> TrainerConfig:
+    method = METHODS[name]
+    training: dict[str, Any] = {"evalEvery": EVAL_EVERY, "seed": seed}
+    training.update({"budget": {"samples": samples}} if samples else {"steps": 60})
+    return TrainerConfig.model_validate(
+        {
+            "job": f"bench-{name.replace('+', '-')}",
+            "replicas": n,
+            "algorithm": {"name": name.split("+")[0], "topology": "ring"},
+            "optimizer": {"lr": lr, "momentum": method["momentum"]},
+            "batching": {"perWorker": BATCH, "dynamic": method.get("dynamic", False)},
+            "training": training,
+            "timeoutSeconds": 60,
+        }
+    )
+
+
+def run_trainer(
+    name: str, speeds: list[float], lr: float, seed: int, samples: int | None
+) -> dict[str, Any]:
+    n = len(speeds)
+    env = {
+        str(rank): {
+            "DTJ_SIMULATE_SAMPLE_SECONDS": str(SAMPLE_SECONDS),
+            "DTJ_SIMULATE_SLOWDOWN": str(1 / speed),
+        }
+        for rank, speed in enumerate(speeds)
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        logs = Path(tmp)
+        job = LocalJob(trainer_config(name, n, lr, seed, samples), logs=logs, extra_env=env)
+        try:
+            for slot in range(n):
+                job.start_worker(slot)
+            while job.running():
+                time.sleep(0.2)
+            if failed := job.failed():
+                raise RuntimeError(f"{name}: workers failed: {failed}")
+            results = job.results()
+            start = float(job.store.get("job/start"))
+        finally:
+            job.close()
+        records = []
+        for slot in range(n):
+            for line in (logs / f"worker-{slot}.log").read_text().splitlines():
+                if line.startswith("{") and '"loss"' in line:
+                    records.append(json.loads(line))
+    wall = max(r.seconds for r in results.values())
+    last = max((r.get("job_samples") or 0) for r in records) if records else 0
+    return {
+        "wall_seconds": wall,
+        "samples": last,
+        "samples_per_second": sum(r.samples_per_second for r in results.values()),
+        "accuracy": next(iter(results.values())).averaged_accuracy,
+        "time_to_target": time_to_target(records, start, n),
+        "batches": {str(r["rank"]): r["batch"] for r in records if r.get("batch") is not None},
+    }
+
+
+def run(name: str, speeds: list[float], lr: float, seed: int, samples: int) -> dict[str, Any]:
+    if name == "ddp":
+        return run_ddp(speeds, lr, seed, samples)
+    return run_trainer(name, speeds, lr, seed, samples)
+
+
+def solo_rate(speed: float) -> float:
+    """One worker alone at this speed: samples/s (compute plus its own overheads)."""
+    return float(run_trainer("allreduce", [speed], 0.1, 0, None)["samples_per_second"])
+
+
+def score(run: dict[str, Any]) -> float:
+    """Lower is better: time to target, or a penalty by the accuracy missed."""
+    ttt = run["time_to_target"]
+    return ttt if ttt is not None else 1e6 * (1 - run["accuracy"])
+
+
+def summarize(runs: list[dict[str, Any]], ideal: float, ddp_ttt: float | None) -> dict[str, Any]:
+    def stats(values: list[float]) -> dict[str, float]:
+        return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+    ttts = [r["time_to_target"] for r in runs if r["time_to_target"] is not None]
+    out: dict[str, Any] = {
+        "throughput_vs_ideal": stats([r["samples_per_second"] / ideal for r in runs]),
+        "wall_seconds": stats([r["wall_seconds"] for r in runs]),
+        "accuracy": stats([r["accuracy"] for r in runs]),
+        "reached_target": f"{len(ttts)}/{len(runs)}",
+    }
+    if ttts:
+        out["time_to_target_seconds"] = stats(ttts)
+        if ddp_ttt:
+            out["time_to_target_vs_ddp"] = stats([t / ddp_ttt for t in ttts])
+    return out
+
+
+def compare(
+    speeds: list[float],
+    lrs: dict[str, float],
+    seeds: list[int],
+    ideal: float,
+    say: Any,
+) -> dict[str, Any]:
+    samples = ROUNDS * BATCH * len(speeds)
+    runs = {
+        name: [run(name, speeds, lrs[name], seed, samples) for seed in seeds] for name in METHODS
+    }
+    for name, rs in runs.items():
+        say(f"  {name:<20} " + ", ".join(f"{r['wall_seconds']:.1f}s" for r in rs))
+    ddp = [r["time_to_target"] for r in runs["ddp"] if r["time_to_target"] is not None]
+    ddp_ttt = statistics.median(ddp) if ddp else None
+    return {
+        "speeds": speeds,
+        "samples": samples,
+        "ideal_samples_per_second": ideal,
+        "methods": {name: summarize(rs, ideal, ddp_ttt) for name, rs in runs.items()},
+        "runs": runs,
+    }
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    main = report["main"]["methods"]
+    names = list(main)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    thr = [main[n]["throughput_vs_ideal"]["median"] for n in names]
+    axes[0].barh(names, thr, color="tab:blue")
+    axes[0].axvline(0.9, color="grey", ls="--", lw=1)
+    axes[0].set_xlabel("aggregate samples/s / ideal (factor 3)")
+    ttt = [main[n].get("time_to_target_vs_ddp", {}).get("median", float("nan")) for n in names]
+    axes[1].barh(names, ttt, color="tab:green")
+    axes[1].axvline(0.5, color="grey", ls="--", lw=1)
+    axes[1].set_xlabel(f"time to {TARGET:.0%} accuracy / DDP's")
+    for name in names:
+        xs, ys = [], []
+        for factor, case in sorted(report["sweep"].items(), key=lambda kv: float(kv[0])):
+            xs.append(float(factor))
+            ys.append(case["methods"][name]["throughput_vs_ideal"]["median"])
+        axes[2].plot(xs, ys, marker="o", label=name)
+    axes[2].set_xlabel("slow worker's factor")
+    axes[2].set_ylabel("throughput / ideal")
+    axes[2].legend(fontsize=7)
+    fig.suptitle("4 workers, one slower; same sample budget for every method")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--full", action="store_true", help="3 seeds for every case")
+    parser.add_argument("--out", default="bench/results/heterogeneity.json")
+    args = parser.parse_args()
+
+    def say(msg: str) -> None:
+        print(msg, flush=True)
+
+    seeds = [0, 1, 2] if args.full else [0]
+    solo = {f: solo_rate(1 / f) for f in (1, 2, 3, 4, 5)}
+    say(f"solo samples/s by slowdown factor: { {f: round(r) for f, r in solo.items()} }")
+
+    # Learning rate per method: the grid at factor 3, seed 0; best time to target.
+    speeds = [1 / 3, 1.0, 1.0, 1.0]
+    samples = ROUNDS * BATCH * 4
+    lrs = {}
+    for name, method in METHODS.items():
+        tried = {g * method["lr"]: run(name, speeds, g * method["lr"], 0, samples) for g in GRID}
+        lrs[name] = min(tried, key=lambda lr: score(tried[lr]))
+        say(f"lr {name}: {lrs[name]:g} ({ {lr: round(score(r), 1) for lr, r in tried.items()} })")
+
+    say("factor 3, all methods:")
+    ideal = solo[3] + 3 * solo[1]
+    report: dict[str, Any] = {
+        "machine": {
+            "cores": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
+        "settings": {
+            "sample_seconds": SAMPLE_SECONDS,
+            "batch": BATCH,
+            "rounds_budget": ROUNDS,
+            "target_accuracy": TARGET,
+            "seeds": seeds,
+            "lr_grid": GRID,
+            "full": args.full,
+        },
+        "solo_samples_per_second": solo,
+        "learning_rates": lrs,
+        "main": compare(speeds, lrs, seeds, ideal, say),
+        "sweep": {},
+    }
+    for factor in (1, 2, 3, 5):
+        say(f"slow worker x{factor}:")
+        if factor == 3:
+            report["sweep"]["3"] = report["main"]
+            continue
+        case = [1 / factor, 1.0, 1.0, 1.0]
+        report["sweep"][str(factor)] = compare(case, lrs, seeds, solo[factor] + 3 * solo[1], say)
+    say("5 workers, speeds 1, 1, 1, 1/2, 1/4:")
+    five = [1.0, 1.0, 1.0, 0.5, 0.25]
+    report["five_workers"] = compare(five, lrs, seeds, 3 * solo[1] + solo[2] + solo[4], say)
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, default=str))
+    plot(report, out.with_suffix(".png"))
+    say(f"\nwrote {out} and {out.with_suffix('.png')}")
+    for name, m in report["main"]["methods"].items():
+        vs = m.get("time_to_target_vs_ddp", {}).get("median")
+        say(
+            f"  {name:<20} throughput/ideal {m['throughput_vs_ideal']['median']:.2f}  "
+            f"wall {m['wall_seconds']['median']:.1f}s  "
+            f"time-to-{TARGET:.0%}/DDP {vs if vs is None else round(vs, 2)}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
