@@ -225,11 +225,17 @@ def compare(
     seeds: list[int],
     ideal: float,
     say: Any,
+    done: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
+    """Every method at `speeds`; `done` holds runs of seed 0 already made (the lr grid)."""
     samples = ROUNDS * BATCH * len(speeds)
-    runs = {
-        name: [run(name, speeds, lrs[name], seed, samples) for seed in seeds] for name in METHODS
-    }
+    done = done or {}
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for name in METHODS:
+        runs[name] = []
+        for seed in seeds:
+            known = done.get(name) if seed == 0 else None
+            runs[name].append(known or run(name, speeds, lrs[name], seed, samples))
     for name, rs in runs.items():
         say(f"  {name:<20} " + ", ".join(f"{r['wall_seconds']:.1f}s" for r in rs))
     ddp = [r["time_to_target"] for r in runs["ddp"] if r["time_to_target"] is not None]
@@ -290,10 +296,11 @@ def main() -> int:
     # Learning rate per method: the grid at factor 3, seed 0; best time to target.
     speeds = [1 / 3, 1.0, 1.0, 1.0]
     samples = ROUNDS * BATCH * 4
-    lrs = {}
+    lrs, best = {}, {}
     for name, method in METHODS.items():
         tried = {g * method["lr"]: run(name, speeds, g * method["lr"], 0, samples) for g in GRID}
         lrs[name] = min(tried, key=lambda lr: score(tried[lr]))
+        best[name] = tried[lrs[name]]
         say(f"lr {name}: {lrs[name]:g} ({ {lr: round(score(r), 1) for lr, r in tried.items()} })")
 
     say("factor 3, all methods:")
@@ -316,7 +323,7 @@ def main() -> int:
         },
         "solo_samples_per_second": solo,
         "learning_rates": lrs,
-        "main": compare(speeds, lrs, seeds, ideal, say),
+        "main": compare(speeds, lrs, seeds, ideal, say, best),
         "sweep": {},
     }
     for factor in (1, 2, 3, 5):

@@ -48,7 +48,7 @@ def cmd_local(args: argparse.Namespace) -> int:
         cfg = cfg.model_copy(update={"replicas": args.replicas})
     print(f"job {cfg.job}: {args.file}", flush=True)
     try:
-        result = launcher.run(cfg)
+        result = launcher.run(cfg, extra_env=local_env(job, cfg.replicas, args))
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -60,6 +60,30 @@ def cmd_local(args: argparse.Namespace) -> int:
         flush=True,
     )
     return 0
+
+
+def local_env(
+    job: DecentralizedTrainingJob, replicas: int, args: argparse.Namespace
+) -> dict[str, dict[str, str]]:
+    """Per-slot environment of local workers: their pools' speed hints (as the operator
+    renders them) and the benchmark knobs for modelled, heterogeneous compute."""
+    from . import render
+
+    pools = render.assign_pools(
+        job.model_copy(update={"spec": job.spec.model_copy(update={"replicas": replicas})})
+    )
+    env: dict[str, dict[str, str]] = {str(s): {} for s in range(replicas)}
+    for slot, pool in enumerate(pools):
+        if pool is not None:
+            env[str(slot)]["DTJ_SPEED_HINT"] = str(pool.speed)
+        if args.simulate_sample_seconds:
+            env[str(slot)]["DTJ_SIMULATE_SAMPLE_SECONDS"] = str(args.simulate_sample_seconds)
+    for item in args.simulate_slowdown or []:
+        slot, _, factor = item.partition("=")
+        if slot not in env or not factor:
+            raise SystemExit(f"--simulate-slowdown {item}: expected SLOT=FACTOR, SLOT < {replicas}")
+        env[slot]["DTJ_SIMULATE_SLOWDOWN"] = factor
+    return env
 
 
 def operator_command(namespace: str | None = None) -> list[str]:
@@ -89,6 +113,17 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("local", help="train a manifest with local worker processes")
     p.add_argument("file", help="a DecentralizedTrainingJob manifest")
     p.add_argument("--replicas", type=int, help="override spec.replicas")
+    p.add_argument(
+        "--simulate-sample-seconds",
+        type=float,
+        help="benchmark knob: modelled compute seconds per sample on every worker",
+    )
+    p.add_argument(
+        "--simulate-slowdown",
+        action="append",
+        metavar="SLOT=FACTOR",
+        help="benchmark knob: make one worker's compute FACTOR times slower (repeatable)",
+    )
     p.set_defaults(func=cmd_local)
     p = sub.add_parser("operator", help="run the operator against the current kubeconfig")
     p.add_argument("--namespace", help="watch one namespace (default: all)")

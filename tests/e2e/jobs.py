@@ -25,6 +25,8 @@ def manifest(name: str, **spec: Any) -> str:
     merged = copy.deepcopy(body["spec"])
     for key, value in spec.items():
         merged[key] = {**merged.get(key, {}), **value} if isinstance(value, dict) else value
+        if isinstance(merged[key], dict):  # None removes a field of the example
+            merged[key] = {k: v for k, v in merged[key].items() if v is not None}
     merged["nodePools"] = [EXECUTING_POOL]
     # One thread per worker (as the local launcher does): several pods share 2 cores.
     template = merged.setdefault("template", {})

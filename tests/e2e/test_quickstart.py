@@ -110,6 +110,9 @@ INVALID = [
         "spec.batching.globalBatch",
     ),
     ({"template": {"imagePullPolicy": "Sometimes"}}, "spec.template.imagePullPolicy"),
+    ({"training": {"steps": 10, "budget": {"samples": 100}}}, "spec.training.steps"),
+    ({"training": {"budget": {"samples": 10, "epochs": 1}}}, "spec.training.budget"),
+    ({"training": {"budget": {}}}, "spec.training.budget"),
     ({"nodePools": [{"name": "a", "maxWorkers": -1}]}, "spec.nodePools[0].maxWorkers"),
 ]
 

@@ -216,3 +216,35 @@ def _alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_a_budgeted_job_with_dynamic_batching_reports_its_plan(kube, local, operator, namespace):
+    """training.budget and batching.dynamic through the whole stack: the job ends when the
+    workers together have trained on the budget, and the status shows each one's batch."""
+    budget = 4 * 32 * 300
+    body = manifest(
+        "planned",
+        replicas=4,
+        algorithm={"name": "allreduce"},
+        batching={"perWorker": 32, "dynamic": True},
+        training={"steps": None, "budget": {"samples": budget}, "evalEvery": 20},
+        template=SLOW,
+    )
+    seen_workers: list[list[dict[str, Any]]] = []
+
+    def progress() -> dict[str, Any] | None:
+        prog = job_status(kube, namespace, "planned").get("progress") or {}
+        if prog.get("workers"):
+            seen_workers.append(prog["workers"])
+        return prog if prog.get("workers") and prog.get("samples") else None
+
+    kube.run("apply", "-n", namespace, "-f", "-", input=body)
+    wait_for("status.progress with the batch plan", progress, timeout=180, every=1.0)
+    st = train_to_the_end(kube, namespace, "planned", body)
+    assert_trained(kube, local, namespace, "planned", st)
+    plan = seen_workers[-1]
+    assert sorted(w["slot"] for w in plan) == [0, 1, 2, 3]
+    assert sum(w["batch"] for w in plan) == 128  # perWorker x workers, however it is split
+    assert all(float(w["computeSamplesPerSecond"]) > 0 for w in plan)
+    # Each worker ran the rounds the budget allows: budget / 128 samples a round.
+    assert budget // 128 <= st["result"]["steps"] <= budget // 128 + 1, st["result"]

@@ -76,3 +76,45 @@ def test_under_a_budget_asynchronous_fast_workers_do_more_of_the_work(tmp_path):
         assert rounds[slot] >= 2 * rounds[0], rounds
     done = sum(rounds.values()) * 32
     assert done + 4 * 20 * 32 >= BUDGET and done <= BUDGET + 4 * 20 * 32, (done, rounds)
+
+
+def test_asynchronous_workers_share_their_speeds_through_the_coordinator(tmp_path):
+    """gosgd with dynamic batching: no collective to compare notes, so speeds travel
+    through the job's store; the slow worker computes fewer samples per gossip round."""
+    reports = train(tmp_path, "gosgd", dynamic=True)
+    batches = {slot: r[-1]["batch"] for slot, r in reports.items()}
+    for slot in (1, 2, 3):
+        assert batches[slot] >= 2 * batches[0], batches
+
+
+def test_the_heterogeneous_example_runs_locally_as_the_readme_says():
+    import subprocess
+    import sys
+
+    from tests.builders import ROOT
+
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dtj_operator.cli",
+            "local",
+            str(ROOT / "examples" / "heterogeneous.yaml"),
+            "--simulate-sample-seconds",
+            "0.002",
+            "--simulate-slowdown",
+            "3=3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert "budget 19,200 samples" in lines[1], lines[1]
+    plans = [line.split("batches ")[1] for line in lines if "batches " in line]
+    assert plans, proc.stdout
+    slow, *fast = (int(b) for b in reversed(plans[-1].split("/")))  # slot 3 is the slow one
+    assert all(b >= 2 * slow for b in fast), plans[-1]
+    assert lines[-1].startswith("Result: test accuracy"), lines[-1]

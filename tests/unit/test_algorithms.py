@@ -184,3 +184,21 @@ def test_async_methods_train_in_the_simulator_with_a_slow_worker():
         cfg = config(name, 4, steps=150)
         results, _workers = simulator.simulate(cfg, slowdowns={0: 3.0})
         assert results[0].averaged_accuracy > 0.5, name
+
+
+def test_under_a_budget_a_slow_asynchronous_worker_does_a_third_of_the_rounds():
+    """Virtual time: worker 0 takes 3 ticks a round. The job ends when all together
+    have trained on the budget, so the fast workers do most of it."""
+    cfg = config("gosgd", 4, steps=None, budget={"samples": 32 * 4 * 60})
+    results, workers = simulator.simulate(cfg, slowdowns={0: 3.0})
+    rounds = [w.current_step for w in workers]
+    assert all(r >= 2.5 * rounds[0] for r in rounds[1:]), rounds
+    done = sum(rounds) * 32
+    assert 32 * 4 * 60 <= done <= 32 * 4 * 60 + 4 * 10 * 32, (done, rounds)
+    assert results[0].averaged_accuracy > 0.5
+
+
+def test_under_a_budget_synchronous_workers_stop_together_at_the_budget():
+    cfg = config("dpsgd", 4, steps=None, budget={"samples": 32 * 4 * 45})
+    _results, workers = simulator.simulate(cfg)
+    assert [w.current_step for w in workers] == [45] * 4

@@ -22,6 +22,8 @@ def parse(spec):
         ({"batching": {"minPerWorker": 9, "maxPerWorker": 8}}, "spec.batching.minPerWorker"),
         ({"optimizer": {"lr": 0}}, "lr"),
         ({"replicaz": 3}, "replicaz"),
+        ({"training": {"steps": 10, "budget": {"samples": 100}}}, "steps or budget"),
+        ({"training": {"budget": {"samples": 10, "epochs": 1}}}, "samples or epochs"),
     ],
 )
 def test_invalid_specs_name_the_field(spec, field):

@@ -150,3 +150,21 @@ def test_coordinator_may_patch_only_its_own_jobs_status():
     assert set(rule["verbs"]) == {"get", "patch"}
     (binding,) = by_kind(objs, "RoleBinding")
     assert binding["subjects"][0]["name"] == "demo-coordinator"
+
+
+def test_each_worker_is_told_its_pools_speed_to_seed_the_batch_plan():
+    pools = [
+        {"name": "a100", "nodeSelector": {"gpu": "a100"}, "maxWorkers": 1, "speed": 3},
+        {"name": "t4", "nodeSelector": {"gpu": "t4"}, "speed": 1},
+    ]
+    _, objs = children({"replicas": 3, "nodePools": pools, "batching": {"dynamic": True}})
+
+    def hint(pod: dict) -> str:
+        env = pod["spec"]["containers"][0]["env"]
+        return next(e["value"] for e in env if e["name"] == "DTJ_SPEED_HINT")
+
+    workers = sorted(
+        (p for p in by_kind(objs, "Pod") if "-worker-" in p["metadata"]["name"]),
+        key=lambda p: p["metadata"]["name"],
+    )
+    assert [hint(p) for p in workers] == ["3.0", "1.0", "1.0"]
