@@ -47,7 +47,7 @@ e2e: install controlplane
 
 ## make test: lint, type check, unit, real-process trainer tests, e2e on a real control plane.
 test: install controlplane lint typecheck
-	$(PY) -m pytest -q -ra; rc=$$?; \
+	$(PY) -m pytest -q -ra --durations=15; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 ## make bench: the measurements (not run by make test); JSON and PNG in bench/results/.

@@ -1,6 +1,7 @@
 """Do fast workers wait for a slow one? Every method, one budget, side by side.
 
     .venv/bin/python bench/heterogeneity.py            # quick: 1 seed, sweeps at the tuned lr
+    .venv/bin/python bench/heterogeneity.py --seeds 3  # 3 seeds at factor 3, sweeps 1
     .venv/bin/python bench/heterogeneity.py --full     # 3 seeds everywhere
 
 4 real worker processes per run (torch.distributed, gloo, 127.0.0.1), one of
@@ -47,13 +48,13 @@ EVAL_EVERY = 5
 ROUNDS = 150  # budget = ROUNDS x BATCH x workers samples
 # Learning rates: the centre of each method's grid (x 0.5, 1, 2 are tried).
 METHODS: dict[str, dict[str, Any]] = {
-    "ddp": {"lr": 0.1, "momentum": 0.9},
-    "allreduce": {"lr": 0.1, "momentum": 0.9},
-    "allreduce+balancer": {"lr": 0.1, "momentum": 0.9, "dynamic": True},
-    "dpsgd": {"lr": 0.1, "momentum": 0.9},
-    "dpsgd+balancer": {"lr": 0.1, "momentum": 0.9, "dynamic": True},
-    "gosgd": {"lr": 0.1, "momentum": 0.0},
-    "dasgd": {"lr": 0.025, "momentum": 0.9},
+    "ddp": {"lr": 0.2, "momentum": 0.9},
+    "allreduce": {"lr": 0.2, "momentum": 0.9},
+    "allreduce+balancer": {"lr": 0.2, "momentum": 0.9, "dynamic": True},
+    "dpsgd": {"lr": 0.2, "momentum": 0.9},
+    "dpsgd+balancer": {"lr": 0.2, "momentum": 0.9, "dynamic": True},
+    "gosgd": {"lr": 0.4, "momentum": 0.0},
+    "dasgd": {"lr": 0.05, "momentum": 0.9},
 }
 GRID = (0.5, 1.0, 2.0)
 
@@ -283,13 +284,17 @@ def plot(report: dict[str, Any], path: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--full", action="store_true", help="3 seeds for every case")
+    parser.add_argument(
+        "--seeds", type=int, default=1, help="seeds of the main case (factor 3); sweeps use 1"
+    )
     parser.add_argument("--out", default="bench/results/heterogeneity.json")
     args = parser.parse_args()
 
     def say(msg: str) -> None:
         print(msg, flush=True)
 
-    seeds = [0, 1, 2] if args.full else [0]
+    seeds = list(range(3 if args.full else args.seeds))
+    sweep_seeds = seeds if args.full else [0]
     solo = {f: solo_rate(1 / f) for f in (1, 2, 3, 4, 5)}
     say(f"solo samples/s by slowdown factor: { {f: round(r) for f, r in solo.items()} }")
 
@@ -318,6 +323,7 @@ def main() -> int:
             "rounds_budget": ROUNDS,
             "target_accuracy": TARGET,
             "seeds": seeds,
+            "sweep_seeds": sweep_seeds,
             "lr_grid": GRID,
             "full": args.full,
         },
@@ -332,10 +338,12 @@ def main() -> int:
             report["sweep"]["3"] = report["main"]
             continue
         case = [1 / factor, 1.0, 1.0, 1.0]
-        report["sweep"][str(factor)] = compare(case, lrs, seeds, solo[factor] + 3 * solo[1], say)
+        report["sweep"][str(factor)] = compare(
+            case, lrs, sweep_seeds, solo[factor] + 3 * solo[1], say
+        )
     say("5 workers, speeds 1, 1, 1, 1/2, 1/4:")
     five = [1.0, 1.0, 1.0, 0.5, 0.25]
-    report["five_workers"] = compare(five, lrs, seeds, 3 * solo[1] + solo[2] + solo[4], say)
+    report["five_workers"] = compare(five, lrs, sweep_seeds, 3 * solo[1] + solo[2] + solo[4], say)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.e2e
 SLOW = {"env": [{"name": "DTJ_SIMULATE_SAMPLE_SECONDS", "value": "0.0005"}]}
 
 
-STEPS = 1400  # every job here, disturbed or not: so their accuracies compare
+STEPS = 1000  # every job here, disturbed or not: so their accuracies compare
 
 
 def elastic_job(name: str, replicas: int = 4, steps: int = STEPS) -> str:

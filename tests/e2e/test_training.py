@@ -83,7 +83,7 @@ def assert_trained(kube: Kube, local: controlplane.LocalCluster, ns: str, name: 
 # Modelled compute (~16 ms a step): long enough for the coordinator's 5 s reports to
 # show the progress moving.
 SLOW = {"env": [{"name": "DTJ_SIMULATE_SAMPLE_SECONDS", "value": "0.0005"}]}
-LONGER = {"steps": 800, "evalEvery": 50}
+LONGER = {"steps": 500, "evalEvery": 50}
 
 
 def test_a_dpsgd_job_applied_with_kubectl_trains_to_90_percent(kube, local, operator, namespace):
@@ -221,7 +221,7 @@ def _alive(pid: int) -> bool:
 def test_a_budgeted_job_with_dynamic_batching_reports_its_plan(kube, local, operator, namespace):
     """training.budget and batching.dynamic through the whole stack: the job ends when the
     workers together have trained on the budget, and the status shows each one's batch."""
-    budget = 4 * 32 * 300
+    budget = 4 * 32 * 200
     body = manifest(
         "planned",
         replicas=4,

@@ -19,7 +19,7 @@ from dtj_trainer.launcher import LocalJob
 
 pytestmark = pytest.mark.procs
 
-BUDGET = 4 * 32 * 150  # samples: 150 rounds of 4 x 32
+BUDGET = 4 * 32 * 100  # samples: 100 rounds of 4 x 32
 
 
 def train(tmp_path: Path, algorithm: str, **batching: Any) -> dict[int, list[dict[str, Any]]]:

@@ -238,7 +238,9 @@ class Worker:
                 distance = None
                 last = done == steps
                 wants_report = report and (done % cfg.training.eval_every == 0 or last)
-                if wants_report and cfg.algorithm.name not in ASYNC_ALGORITHMS:
+                if wants_report and cfg.algorithm.name == "allreduce":
+                    distance = 0.0  # every worker applies the same update: one model
+                elif wants_report and cfg.algorithm.name not in ASYNC_ALGORITHMS:
                     # Synchronous methods reach this step together: two small
                     # all-reduces give the live consensus distance.
                     weight = float(getattr(algo, "holding", True))

@@ -187,7 +187,12 @@ class Registrar:
 
     def run(self, stop: threading.Event, every: float = 0.2) -> None:
         while not stop.wait(every):
-            self.step()
+            try:
+                self.step()
+            except Exception:
+                if stop.is_set():  # the store closed under us as the job ends
+                    return
+                raise
 
 
 class Member:
