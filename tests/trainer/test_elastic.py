@@ -38,7 +38,7 @@ def config(algorithm: str) -> TrainerConfig:
             "minReplicas": 2,
             "algorithm": {"name": algorithm},
             "training": {"steps": STEPS, "evalEvery": 20},
-            "timeoutSeconds": 30,
+            "timeoutSeconds": 10,  # a generation broken while forming is retried sooner
             **SETTINGS[algorithm],
         }
     )
@@ -156,7 +156,7 @@ def assert_joiner_warm_started(out: Outcome, slot: int, stopped_at: int) -> None
     # Close to the peers (its first window: a fresh optimizer on the averaged model),
     # far from a cold start.
     assert joined.loss < cold / 5, (joined.loss, cold)
-    assert joined.loss < max(6 * max(peers), 0.2), (joined.loss, peers)
+    assert joined.loss < max(6 * max(peers), 0.3), (joined.loss, peers)
 
 
 @pytest.mark.parametrize("algorithm", list(SETTINGS))
