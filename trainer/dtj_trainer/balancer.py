@@ -80,7 +80,6 @@ class Balancer:
     speed (all members compute the same plan from the same numbers)."""
 
     spec: BatchingSpec
-    hint: float = 1.0  # the node pool's speed: the starting point
     beta: float = 0.5  # damping: how far one re-plan moves the shares
     smoothing: float = 0.5  # EMA weight of the newest measurement
     seconds_per_sample: float | None = None

@@ -174,7 +174,7 @@ class Worker:
             # In virtual time (the simulator's asynchronous mode) slowness is a clock tick.
             1.0 if transport.virtual_time else slowdown,
         )
-        balancer = Balancer(cfg.batching, hint=hint) if cfg.batching.dynamic else None
+        balancer = Balancer(cfg.batching) if cfg.batching.dynamic else None
         return cls(
             cfg,
             transport,
