@@ -10,12 +10,14 @@ of the same seed.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from dtj_trainer import membership
 from dtj_trainer.config import TrainerConfig
 from dtj_trainer.launcher import LocalJob
 from dtj_trainer.metrics import Progress
@@ -126,6 +128,7 @@ def run(tmp_path: Path, algorithm: str, events: list[Event]) -> Outcome:
         job.close()
 
 
+_empty = membership.Generation(-1, ())
 _none = Progress(rank=-1, step=-1, loss=0.0, samples_per_second=0.0)
 
 
@@ -208,5 +211,40 @@ def test_a_frozen_worker_is_dropped_and_asks_back_in_when_it_thaws(tmp_path, und
         assert "dropped this worker" in (logs / "worker-1.log").read_text()
         accuracy = job.result().averaged_accuracy
         assert abs(accuracy - undisturbed["dpsgd"].accuracy) <= 0.01
+    finally:
+        job.close()
+
+
+def test_a_worker_lost_before_its_first_generation_forms_does_not_stall_the_others(tmp_path):
+    """Slot 3 registers, is admitted to generation 0 and dies before it forms. The others
+    give generation 0 up as soon as the registrar publishes one without it, instead of
+    waiting in gloo's connection set-up for the whole collective timeout (here 10 min)."""
+    cfg = config("dpsgd").model_copy(update={"timeout_seconds": 600.0})
+    logs = tmp_path / "lost-while-forming"
+    job = LocalJob(cfg, logs=logs)
+    try:
+        for slot in range(3):
+            job.start_worker(slot)
+
+        def joined(slot: int) -> bool:
+            if not job.store.check([membership.REQUESTS]):
+                return False
+            return f'"join": "{slot}.' in job.store.get(membership.REQUESTS).decode()
+
+        wait("slots 0-2 registered", lambda: all(joined(s) for s in range(3)))
+        job.start_worker(3)
+        wait("slot 3 registered", lambda: joined(3), timeout=60)
+        job.signal(3, signal.SIGSTOP)  # before generation 0 exists: it never gets to form it
+        wait("generation 0 with all four", lambda: len((job.generation() or _empty).members) == 4)
+        job.signal(3, signal.SIGKILL)
+        wait("the end of training", lambda: not job.running(), timeout=300)
+        assert {s: job.procs[s].returncode for s in range(3)} == dict.fromkeys(range(3), 0)
+        for slot in range(3):
+            log = (logs / f"worker-{slot}.log").read_text()
+            assert re.search(r"generation 0 (was )?given up", log), log
+            assert "broke while forming" not in log, log
+            (reports,) = history(logs, slot)
+            assert reports[-1].step == STEPS
+        assert job.result().averaged_accuracy > 0.9
     finally:
         job.close()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import datetime
 import json
+import threading
 
 import pytest
+import torch.distributed as dist
 from dtj_trainer import membership
 
 
@@ -30,6 +33,11 @@ class FakeStore:
         value = int(self.data.get(key, b"0")) + amount
         self.data[key] = str(value).encode()
         return value
+
+    def compare_set(self, key: str, expected: str, desired: str) -> bytes:
+        if self.data.get(key, b"") == expected.encode():
+            self.data[key] = desired.encode()
+        return self.data[key]
 
 
 class Clock:
@@ -178,3 +186,76 @@ def test_a_member_dropped_while_frozen_asks_back_in_and_is_readmitted():
     gen = reg.step()
     assert gen.members == ("0.a", "1.b", "2.c", "3.d")
     assert me.wait_for(0, timeout=1, say=said.append) == gen
+
+
+GEN5 = membership.Generation(5, ("0.a", "1.b", "2.c"))
+
+
+def test_the_last_member_to_arrive_completes_the_assembly():
+    store = FakeStore()
+    store.add("assembly/5", 2)  # two members are already waiting
+    membership.assemble(store, GEN5, timeout=1, newest=lambda: 5)
+    assert store.add("assembly/5", 0) == 3
+
+
+def test_a_generation_replaced_while_assembling_is_given_up_by_everyone():
+    store = FakeStore()
+    with pytest.raises(membership.Superseded, match="generation 6 replaced it"):
+        membership.assemble(store, GEN5, timeout=30, newest=lambda: 6)
+    store.add("assembly/5", 1)  # a second member had arrived meanwhile
+    # A member arriving late never forms it, even before it sees generation 6.
+    with pytest.raises(membership.Superseded, match="given up by another member"):
+        membership.assemble(store, GEN5, timeout=30, newest=lambda: 5)
+
+
+def test_a_member_missing_for_the_whole_timeout_gives_the_generation_up():
+    store = FakeStore()
+    with pytest.raises(membership.Superseded, match="within 0s"):
+        membership.assemble(store, GEN5, timeout=0.1, newest=lambda: 5)
+
+
+class RacingStore(FakeStore):
+    """The last member arrives between a give-up's read and its compare-and-set."""
+
+    def compare_set(self, key: str, expected: str, desired: str) -> bytes:
+        self.add(key, 1)
+        return super().compare_set(key, expected, desired)
+
+
+def test_a_give_up_that_loses_the_race_to_the_last_arrival_forms_the_generation():
+    store = RacingStore()
+    store.add("assembly/5", 1)
+    membership.assemble(store, GEN5, timeout=30, newest=lambda: 6)
+    assert store.add("assembly/5", 0) == 3
+
+
+def test_assembly_on_a_real_store_forms_or_gives_up_for_all_members_alike():
+    store = dist.TCPStore(
+        "127.0.0.1", 0, is_master=True, timeout=datetime.timedelta(seconds=10), use_libuv=True
+    )
+    newest = {"n": 5}
+    outcomes: dict[str, str] = {}
+
+    def member(name: str, gen: membership.Generation) -> None:
+        try:
+            membership.assemble(store, gen, timeout=30, newest=lambda: newest["n"])
+            outcomes[name] = "formed"
+        except membership.Superseded:
+            outcomes[name] = "given up"
+
+    two = membership.Generation(5, ("0.a", "1.b"))
+    threads = [threading.Thread(target=member, args=(m, two)) for m in two.members]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert outcomes == {"0.a": "formed", "1.b": "formed"}
+
+    three = membership.Generation(6, ("0.a", "1.b", "2.c"))  # 2.c never comes
+    threads = [threading.Thread(target=member, args=(m, three)) for m in ("0.a", "1.b")]
+    for t in threads:
+        t.start()
+    newest["n"] = 7
+    for t in threads:
+        t.join(10)
+    assert outcomes == {"0.a": "given up", "1.b": "given up"}

@@ -33,7 +33,7 @@ from torch import nn
 from . import algorithms, checkpoint, data, models
 from .balancer import Balancer, gradient_scales
 from .config import ASYNC_ALGORITHMS, TrainerConfig
-from .membership import Cancelled, Generation, Member, slot_of
+from .membership import Cancelled, Generation, Member, Superseded, slot_of
 from .metrics import Progress, Result
 from .pace import Pace
 from .transport import Transport
@@ -437,8 +437,12 @@ class Worker:
             self.transport.close()
             el.generation = gen
             try:
+                el.member.assemble(gen, el.timeout)
                 self.transport = el.connect(gen, rank)
                 await self.sync_state([m for m in el.synced if m not in gen.members])
+            except Superseded as e:
+                el.say(f"{e}; moving on")
+                continue
             except RuntimeError as e:
                 el.say(f"generation {gen.number} broke while forming ({str(e)[:100]}); again")
                 continue

@@ -14,6 +14,12 @@ wait (and the status says so) instead of training short-handed or hanging.
 
 A worker id is "<slot>.<incarnation>": a replacement for the same slot is a
 new member, and the old incarnation is dropped when the new one registers.
+
+Before forming a generation's process groups its members `assemble`: gloo
+waits up to the collective timeout for every peer, and a peer that already
+moved on to a newer generation never comes, so members meeting first on the
+store (where waiting can be abandoned) keeps a superseded generation from
+stalling anyone.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 REQUESTS = "members/requests"
+ABORTED = 1_000_000  # added to a generation's arrival count when it will never form
+ASSEMBLY_POLL_SECONDS = 0.05
 CURRENT = "gen/current"
 HEARTBEAT_SECONDS = 0.2  # also how often a worker looks for a new generation
 
@@ -67,6 +75,52 @@ def read_current(store: Any) -> Generation | None:
     g = int(store.get(CURRENT))
     info = json.loads(store.get(gen_key(g)))
     return Generation(g, tuple(info["members"]), bool(info.get("paused")))
+
+
+class Superseded(RuntimeError):
+    """A generation was given up before all its members arrived to form it."""
+
+
+def assemble(
+    store: Any, gen: Generation, timeout: float, newest: Callable[[], int | None]
+) -> None:
+    """Wait until every member of `gen` has arrived to form its groups.
+
+    One atomic counter per generation: each member adds 1 on arrival. A member
+    that sees a newer generation (`newest()`), or waits `timeout`, gives the
+    generation up by adding ABORTED with compare-and-set, which succeeds only
+    while someone is still missing. So either every member sees the full count
+    and forms the groups, or every member (including late arrivals) sees it
+    given up and raises Superseded; nobody forms a group that others abandoned.
+    """
+    key, size = f"assembly/{gen.number}", len(gen.members)
+    deadline = time.monotonic() + timeout
+    count = int(store.add(key, 1))
+    while count < size:
+        latest = newest()
+        if (latest is not None and latest > gen.number) or time.monotonic() > deadline:
+            count = _give_up(store, key, size)
+            if count == size:  # the last member arrived just before: form after all
+                return
+            why = f"generation {latest} replaced it" if latest and latest > gen.number else (
+                f"not every member arrived within {timeout:.0f}s"
+            )
+            raise Superseded(f"generation {gen.number} given up before it formed: {why}")
+        time.sleep(ASSEMBLY_POLL_SECONDS)
+        count = int(store.add(key, 0))
+    if count >= ABORTED:
+        raise Superseded(f"generation {gen.number} was given up by another member")
+
+
+def _give_up(store: Any, key: str, size: int) -> int:
+    """Mark the generation given up unless it is complete; returns the final count."""
+    while True:
+        count = int(store.add(key, 0))
+        if count >= size:
+            return count
+        given_up = str(count + ABORTED)
+        if bytes(store.compare_set(key, str(count), given_up)) == given_up.encode():
+            return count + ABORTED
 
 
 @dataclass
@@ -251,6 +305,14 @@ class Member:
 
     def current(self) -> Generation | None:
         return read_current(self.store)
+
+    def latest(self) -> int | None:
+        """The number of the newest published generation (one store read)."""
+        return int(self.store.get(CURRENT)) if self.store.check([CURRENT]) else None
+
+    def assemble(self, gen: Generation, timeout: float) -> None:
+        """Meet the other members of `gen` before forming its groups (see `assemble`)."""
+        assemble(self.store, gen, timeout, self.latest)
 
     def wait_for(
         self,

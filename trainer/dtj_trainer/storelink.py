@@ -55,5 +55,8 @@ class StoreLink:
     def add(self, key: str, amount: int) -> int:
         return int(self.call(lambda s: s.add(key, amount)))
 
+    def compare_set(self, key: str, expected: str, desired: str) -> bytes:
+        return bytes(self.call(lambda s: s.compare_set(key, expected, desired)))
+
     def append(self, key: str, value: str) -> None:
         self.call(lambda s: s.append(key, value))

@@ -120,8 +120,9 @@ def _group(
 class _Mailbox:
     """A background receiver for pushes, with a ring of posted receive buffers.
 
-    Messages are flat tensors of a fixed length; the last element is a kind
-    flag (0 = payload, 1 = stop). The thread keeps DEPTH receive-from-any-
+    Messages are flat tensors of a fixed length; the last two elements are the
+    sender's rank (gloo's Work.source_rank is deprecated) and a kind flag
+    (0 = payload, 1 = stop). The thread keeps DEPTH receive-from-any-
     source buffers posted, so gloo's own threads accept pushes even while
     this Python thread waits for the GIL; it re-posts after every payload and
     not after a stop, so it ends once DEPTH stops have arrived (see `drain`).
@@ -138,7 +139,7 @@ class _Mailbox:
         self._thread.start()
 
     def _post(self) -> tuple[torch.Tensor, Any]:
-        buf = torch.empty(self.numel + 1)
+        buf = torch.empty(self.numel + 2)
         return buf, self._pg.recv_anysource([buf], 1)
 
     def _run(self) -> None:
@@ -149,7 +150,7 @@ class _Mailbox:
                 work.wait()
                 if buf[-1].item() == 1.0:
                     continue
-                self._queue.append((work.source_rank(), buf[:-1]))
+                self._queue.append((int(buf[-2].item()), buf[:-2]))
                 posted.append(self._post())
         except RuntimeError:  # the generation was abandoned: its pushes are void
             return
@@ -269,7 +270,7 @@ class DistTransport:
     def post(self, tensor: torch.Tensor, peer: int) -> None:
         if self._mailbox is None:
             raise RuntimeError("open_inbox() must be called by every worker before post()")
-        payload = torch.cat([tensor.detach().reshape(-1).cpu(), torch.zeros(1)])
+        payload = torch.cat([tensor.detach().reshape(-1).cpu(), torch.tensor([self.rank, 0.0])])
         self._sends.append(self._msg_pg.send([payload], peer, 1))
         self.counters.add(sent=payload.numel() * payload.element_size(), received=0)
 
@@ -295,7 +296,7 @@ class DistTransport:
                 w.wait()
             self._sends = []
             await self.all_reduce_mean(torch.zeros(1))  # every push has landed
-            stop = torch.zeros(box.numel + 1)
+            stop = torch.zeros(box.numel + 2)
             stop[-1] = 1.0
             peer = (self.rank + 1) % self.size
             for w in [self._msg_pg.send([stop], peer, 1) for _ in range(box.DEPTH)]:
