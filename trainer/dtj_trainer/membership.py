@@ -81,9 +81,7 @@ class Superseded(RuntimeError):
     """A generation was given up before all its members arrived to form it."""
 
 
-def assemble(
-    store: Any, gen: Generation, timeout: float, newest: Callable[[], int | None]
-) -> None:
+def assemble(store: Any, gen: Generation, timeout: float, newest: Callable[[], int | None]) -> None:
     """Wait until every member of `gen` has arrived to form its groups.
 
     One atomic counter per generation: each member adds 1 on arrival. A member
@@ -102,8 +100,10 @@ def assemble(
             count = _give_up(store, key, size)
             if count == size:  # the last member arrived just before: form after all
                 return
-            why = f"generation {latest} replaced it" if latest and latest > gen.number else (
-                f"not every member arrived within {timeout:.0f}s"
+            why = (
+                f"generation {latest} replaced it"
+                if latest and latest > gen.number
+                else (f"not every member arrived within {timeout:.0f}s")
             )
             raise Superseded(f"generation {gen.number} given up before it formed: {why}")
         time.sleep(ASSEMBLY_POLL_SECONDS)
