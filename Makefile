@@ -46,8 +46,9 @@ e2e: install controlplane
 	$(PY) -m pytest tests/e2e -q
 
 ## make test: lint, type check, unit, real-process trainer tests, e2e on a real control plane.
+## Two pytest workers: the e2e tests in one (they share the control plane), the rest in the other.
 test: install controlplane lint typecheck
-	$(PY) -m pytest -q -ra --durations=15; rc=$$?; \
+	$(PY) -m pytest -q -ra --durations=15 -n 2 --dist loadgroup; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 ## make bench: the measurements (not run by make test); JSON and PNG in bench/results/.

@@ -43,7 +43,8 @@ from dtj_trainer.launcher import LocalJob
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_SECONDS = 0.002  # modelled compute: 64 ms for a batch of 32 on a "fast" worker
 BATCH = 32
-TARGET = 0.93  # test accuracy on digits
+TARGET = 0.93  # test accuracy on digits (the learning rates are picked by time to it)
+LATE_TARGET = 0.95  # nearer convergence: less start-up, more training in the comparison
 EVAL_EVERY = 5
 ROUNDS = 150  # budget = ROUNDS x BATCH x workers samples
 # Learning rates: the centre of each method's grid (x 0.5, 1, 2 are tried).
@@ -53,7 +54,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "allreduce+balancer": {"lr": 0.2, "momentum": 0.9, "dynamic": True},
     "dpsgd": {"lr": 0.2, "momentum": 0.9},
     "dpsgd+balancer": {"lr": 0.2, "momentum": 0.9, "dynamic": True},
-    "gosgd": {"lr": 0.4, "momentum": 0.0},
+    "gosgd": {"lr": 0.2, "momentum": 0.0},
     "dasgd": {"lr": 0.05, "momentum": 0.9},
 }
 GRID = (0.5, 1.0, 2.0)
@@ -65,13 +66,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def time_to_target(records: list[dict[str, Any]], start: float, workers: int) -> float | None:
+def time_to_target(
+    records: list[dict[str, Any]], start: float, workers: int, target: float = TARGET
+) -> float | None:
     """Seconds from `start` until the mean of the workers' latest test accuracies
-    first reaches TARGET (None if it never does)."""
+    first reaches `target` (None if it never does)."""
     latest: dict[int, float] = {}
     for r in sorted(records, key=lambda r: r["time"]):
         latest[r["rank"]] = r["test_accuracy"]
-        if len(latest) == workers and statistics.mean(latest.values()) >= TARGET:
+        if len(latest) == workers and statistics.mean(latest.values()) >= target:
             return float(r["time"] - start)
     return None
 
@@ -123,6 +126,7 @@ def run_ddp(speeds: list[float], lr: float, seed: int, samples: int) -> dict[str
         "samples_per_second": results[0]["result"]["samples"] / wall,
         "accuracy": results[0]["result"]["accuracy"],
         "time_to_target": time_to_target(records, start, n),
+        "time_to_late_target": time_to_target(records, start, n, LATE_TARGET),
     }
 
 
@@ -181,6 +185,7 @@ def run_trainer(
         "samples_per_second": sum(r.samples_per_second for r in results.values()),
         "accuracy": next(iter(results.values())).averaged_accuracy,
         "time_to_target": time_to_target(records, start, n),
+        "time_to_late_target": time_to_target(records, start, n, LATE_TARGET),
         "batches": {str(r["rank"]): r["batch"] for r in records if r.get("batch") is not None},
     }
 
@@ -202,21 +207,26 @@ def score(run: dict[str, Any]) -> float:
     return ttt if ttt is not None else 1e6 * (1 - run["accuracy"])
 
 
-def summarize(runs: list[dict[str, Any]], ideal: float, ddp_ttt: float | None) -> dict[str, Any]:
-    def stats(values: list[float]) -> dict[str, float]:
-        return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+def stats(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
-    ttts = [r["time_to_target"] for r in runs if r["time_to_target"] is not None]
+
+def summarize(
+    runs: list[dict[str, Any]], ideal: float, ddp: dict[str, float | None]
+) -> dict[str, Any]:
+    """Median and range over seeds; `ddp` holds DDP's median time to each target."""
     out: dict[str, Any] = {
         "throughput_vs_ideal": stats([r["samples_per_second"] / ideal for r in runs]),
         "wall_seconds": stats([r["wall_seconds"] for r in runs]),
         "accuracy": stats([r["accuracy"] for r in runs]),
-        "reached_target": f"{len(ttts)}/{len(runs)}",
     }
-    if ttts:
-        out["time_to_target_seconds"] = stats(ttts)
-        if ddp_ttt:
-            out["time_to_target_vs_ddp"] = stats([t / ddp_ttt for t in ttts])
+    for key, suffix in (("time_to_target", ""), ("time_to_late_target", "_late")):
+        ttts = [r[key] for r in runs if r.get(key) is not None]
+        out[f"reached_target{suffix}"] = f"{len(ttts)}/{len(runs)}"
+        if ttts:
+            out[f"time_to_target{suffix}_seconds"] = stats(ttts)
+            if ddp[key]:
+                out[f"time_to_target{suffix}_vs_ddp"] = stats([t / ddp[key] for t in ttts])
     return out
 
 
@@ -239,13 +249,15 @@ def compare(
             runs[name].append(known or run(name, speeds, lrs[name], seed, samples))
     for name, rs in runs.items():
         say(f"  {name:<20} " + ", ".join(f"{r['wall_seconds']:.1f}s" for r in rs))
-    ddp = [r["time_to_target"] for r in runs["ddp"] if r["time_to_target"] is not None]
-    ddp_ttt = statistics.median(ddp) if ddp else None
+    ddp: dict[str, float | None] = {}
+    for key in ("time_to_target", "time_to_late_target"):
+        reached = [r[key] for r in runs["ddp"] if r.get(key) is not None]
+        ddp[key] = statistics.median(reached) if reached else None
     return {
         "speeds": speeds,
         "samples": samples,
         "ideal_samples_per_second": ideal,
-        "methods": {name: summarize(rs, ideal, ddp_ttt) for name, rs in runs.items()},
+        "methods": {name: summarize(rs, ideal, ddp) for name, rs in runs.items()},
         "runs": runs,
     }
 
@@ -259,14 +271,26 @@ def plot(report: dict[str, Any], path: Path) -> None:
     main = report["main"]["methods"]
     names = list(main)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    thr = [main[n]["throughput_vs_ideal"]["median"] for n in names]
-    axes[0].barh(names, thr, color="tab:blue")
+
+    def bars(ax: Any, key: str, offset: float, color: str, label: str) -> None:
+        """Median per method, whiskers from the lowest to the highest seed."""
+        nan = {"median": float("nan"), "min": float("nan"), "max": float("nan")}
+        st = [main[n].get(key, nan) for n in names]
+        med = [x["median"] for x in st]
+        err = [[m - x["min"] for m, x in zip(med, st, strict=True)]]
+        err.append([x["max"] - m for m, x in zip(med, st, strict=True)])
+        ys = [i + offset for i in range(len(names))]
+        ax.barh(ys, med, height=0.4, xerr=err, color=color, label=label, capsize=2)
+        ax.set_yticks(range(len(names)), names)
+
+    bars(axes[0], "throughput_vs_ideal", 0.0, "tab:blue", "factor 3")
     axes[0].axvline(0.9, color="grey", ls="--", lw=1)
     axes[0].set_xlabel("aggregate samples/s / ideal (factor 3)")
-    ttt = [main[n].get("time_to_target_vs_ddp", {}).get("median", float("nan")) for n in names]
-    axes[1].barh(names, ttt, color="tab:green")
+    bars(axes[1], "time_to_target_vs_ddp", -0.2, "tab:green", f"{TARGET:.0%}")
+    bars(axes[1], "time_to_target_late_vs_ddp", 0.2, "tab:olive", f"{LATE_TARGET:.0%}")
     axes[1].axvline(0.5, color="grey", ls="--", lw=1)
-    axes[1].set_xlabel(f"time to {TARGET:.0%} accuracy / DDP's")
+    axes[1].set_xlabel("time to accuracy / DDP's (missing: not reached)")
+    axes[1].legend(fontsize=7)
     for name in names:
         xs, ys = [], []
         for factor, case in sorted(report["sweep"].items(), key=lambda kv: float(kv[0])):
@@ -322,6 +346,7 @@ def main() -> int:
             "batch": BATCH,
             "rounds_budget": ROUNDS,
             "target_accuracy": TARGET,
+            "late_target_accuracy": LATE_TARGET,
             "seeds": seeds,
             "sweep_seeds": sweep_seeds,
             "lr_grid": GRID,
@@ -352,10 +377,12 @@ def main() -> int:
     say(f"\nwrote {out} and {out.with_suffix('.png')}")
     for name, m in report["main"]["methods"].items():
         vs = m.get("time_to_target_vs_ddp", {}).get("median")
+        late = m.get("time_to_target_late_vs_ddp", {}).get("median")
         say(
             f"  {name:<20} throughput/ideal {m['throughput_vs_ideal']['median']:.2f}  "
             f"wall {m['wall_seconds']['median']:.1f}s  "
-            f"time-to-{TARGET:.0%}/DDP {vs if vs is None else round(vs, 2)}"
+            f"time-to-{TARGET:.0%}/DDP {vs if vs is None else round(vs, 2)}  "
+            f"time-to-{LATE_TARGET:.0%}/DDP {late if late is None else round(late, 2)}"
         )
     return 0
 

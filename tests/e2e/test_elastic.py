@@ -19,20 +19,22 @@ from tests.e2e.kube import Kube, new_namespace, wait_for
 pytestmark = pytest.mark.e2e
 
 # Modelled compute per sample (~16 ms a step) so a run lasts long enough to disturb.
-SLOW = {"env": [{"name": "DTJ_SIMULATE_SAMPLE_SECONDS", "value": "0.0005"}]}
+# It is a sleep: it changes how long a step takes, never what it computes.
+SAMPLE_SECONDS = 0.0005
 
 
 STEPS = 1000  # every job here, disturbed or not: so their accuracies compare
 
 
-def elastic_job(name: str, replicas: int = 4, steps: int = STEPS) -> str:
+def elastic_job(name: str, replicas: int = 4, sample_seconds: float = SAMPLE_SECONDS) -> str:
+    env = [{"name": "DTJ_SIMULATE_SAMPLE_SECONDS", "value": str(sample_seconds)}]
     return manifest(
         name,
         replicas=replicas,
         minReplicas=3,
         algorithm={"name": "dpsgd", "topology": "ring"},
-        training={"steps": steps, "evalEvery": 50},
-        template=SLOW,
+        training={"steps": STEPS, "evalEvery": 50},
+        template={"env": env},
     )
 
 
@@ -215,7 +217,9 @@ def test_a_disrupted_node_loses_its_workers_as_preemptions(
 
 
 def test_scaling_up_and_down_while_training(kube, local, operator, namespace, undisturbed):
-    kube.run("apply", "-n", namespace, "-f", "-", input=elastic_job("scaled"))
+    # Two rounds of pods starting and stopping must land mid-run: slower steps.
+    slower = elastic_job("scaled", sample_seconds=3 * SAMPLE_SECONDS)
+    kube.run("apply", "-n", namespace, "-f", "-", input=slower)
     training(kube, namespace, "scaled", 4)
     before = pods(kube, namespace, "scaled")
     pids = worker_pids(local, namespace)

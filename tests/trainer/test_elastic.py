@@ -2,9 +2,11 @@
 
 Each run trains 4 workers through the local coordinator (store + registrar).
 Mid-run, slot 2's worker gets SIGTERM (it hands its model off and leaves) and
-a replacement starts; once that one is in, slot 3's worker gets SIGKILL (its
-heartbeat stops) and a replacement starts. Compared with an undisturbed run
-of the same seed.
+a replacement starts; while that one is on its way, slot 3's worker gets
+SIGKILL (its heartbeat stops) and a replacement starts. Compared with an
+undisturbed run of the same seed. Steps take ~24 ms of modelled compute (as
+on real hardware, not a tiny model's ~1 ms), so the replacements, which take
+seconds to start, join well before the end.
 """
 
 from __future__ import annotations
@@ -82,14 +84,14 @@ class Event:
     at_step: int
 
 
-EVENTS = [Event(2, signal.SIGTERM, 100), Event(3, signal.SIGKILL, 0)]  # SIGKILL: once 2 is back
+EVENTS = [Event(2, signal.SIGTERM, 100), Event(3, signal.SIGKILL, 120)]
+SAMPLE_SECONDS = "0.00075"  # modelled compute per sample: ~24 ms a step of 32
 
 
 def run(tmp_path: Path, algorithm: str, events: list[Event]) -> Outcome:
     """Train; for each event stop that slot's worker, then start its replacement."""
     logs = tmp_path / algorithm
-    # Steps of modelled compute (~16 ms), as on real hardware, not a tiny model's ~1 ms.
-    env = {str(s): {"DTJ_SIMULATE_SAMPLE_SECONDS": "0.0005"} for s in range(4)}
+    env = {str(s): {"DTJ_SIMULATE_SAMPLE_SECONDS": SAMPLE_SECONDS} for s in range(4)}
     job = LocalJob(config(algorithm), logs=logs, extra_env=env)
     try:
         for slot in range(4):
@@ -98,10 +100,10 @@ def run(tmp_path: Path, algorithm: str, events: list[Event]) -> Outcome:
         detected: dict[int, float] = {}
         for ev in events:
             wait(
-                f"slot {ev.slot} at step {ev.at_step} in a full generation",
+                f"slot {ev.slot} at step {ev.at_step}, training",
                 lambda ev=ev: (
                     job.reports().get(ev.slot, _none).step >= ev.at_step
-                    and len(job.generation().members) == 4
+                    and any(m.startswith(f"{ev.slot}.") for m in job.generation().members)
                 ),
             )
             t0 = time.monotonic()
@@ -169,7 +171,7 @@ def test_workers_leave_and_die_and_replacements_warm_start(tmp_path, algorithm, 
     assert out.detected_after[signal.SIGKILL] < 10.0, out.detected_after
     assert_survivors_trained_on(out, [0, 1], EVENTS[0].at_step)
     assert_joiner_warm_started(out, 2, EVENTS[0].at_step)
-    assert_joiner_warm_started(out, 3, EVENTS[0].at_step)
+    assert_joiner_warm_started(out, 3, EVENTS[1].at_step)
     assert abs(out.accuracy - undisturbed[algorithm].accuracy) <= 0.01, (
         out.accuracy,
         undisturbed[algorithm].accuracy,
@@ -180,7 +182,7 @@ def test_a_frozen_worker_is_dropped_and_asks_back_in_when_it_thaws(tmp_path, und
     """SIGSTOP (a stalled node, a paused VM): nobody waits for it past the heartbeat
     bound; on SIGCONT it finds itself dropped, rejoins and trains to the end."""
     logs = tmp_path / "frozen"
-    env = {str(s): {"DTJ_SIMULATE_SAMPLE_SECONDS": "0.0005"} for s in range(4)}
+    env = {str(s): {"DTJ_SIMULATE_SAMPLE_SECONDS": SAMPLE_SECONDS} for s in range(4)}
     job = LocalJob(config("dpsgd"), logs=logs, extra_env=env)
     try:
         for slot in range(4):
@@ -198,7 +200,7 @@ def test_a_frozen_worker_is_dropped_and_asks_back_in_when_it_thaws(tmp_path, und
         )
         detected = time.monotonic() - t0
         step = job.reports()[0].step
-        wait("the others to train on", lambda: job.reports()[0].step >= step + 60)
+        wait("the others to train on", lambda: job.reports()[0].step >= step + 40)
         job.signal(1, signal.SIGCONT)
         wait(
             "the thawed worker back in",

@@ -206,7 +206,13 @@ def run(rt: Runtime) -> int:
         member.stop()
         return 0
     except AlreadyDone:
-        say("the job's training had already finished when this worker joined: nothing to do")
+        if worker.current_step == 0:
+            say("the job's training had already finished when this worker joined: nothing to do")
+        else:
+            say(
+                f"the job's training finished while this worker was away (it had reached "
+                f"step {worker.current_step}); the others' result stands"
+            )
         member.leave()
         return 0
     line = json.dumps(asdict(result))

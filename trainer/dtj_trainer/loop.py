@@ -98,7 +98,8 @@ class Left(Exception):
 
 
 class AlreadyDone(Exception):
-    """This worker joined after the job's training had finished: nothing to do."""
+    """The job's training finished while this worker waited for a generation (it joined
+    late, or was away when the others finished): nothing left to do."""
 
 
 DONE_KEY = "job/done"
@@ -461,12 +462,10 @@ class Worker:
         return self.algo
 
     def _should_stop_waiting(self) -> bool:
-        """SIGTERM, or (for a worker that has not trained yet) the job is over."""
+        """SIGTERM, or the job's training is over (the others wrote their result)."""
         el = self.elastic
         assert el is not None
-        if el.leaving.is_set():
-            return True
-        return self.current_step == 0 and bool(el.store.check([DONE_KEY]))
+        return el.leaving.is_set() or bool(el.store.check([DONE_KEY]))
 
     async def leave(self) -> NoReturn:
         """SIGTERM: hand the model (and its weight) to the members, announce, stop."""
