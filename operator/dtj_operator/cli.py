@@ -86,17 +86,19 @@ def local_env(
     return env
 
 
-def operator_command(namespace: str | None = None) -> list[str]:
+def operator_command(namespace: str | None = None, liveness: str | None = None) -> list[str]:
     """How the operator is run (here, in tests and benchmarks): kopf over our handlers.
 
     `namespace` may be a kopf glob such as `e2e-*`; None watches all namespaces.
+    `liveness` is kopf's health endpoint (e.g. http://0.0.0.0:8081/healthz).
     """
     cmd = [sys.executable, "-m", "kopf", "run", "--standalone", "-m", "dtj_operator.handlers"]
-    return cmd + ([f"--namespace={namespace}"] if namespace else ["--all-namespaces"])
+    cmd += [f"--namespace={namespace}"] if namespace else ["--all-namespaces"]
+    return cmd + ([f"--liveness={liveness}"] if liveness else [])
 
 
 def cmd_operator(args: argparse.Namespace) -> int:
-    cmd = operator_command(args.namespace)
+    cmd = operator_command(args.namespace, args.liveness)
     os.execvp(cmd[0], cmd)
 
 
@@ -127,6 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_local)
     p = sub.add_parser("operator", help="run the operator against the current kubeconfig")
     p.add_argument("--namespace", help="watch one namespace (default: all)")
+    p.add_argument(
+        "--liveness",
+        metavar="URL",
+        help="serve kopf's liveness probe there, e.g. http://0.0.0.0:8081/healthz",
+    )
     p.set_defaults(func=cmd_operator)
     p = sub.add_parser("crd", help="print the generated CRD")
     p.set_defaults(func=cmd_crd)

@@ -15,9 +15,17 @@ from typing import Any
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from . import api
+from . import api, metrics
 
 log = logging.getLogger(__name__)
+
+
+class _CountingApiClient(client.ApiClient):
+    """Counts every request in dtj_operator_api_requests_total, by method."""
+
+    def call_api(self, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+        metrics.API_REQUESTS.labels(method=method.upper()).inc()
+        return super().call_api(method, url, *args, **kwargs)
 
 
 class Cluster:
@@ -26,7 +34,7 @@ class Cluster:
             config.load_incluster_config()
         except config.ConfigException:
             config.load_kube_config()
-        self._api = client.ApiClient()
+        self._api = _CountingApiClient()
         self.core = client.CoreV1Api(self._api)
         self.rbac = client.RbacAuthorizationV1Api(self._api)
         self.custom = client.CustomObjectsApi(self._api)

@@ -14,7 +14,7 @@ from typing import Any
 
 import kopf
 
-from . import api, lifecycle, render
+from . import api, lifecycle, metrics, render
 from .cluster import Cluster
 from .reconcile import reconcile
 
@@ -25,7 +25,7 @@ def _cluster() -> Cluster:
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+def configure(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: Any) -> None:
     # Handler progress lives in annotations: the CRD's structural schema would
     # prune kopf's usual status.kopf field.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=api.GROUP)
@@ -34,6 +34,9 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     )
     settings.posting.level = 30  # WARNING and above become Kubernetes Events
     settings.watching.server_timeout = 120
+    port = metrics.serve_from_env()
+    if port is not None:
+        logger.info("serving the operator's metrics on port %d (/metrics)", port)
 
 
 _locks: collections.defaultdict[tuple[str, str], threading.Lock] = collections.defaultdict(
@@ -50,13 +53,27 @@ def reconcile_latest(namespace: str, name: str) -> None:
     """
     with _locks[(namespace, name)]:
         job = _cluster().get_job(namespace, name)
-        if job is not None:
-            reconcile(job, _cluster())
+        if job is None:
+            metrics.job_phase(namespace, name, None)
+            return
+        with metrics.RECONCILE_SECONDS.time():
+            try:
+                new = reconcile(job, _cluster())
+            except Exception:
+                metrics.RECONCILES.labels(result="error").inc()
+                raise
+        metrics.RECONCILES.labels(result="ok").inc()
+        phase = new.get("phase") or (job.get("status") or {}).get("phase") or "Pending"
+        metrics.job_phase(namespace, name, phase)
 
 
 @kopf.on.event(api.GROUP, api.VERSION, api.PLURAL)
 def job_event(type: str, name: str, namespace: str | None, **_: Any) -> None:
-    if type != "DELETED" and namespace:
+    if not namespace:
+        return
+    if type == "DELETED":
+        metrics.job_phase(namespace, name, None)
+    else:
         reconcile_latest(namespace, name)
 
 
@@ -70,8 +87,12 @@ def pod_event(type: str, body: kopf.Body, namespace: str | None, **_: Any) -> No
             job = _cluster().get_job(namespace, job_name)
             if job is None or job["metadata"].get("deletionTimestamp"):
                 return
+            if not render.owned_by(dict(body), job["metadata"].get("uid")):
+                return  # a pod of an earlier job of the same name
             parsed = api.DecentralizedTrainingJob.from_body(job)
             counter = lifecycle.vanished_worker(parsed, dict(body), job.get("status") or {})
+            if counter is not None:
+                metrics.lost(counter)
             if counter == "preemptions":
                 note = lifecycle.preemption_note(dict(body))
                 _cluster().increment_status(namespace, job_name, counter, {"lastPreemption": note})
@@ -92,14 +113,16 @@ def node_event(type: str, body: kopf.Body, **_: Any) -> None:
         meta = pod["metadata"]
         job_name = meta["labels"][render.LABEL_JOB]
         with _locks[(meta["namespace"], job_name)]:
+            job = cluster.get_job(meta["namespace"], job_name)
+            if job is None or not render.owned_by(pod, job["metadata"].get("uid")):
+                continue  # its job is gone: the garbage collector removes the pod
             if cluster.delete_pod(meta["namespace"], meta["name"], meta["uid"]):
                 note = lifecycle.preemption_note(dict(pod), f"moved away, {reason}")
                 cluster.increment_status(
                     meta["namespace"], job_name, "preemptions", {"lastPreemption": note}
                 )
-                job = cluster.get_job(meta["namespace"], job_name)
-                if job is not None:
-                    cluster.event(job, "Normal", "WorkerMoved", note)
+                metrics.lost("preemptions")
+                cluster.event(job, "Normal", "WorkerMoved", note)
 
 
 @kopf.timer(api.GROUP, api.VERSION, api.PLURAL, interval=10, idle=5)

@@ -14,7 +14,7 @@ from typing import Any
 import pydantic
 from kubernetes.client.exceptions import ApiException
 
-from . import api, lifecycle, render, status
+from . import api, lifecycle, metrics, render, status
 from .cluster import Cluster
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,9 @@ def reconcile(body: dict[str, Any], cluster: Cluster) -> dict[str, Any]:
 
     # Observe and sort.
     old: dict[str, Any] = dict(body.get("status") or {})
-    pods = cluster.list_pods(ns, f"{render.LABEL_JOB}={name}")
+    labelled = cluster.list_pods(ns, f"{render.LABEL_JOB}={name}")
+    pods = [p for p in labelled if render.owned_by(p, meta.get("uid"))]
+    leftovers = {p["metadata"]["name"] for p in labelled} - {p["metadata"]["name"] for p in pods}
     now = dt.datetime.now(dt.UTC)
 
     if old.get("phase") in lifecycle.TERMINAL:
@@ -66,6 +68,7 @@ def reconcile(body: dict[str, Any], cluster: Cluster) -> dict[str, Any]:
             # Counted once: only the pass whose delete succeeds counts it. The
             # replacement comes on a later pass, once the old pod is gone.
             if cluster.delete_pod(ns, pod["metadata"]["name"], pod["metadata"].get("uid")):
+                metrics.lost(counter)
                 if counter == "failures":
                     note = lifecycle.failure_note(pod)
                     cluster.increment_status(ns, name, counter, {"lastFailure": note})
@@ -97,9 +100,19 @@ def reconcile(body: dict[str, Any], cluster: Cluster) -> dict[str, Any]:
         kind, child = obj["kind"], obj["metadata"]["name"]
         if kind == "Pod" and child in existing:
             continue
+        if kind == "Pod" and child in leftovers:
+            problems.append(
+                f"pod {child} is left from an earlier job named {name}: waiting for it to "
+                "go (delete it if it was orphaned)"
+            )
+            continue
         try:
             if cluster.create(obj):
                 log.info("created %s %s/%s", kind, ns, child)
+                if kind == "Pod" and obj["metadata"]["labels"].get(render.LABEL_COMPONENT) == (
+                    render.WORKER
+                ):
+                    metrics.WORKERS_CREATED.inc()
             elif kind == "ConfigMap":
                 _sync_config(cluster, obj)
         except ApiException as e:
@@ -140,6 +153,7 @@ def _fail_on_failures(
     new["failures"] = int((body.get("status") or {}).get("failures") or 0) + len(verdict.failed)
     new["lastFailure"] = lifecycle.failure_note(verdict.failed[-1])
     cluster.patch_status(ns, name, new, resource_version=meta["resourceVersion"])
+    metrics.lost("failures", len(verdict.failed))
     for pod in verdict.failed:
         cluster.warn(body, "WorkerFailed", lifecycle.failure_note(pod))
     log.info("job %s/%s failed: %s", ns, name, verdict.message)

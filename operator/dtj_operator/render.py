@@ -64,6 +64,13 @@ def owner_reference(body: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def owned_by(obj: dict[str, Any], uid: str | None) -> bool:
+    """Whether `obj` belongs to the job with that uid: a job re-created under the
+    same name must not adopt (or count the losses of) its predecessor's pods."""
+    refs = obj.get("metadata", {}).get("ownerReferences") or []
+    return uid is not None and any(r.get("uid") == uid for r in refs)
+
+
 def _meta(
     job: api.DecentralizedTrainingJob, name: str, component: str, owner: dict[str, Any]
 ) -> dict[str, Any]:

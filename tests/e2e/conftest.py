@@ -11,13 +11,14 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from dtj_devcluster import controlplane as devcluster
 
-from tests.e2e.kube import ROOT, Kube, new_namespace, start_operator
+from tests.e2e.kube import ROOT, Kube, new_namespace, start_operator, wait_for
 
 
 @pytest.fixture(scope="session")
@@ -47,13 +48,32 @@ def crds(kube: Kube) -> Kube:
     return kube
 
 
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5):
+            return True
+    except OSError:
+        return False
+
+
 @pytest.fixture(scope="session")
-def operator(crds: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def operator_metrics() -> str:
+    """Where the session's operator serves its Prometheus metrics (loopback)."""
+    return f"http://127.0.0.1:{devcluster.free_port()}/metrics"
+
+
+@pytest.fixture(scope="session")
+def operator(
+    crds: Kube, operator_metrics: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Path]:
     """A real `kopf run` process of the operator; yields its log file."""
     log = tmp_path_factory.mktemp("operator") / "operator.log"
+    port = operator_metrics.split(":")[-1].split("/")[0]
+    env = {"DTJ_OPERATOR_METRICS_PORT": port, "DTJ_OPERATOR_METRICS_ADDR": "127.0.0.1"}
     with open(log, "wb") as out:
         # Tests that run their own operator use namespaces not matching e2e-*.
-        proc = start_operator(crds, "e2e-*", out)
+        proc = start_operator(crds, "e2e-*", out, env)
+    wait_for("the operator's metrics endpoint", lambda: _answers(operator_metrics), timeout=60)
     try:
         yield log
     finally:

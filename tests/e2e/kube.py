@@ -60,10 +60,16 @@ def wait_for(what: str, probe: Callable[[], Any], timeout: float = 90.0, every: 
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last saw: {last!r}")
 
 
-def start_operator(kube: Kube, namespace: str, log: Any) -> subprocess.Popen[bytes]:
+def start_operator(
+    kube: Kube, namespace: str, log: Any, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     """A real operator process (`dtj operator`'s command) watching `namespace` (a glob)."""
     return subprocess.Popen(
-        operator_command(namespace), stdout=log, stderr=subprocess.STDOUT, env=kube.env, cwd=ROOT
+        operator_command(namespace),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**kube.env, **(env or {})},
+        cwd=ROOT,
     )
 
 
