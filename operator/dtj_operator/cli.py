@@ -8,7 +8,9 @@ dtj crd                 print the generated CRD
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -99,6 +101,15 @@ def operator_command(namespace: str | None = None, liveness: str | None = None) 
 
 def cmd_operator(args: argparse.Namespace) -> int:
     cmd = operator_command(args.namespace, args.liveness)
+    if args.leader_elect:
+        from . import leader
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+        election = leader.Election(
+            namespace=args.lease_namespace or os.environ.get("POD_NAMESPACE") or "default",
+            identity=os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}",
+        )
+        return leader.run(election, cmd, args.liveness)
     os.execvp(cmd[0], cmd)
 
 
@@ -133,6 +144,15 @@ def main(argv: list[str] | None = None) -> int:
         "--liveness",
         metavar="URL",
         help="serve kopf's liveness probe there, e.g. http://0.0.0.0:8081/healthz",
+    )
+    p.add_argument(
+        "--leader-elect",
+        action="store_true",
+        help="run only while holding the Lease dtj-operator (for several replicas)",
+    )
+    p.add_argument(
+        "--lease-namespace",
+        help="namespace of the Lease (default: $POD_NAMESPACE, else default)",
     )
     p.set_defaults(func=cmd_operator)
     p = sub.add_parser("crd", help="print the generated CRD")

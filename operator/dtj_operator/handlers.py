@@ -78,7 +78,9 @@ def job_event(type: str, name: str, namespace: str | None, **_: Any) -> None:
 
 
 @kopf.on.event("", "v1", "pods", labels={"app.kubernetes.io/managed-by": render.MANAGED_BY})
-def pod_event(type: str, body: kopf.Body, namespace: str | None, **_: Any) -> None:
+def pod_event(
+    type: str, body: kopf.Body, namespace: str | None, logger: kopf.Logger, **_: Any
+) -> None:
     job_name = body.get("metadata", {}).get("labels", {}).get(render.LABEL_JOB)
     if not job_name or not namespace:
         return
@@ -91,6 +93,7 @@ def pod_event(type: str, body: kopf.Body, namespace: str | None, **_: Any) -> No
                 return  # a pod of an earlier job of the same name
             parsed = api.DecentralizedTrainingJob.from_body(job)
             counter = lifecycle.vanished_worker(parsed, dict(body), job.get("status") or {})
+            logger.info("pod gone, counted as: %s", counter or "not a loss")
             if counter is not None:
                 metrics.lost(counter)
             if counter == "preemptions":
