@@ -105,7 +105,10 @@ class RunPolicy(Model):
         3, ge=0, description="Worker failures (not preemptions) tolerated before the job fails."
     )
     active_deadline_seconds: int | None = Field(
-        None, ge=1, description="Fail the job if it runs longer than this."
+        None,
+        ge=1,
+        description="Fail the job if it runs longer than this many seconds, counted from "
+        "when it started running or was last resumed; the clock stops while suspended.",
     )
     ttl_seconds_after_finished: int | None = Field(
         None, ge=0, description="Delete the job this long after it succeeded or failed."
@@ -339,7 +342,11 @@ class JobStatus(Model):
     last_preemption: str | None = Field(
         None, description="The last worker lost to the platform, and why, in a sentence."
     )
-    start_time: str | None = Field(None, description="When the job started running.")
+    start_time: str | None = Field(
+        None,
+        description="When the job started running, or was last resumed "
+        "(activeDeadlineSeconds counts from it; cleared while suspended).",
+    )
     completion_time: str | None = Field(None, description="When the job finished.")
     progress: TrainingProgress | None = Field(None, description="Training progress.")
     result: TrainingResult | None = Field(None, description="Final result of a finished run.")

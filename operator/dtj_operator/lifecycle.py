@@ -143,7 +143,7 @@ def assess(
         )
         return a
     start = old_status.get("startTime")
-    if policy.active_deadline_seconds and start:
+    if policy.active_deadline_seconds and start and not policy.suspend:
         elapsed = (now - parse_time(start)).total_seconds()
         if elapsed > policy.active_deadline_seconds:
             a.phase, a.reason = "Failed", "DeadlineExceeded"

@@ -167,6 +167,8 @@ def compute(
     }
     if running and not old.get("startTime"):
         status["startTime"] = now()
+    elif suspended and finished is None and old.get("startTime"):
+        status["startTime"] = None  # as a Job: the deadline restarts on resume
     if finished is not None and not old.get("completionTime"):
         status["completionTime"] = now()
     return status

@@ -142,3 +142,9 @@ def test_preemption_notes_say_why_in_words():
     assert lifecycle.preemption_note(worker(1)) == "demo-worker-1: deleted"
     moved = lifecycle.preemption_note(worker(2), "moved away, node n1 is cordoned")
     assert moved == "demo-worker-2: moved away, node n1 is cordoned"
+
+
+def test_the_deadline_clock_stops_while_suspended():
+    start = (NOW - dt.timedelta(seconds=30)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    suspended = job({"runPolicy": {"activeDeadlineSeconds": 10, "suspend": True}})
+    assert lifecycle.assess(suspended, [], {"startTime": start}, NOW).phase is None

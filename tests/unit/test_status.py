@@ -98,3 +98,14 @@ def test_training_paused_below_min_replicas_is_degraded():
     old["progress"]["paused"] = False
     st = compute({"replicas": 3, "minReplicas": 2}, [pod(0), pod(1), pod(2)], old=old)
     assert cond(st, "Degraded")["status"] == "False"
+
+
+def test_suspending_clears_the_start_time_and_resuming_sets_it_anew():
+    started = {"phase": "Running", "startTime": "2026-01-01T00:00:00Z"}
+    suspended = compute({"replicas": 2, "runPolicy": {"suspend": True}}, [], started)
+    assert "startTime" in suspended and suspended["startTime"] is None  # a merge patch deletes it
+    assert status.differs(started, suspended)
+    resumed = compute({"replicas": 2}, [pod(0), pod(1)], {"phase": "Suspended"})
+    assert resumed["startTime"] and resumed["startTime"] != started["startTime"]
+    still = compute({"replicas": 2, "runPolicy": {"suspend": True}}, [], {"phase": "Suspended"})
+    assert "startTime" not in still  # nothing to clear: no write
