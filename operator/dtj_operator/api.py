@@ -338,6 +338,11 @@ class JobStatus(Model):
     failures: int | None = Field(
         None, description="Workers that failed (counts toward backoffLimit)."
     )
+    counted_pods: list[str] | None = Field(
+        None,
+        description="Operator bookkeeping: uids of ended workers already counted in "
+        "failures or preemptions whose tracking finalizer is not yet removed.",
+    )
     last_failure: str | None = Field(None, description="The last worker failure, in a sentence.")
     last_preemption: str | None = Field(
         None, description="The last worker lost to the platform, and why, in a sentence."

@@ -6,7 +6,6 @@ Thin verbs with the conflict handling reconcile needs: create-if-absent
 
 from __future__ import annotations
 
-import collections
 import datetime
 import logging
 import socket
@@ -38,8 +37,6 @@ class Cluster:
         self.core = client.CoreV1Api(self._api)
         self.rbac = client.RbacAuthorizationV1Api(self._api)
         self.custom = client.CustomObjectsApi(self._api)
-        # Pods this process deleted: their DELETED events are not losses.
-        self.deleted_uids: collections.deque[str] = collections.deque(maxlen=100_000)
 
     def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
         raw = self.core.list_namespaced_pod(namespace, label_selector=selector)
@@ -100,12 +97,40 @@ class Cluster:
                 return False
             options = client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=meta.uid))
             self.core.delete_namespaced_pod(name, namespace, body=options)
-            self.deleted_uids.append(str(meta.uid))
         except ApiException as e:
             if e.status in (404, 409):  # gone, or replaced by a new pod of that name
                 return False
             raise
         return True
+
+    def release(self, pod: dict[str, Any], finalizer: str) -> None:
+        """Remove `finalizer` from that pod (a JSON patch that tests it is still there,
+        so a concurrent change makes it fail instead of dropping someone else's)."""
+        meta = pod["metadata"]
+        finalizers = meta.get("finalizers") or []
+        if finalizer not in finalizers:
+            return
+        i = finalizers.index(finalizer)
+        path = f"/metadata/finalizers/{i}"
+        ops = [
+            {"op": "test", "path": "/metadata/uid", "value": meta["uid"]},  # not a namesake
+            {"op": "test", "path": path, "value": finalizer},
+            {"op": "remove", "path": path},
+        ]
+        try:
+            self.core.patch_namespaced_pod(meta["name"], meta["namespace"], ops)
+        except ApiException as e:
+            if e.status not in (404, 409, 422):  # gone, or changed: the next pass looks again
+                raise
+
+    def annotate_pod(self, namespace: str, name: str, annotations: dict[str, str]) -> None:
+        try:
+            self.core.patch_namespaced_pod(
+                name, namespace, {"metadata": {"annotations": annotations}}
+            )
+        except ApiException as e:
+            if e.status != 404:
+                raise
 
     def patch_status(
         self,
@@ -122,35 +147,6 @@ class Cluster:
         self.custom.patch_namespaced_custom_object_status(
             api.GROUP, api.VERSION, namespace, api.PLURAL, name, patch
         )
-
-    def increment_status(
-        self,
-        namespace: str,
-        name: str,
-        counter: str,
-        also: dict[str, Any] | None = None,
-        attempts: int = 5,
-    ) -> None:
-        """Add one to status.<counter> (and write `also` in the same patch);
-        resourceVersion makes concurrent writers retry."""
-        for _ in range(attempts):
-            job = self.get_job(namespace, name)
-            if job is None:
-                return
-            value = int((job.get("status") or {}).get(counter) or 0) + 1
-            patch = {
-                "metadata": {"resourceVersion": job["metadata"]["resourceVersion"]},
-                "status": {counter: value, **(also or {})},
-            }
-            try:
-                self.custom.patch_namespaced_custom_object_status(
-                    api.GROUP, api.VERSION, namespace, api.PLURAL, name, patch
-                )
-                return
-            except ApiException as e:
-                if e.status != 409:
-                    raise
-        raise RuntimeError(f"could not update status.{counter} of {namespace}/{name}: conflicts")
 
     def workers_on_node(self, node: str, selector: str) -> list[dict[str, Any]]:
         """Live worker pods bound to `node` (server-side label and field selectors)."""

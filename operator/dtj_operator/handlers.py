@@ -78,36 +78,27 @@ def job_event(type: str, name: str, namespace: str | None, **_: Any) -> None:
 
 
 @kopf.on.event("", "v1", "pods", labels={"app.kubernetes.io/managed-by": render.MANAGED_BY})
-def pod_event(
-    type: str, body: kopf.Body, namespace: str | None, logger: kopf.Logger, **_: Any
-) -> None:
-    job_name = body.get("metadata", {}).get("labels", {}).get(render.LABEL_JOB)
+def pod_event(body: kopf.Body, namespace: str | None, **_: Any) -> None:
+    """Any change of a job's pod runs a pass of that job. Losses are counted there,
+    from the pods' state (the tracking finalizer keeps an ended worker until then),
+    never from this event: events can be missed, a pod's last state cannot."""
+    meta = body.get("metadata", {})
+    job_name = meta.get("labels", {}).get(render.LABEL_JOB)
     if not job_name or not namespace:
         return
-    if type == "DELETED" and body.get("metadata", {}).get("uid") not in _cluster().deleted_uids:
-        with _locks[(namespace, job_name)]:
-            job = _cluster().get_job(namespace, job_name)
-            if job is None or job["metadata"].get("deletionTimestamp"):
-                return
-            if not render.owned_by(dict(body), job["metadata"].get("uid")):
-                return  # a pod of an earlier job of the same name
-            parsed = api.DecentralizedTrainingJob.from_body(job)
-            counter = lifecycle.vanished_worker(parsed, dict(body), job.get("status") or {})
-            logger.info("pod gone, counted as: %s", counter or "not a loss")
-            if counter is not None:
-                metrics.lost(counter)
-            if counter == "preemptions":
-                note = lifecycle.preemption_note(dict(body))
-                _cluster().increment_status(namespace, job_name, counter, {"lastPreemption": note})
-                _cluster().event(job, "Normal", "WorkerPreempted", f"{note}; replacing it")
-            elif counter is not None:
-                _cluster().increment_status(namespace, job_name, counter)
+    if render.tracked(dict(body)):
+        job = _cluster().get_job(namespace, job_name)
+        if job is None or not render.owned_by(dict(body), job["metadata"].get("uid")):
+            # Its job is gone (the garbage collector is deleting it): let it go.
+            _cluster().release(dict(body), render.TRACKING_FINALIZER)
+            return
     reconcile_latest(namespace, job_name)
 
 
 @kopf.on.event("", "v1", "nodes")
 def node_event(type: str, body: kopf.Body, **_: Any) -> None:
-    """Move workers off a node that announces its end, before it takes them down."""
+    """Move workers off a node that announces its end, before it takes them down.
+    The pass that sees them go counts them as preemptions, with this reason."""
     reason = lifecycle.disruption(dict(body)) if type != "DELETED" else None
     if reason is None:
         return
@@ -119,13 +110,11 @@ def node_event(type: str, body: kopf.Body, **_: Any) -> None:
             job = cluster.get_job(meta["namespace"], job_name)
             if job is None or not render.owned_by(pod, job["metadata"].get("uid")):
                 continue  # its job is gone: the garbage collector removes the pod
+            why = f"moved away, {reason}"
+            cluster.annotate_pod(meta["namespace"], meta["name"], {render.ANNOTATION_MOVED: why})
             if cluster.delete_pod(meta["namespace"], meta["name"], meta["uid"]):
-                note = lifecycle.preemption_note(dict(pod), f"moved away, {reason}")
-                cluster.increment_status(
-                    meta["namespace"], job_name, "preemptions", {"lastPreemption": note}
-                )
-                metrics.lost("preemptions")
-                cluster.event(job, "Normal", "WorkerMoved", note)
+                cluster.event(job, "Normal", "WorkerMoved", lifecycle.preemption_note(pod, why))
+        reconcile_latest(meta["namespace"], job_name)
 
 
 @kopf.timer(api.GROUP, api.VERSION, api.PLURAL, interval=10, idle=5)

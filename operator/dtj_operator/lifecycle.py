@@ -68,6 +68,7 @@ DISRUPTION_REASONS = {
 def preemption_note(pod: dict[str, Any], why: str | None = None) -> str:
     """A lost worker in a sentence: its name and why the platform took it."""
     name = pod["metadata"]["name"]
+    why = why or (pod["metadata"].get("annotations") or {}).get(render.ANNOTATION_MOVED)
     if why:
         return f"{name}: {why}"
     st = pod.get("status") or {}
@@ -125,9 +126,10 @@ def assess(
 ) -> Assessment:
     a = Assessment()
     live = status.workers(pods)
+    counted = set(old_status.get("countedPods") or [])
     for p in live:
         phase = (p.get("status") or {}).get("phase")
-        if phase == "Failed":
+        if phase == "Failed" and p["metadata"].get("uid") not in counted:
             (a.preempted if is_preempted(p) else a.failed).append(p)
     policy = job.spec.run_policy
     failures = int(old_status.get("failures") or 0) + len(a.failed)

@@ -41,6 +41,10 @@ def reconcile(body: dict[str, Any], cluster: Cluster) -> dict[str, Any]:
     meta = body["metadata"]
     ns, name = meta["namespace"], meta["name"]
     if meta.get("deletionTimestamp"):
+        # Going away with its pods: nothing left to count, nothing may hold them.
+        for pod in cluster.list_pods(ns, f"{render.LABEL_JOB}={name}"):
+            if render.owned_by(pod, meta.get("uid")):
+                cluster.release(pod, render.TRACKING_FINALIZER)
         return {}
     try:
         job = api.DecentralizedTrainingJob.from_body(body)
@@ -63,21 +67,12 @@ def reconcile(body: dict[str, Any], cluster: Cluster) -> dict[str, Any]:
     verdict = lifecycle.assess(job, pods, old, now)
     if verdict.reason == "BackoffLimitExceeded" and verdict.failed:
         return _fail_on_failures(job, body, pods, cluster, verdict)
-    for counter, lost in (("failures", verdict.failed), ("preemptions", verdict.preempted)):
-        for pod in lost:
-            # Counted once: only the pass whose delete succeeds counts it. The
-            # replacement comes on a later pass, once the old pod is gone.
-            if cluster.delete_pod(ns, pod["metadata"]["name"], pod["metadata"].get("uid")):
-                metrics.lost(counter)
-                if counter == "failures":
-                    note = lifecycle.failure_note(pod)
-                    cluster.increment_status(ns, name, counter, {"lastFailure": note})
-                    cluster.warn(body, "WorkerFailed", note)
-                else:
-                    note = lifecycle.preemption_note(pod)
-                    cluster.increment_status(ns, name, counter, {"lastPreemption": note})
-                    cluster.event(body, "Normal", "WorkerPreempted", f"{note}; replacing it")
-                log.info("worker %s/%s lost (%s); replacing it", ns, pod["metadata"]["name"], note)
+    counted = _account(job, body, pods, cluster, verdict)
+    if counted is None:
+        return old  # the job changed meanwhile: its event runs the next pass
+    for pod in verdict.failed + verdict.preempted:
+        # Counted; the replacement comes on a later pass, once the old pod is gone.
+        cluster.delete_pod(ns, pod["metadata"]["name"], pod["metadata"].get("uid"))
     if verdict.phase is not None:
         new = status.compute(
             job,
@@ -130,9 +125,79 @@ def reconcile(body: dict[str, Any], cluster: Cluster) -> dict[str, Any]:
     # Status, once.
     live = [p for p in pods if p["metadata"]["name"] not in gone]
     new = status.compute(job, body, live, problems=problems)
+    present = {p["metadata"].get("uid") for p in pods}
+    if sorted(counted & present) != sorted(old.get("countedPods") or []):
+        new["countedPods"] = sorted(counted & present)  # settled uids drop out
     if status.differs(old, new):
         cluster.patch_status(ns, name, new)
     return new
+
+
+def _account(
+    job: api.DecentralizedTrainingJob,
+    body: dict[str, Any],
+    pods: list[dict[str, Any]],
+    cluster: Cluster,
+    verdict: lifecycle.Assessment,
+) -> set[str] | None:
+    """Count every worker that ended, exactly once, then let its pod go.
+
+    Lost workers are the failed ones (`verdict`) and the tracked pods being
+    deleted that were never counted (deleted, drained, evicted, their node
+    gone: the tracking finalizer held them however the operator missed their
+    events). Their uids enter status.countedPods in the same write that
+    increments the counters, guarded by the resourceVersion this pass read:
+    a crash or a concurrent pass can neither skip nor repeat a count. Returns
+    the counted uids, or None if the write lost a race (the next pass retries).
+    """
+    meta = body["metadata"]
+    old: dict[str, Any] = dict(body.get("status") or {})
+    counted = set(old.get("countedPods") or [])
+    losses: dict[str, list[dict[str, Any]]] = {
+        "failures": list(verdict.failed),
+        "preemptions": list(verdict.preempted),
+    }
+    settled: list[dict[str, Any]] = []  # deleting and tracked: release once counted
+    for pod in pods:
+        if not (render.tracked(pod) and status.is_terminating(pod)):
+            continue
+        settled.append(pod)
+        if pod["metadata"].get("uid") not in counted:
+            counter = lifecycle.vanished_worker(job, pod, old)
+            if counter is not None:
+                losses[counter].append(pod)
+    new_uids = {p["metadata"]["uid"] for lost in losses.values() for p in lost}
+    if new_uids:
+        patch: dict[str, Any] = {"countedPods": sorted(counted | new_uids)}
+        for counter, lost in losses.items():
+            if lost:
+                patch[counter] = int(old.get(counter) or 0) + len(lost)
+        if losses["failures"]:
+            patch["lastFailure"] = lifecycle.failure_note(losses["failures"][-1])
+        if losses["preemptions"]:
+            patch["lastPreemption"] = lifecycle.preemption_note(losses["preemptions"][-1])
+        try:
+            cluster.patch_status(
+                meta["namespace"], meta["name"], patch, resource_version=meta["resourceVersion"]
+            )
+        except ApiException as e:
+            if e.status == 409:
+                return None
+            raise
+        counted |= new_uids
+        for counter, lost in losses.items():
+            metrics.lost(counter, len(lost))
+            for pod in lost:
+                if counter == "failures":
+                    note = lifecycle.failure_note(pod)
+                    cluster.warn(body, "WorkerFailed", note)
+                else:
+                    note = lifecycle.preemption_note(pod)
+                    cluster.event(body, "Normal", "WorkerPreempted", f"{note}; replacing it")
+                log.info("worker %s/%s lost (%s)", meta["namespace"], pod["metadata"]["name"], note)
+    for pod in settled:
+        cluster.release(pod, render.TRACKING_FINALIZER)
+    return counted
 
 
 def _fail_on_failures(
@@ -150,8 +215,11 @@ def _fail_on_failures(
     new = status.compute(
         job, body, pods, finished=(verdict.phase or "Failed", verdict.reason, verdict.message)
     )
-    new["failures"] = int((body.get("status") or {}).get("failures") or 0) + len(verdict.failed)
+    old = body.get("status") or {}
+    new["failures"] = int(old.get("failures") or 0) + len(verdict.failed)
     new["lastFailure"] = lifecycle.failure_note(verdict.failed[-1])
+    uids = {p["metadata"]["uid"] for p in verdict.failed}
+    new["countedPods"] = sorted(set(old.get("countedPods") or []) | uids)
     cluster.patch_status(ns, name, new, resource_version=meta["resourceVersion"])
     metrics.lost("failures", len(verdict.failed))
     for pod in verdict.failed:
@@ -174,6 +242,9 @@ def _finished(
     meta = body["metadata"]
     for pod_name in lifecycle.pods_to_clean(job, pods):
         cluster.delete_pod(meta["namespace"], pod_name)
+    for pod in pods:  # a finished job counts no more losses
+        if status.is_terminating(pod):
+            cluster.release(pod, render.TRACKING_FINALIZER)
     if lifecycle.ttl_expired(job, old, now):
         log.info(
             "deleting finished job %s/%s (ttlSecondsAfterFinished)", meta["namespace"], meta["name"]

@@ -64,6 +64,18 @@ def owner_reference(body: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# Holds a worker pod until the operator has counted how it ended (as the Job
+# controller's batch.kubernetes.io/job-tracking): no loss goes uncounted when the
+# operator misses the pod's events (restarted, between leaders, a watch gap).
+TRACKING_FINALIZER = "training.dtj.io/worker-tracking"
+# Set on a pod the operator moves off a node that announced its end: why, in words.
+ANNOTATION_MOVED = "training.dtj.io/moved-away"
+
+
+def tracked(pod: dict[str, Any]) -> bool:
+    return TRACKING_FINALIZER in (pod["metadata"].get("finalizers") or [])
+
+
 def owned_by(obj: dict[str, Any], uid: str | None) -> bool:
     """Whether `obj` belongs to the job with that uid: a job re-created under the
     same name must not adopt (or count the losses of) its predecessor's pods."""
@@ -260,7 +272,7 @@ def worker_pod(
     if pool is not None:
         # The pool's relative speed seeds the batch plan; measured speed takes over.
         env.append({"name": "DTJ_SPEED_HINT", "value": str(pool.speed)})
-    return _pod(
+    pod = _pod(
         job,
         owner,
         name=worker_name(job.name, slot),
@@ -272,6 +284,8 @@ def worker_pod(
         pool=pool,
         extra_labels={LABEL_SLOT: str(slot)},
     )
+    pod["metadata"]["finalizers"] = [TRACKING_FINALIZER]
+    return pod
 
 
 def coordinator_pod(job: api.DecentralizedTrainingJob, owner: dict[str, Any]) -> dict[str, Any]:

@@ -96,7 +96,7 @@ def compute(
 
     `finished` is (phase, reason, message) when the run policy ended the job.
     The preemption and failure counters are not part of it: they are only
-    ever incremented, with a resourceVersion guard (Cluster.increment_status),
+    ever incremented, with a resourceVersion guard (reconcile._account),
     so a pass working from a stale body cannot write an old count back.
     """
     old: dict[str, Any] = dict(body.get("status") or {})
