@@ -51,7 +51,7 @@ def reconcile(body: dict[str, Any], cluster: Cluster) -> dict[str, Any]:
     except pydantic.ValidationError as err:
         new = _invalid(body, err)
         if status.differs(body.get("status"), new):
-            cluster.patch_status(ns, name, new)
+            _write(cluster, body, new)
         return new
 
     # Observe and sort.
@@ -80,7 +80,7 @@ def reconcile(body: dict[str, Any], cluster: Cluster) -> dict[str, Any]:
             pods,
             finished=(verdict.phase, verdict.reason, verdict.message),
         )
-        cluster.patch_status(ns, name, new)
+        _write(cluster, body, new)
         for pod_name in lifecycle.pods_to_clean(job, pods):
             cluster.delete_pod(ns, pod_name)
         return new
@@ -129,7 +129,7 @@ def reconcile(body: dict[str, Any], cluster: Cluster) -> dict[str, Any]:
     if sorted(counted & present) != sorted(old.get("countedPods") or []):
         new["countedPods"] = sorted(counted & present)  # settled uids drop out
     if status.differs(old, new):
-        cluster.patch_status(ns, name, new)
+        _write(cluster, body, new)
     return new
 
 
@@ -220,7 +220,7 @@ def _fail_on_failures(
     new["lastFailure"] = lifecycle.failure_note(verdict.failed[-1])
     uids = {p["metadata"]["uid"] for p in verdict.failed}
     new["countedPods"] = sorted(set(old.get("countedPods") or []) | uids)
-    cluster.patch_status(ns, name, new, resource_version=meta["resourceVersion"])
+    _write(cluster, body, new, resource_version=meta["resourceVersion"])
     metrics.lost("failures", len(verdict.failed))
     for pod in verdict.failed:
         cluster.warn(body, "WorkerFailed", lifecycle.failure_note(pod))
@@ -251,6 +251,14 @@ def _finished(
         )
         cluster.delete_job(meta["namespace"], meta["name"])
     return old
+
+
+def _write(cluster: Cluster, body: dict[str, Any], new: dict[str, Any], **kwargs: Any) -> None:
+    """Write the status, and tell the story in Events (`kubectl describe dtj`)."""
+    meta = body["metadata"]
+    cluster.patch_status(meta["namespace"], meta["name"], new, **kwargs)
+    for kind, reason, message in status.transitions(body.get("status") or {}, new):
+        cluster.event(body, kind, reason, message)
 
 
 def _sync_config(cluster: Cluster, desired: dict[str, Any]) -> None:

@@ -178,3 +178,25 @@ def differs(old: dict[str, Any] | None, new: dict[str, Any]) -> bool:
     """Whether writing `new` would change anything."""
     old = old or {}
     return any(old.get(k) != v for k, v in new.items())
+
+
+def transitions(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """The Events a status change deserves, as (type, reason, message): the job's
+    phase moving (Running, Suspended, Succeeded, Failed) and Degraded turning True."""
+
+    def cond(st: dict[str, Any], type_: str) -> dict[str, Any]:
+        return next((c for c in st.get("conditions") or [] if c.get("type") == type_), {})
+
+    out: list[tuple[str, str, str]] = []
+    phase = new.get("phase")
+    if phase and phase != old.get("phase") and phase != "Pending":
+        c = cond(new, phase if phase in ("Succeeded", "Failed") else "Running")
+        if phase == "Suspended":
+            c = cond(new, "Suspended")
+        kind = "Warning" if phase == "Failed" else "Normal"
+        reason = phase if phase != "Failed" else c.get("reason") or "Failed"
+        out.append((kind, reason, c.get("message") or phase))
+    degraded = cond(new, "Degraded")
+    if degraded.get("status") == "True" and cond(old, "Degraded").get("status") != "True":
+        out.append(("Warning", "Degraded", degraded.get("message") or "short of workers"))
+    return out

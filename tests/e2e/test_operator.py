@@ -76,6 +76,10 @@ def test_metrics_and_events_follow_the_job(kube: Kube, operator, operator_metric
     wait_for("its replacement running", lambda: running_workers(kube, namespace))
     described = kube.run("describe", "dtj", "quickstart", "-n", namespace).stdout
     assert "WorkerPreempted" in described and victim in described, described
+    started = kube.json("get", "events", "-n", namespace, "--field-selector", "reason=Running")[
+        "items"
+    ]
+    assert any(e["involvedObject"]["name"] == "quickstart" for e in started), started
     after = scrape(operator_metrics)
     assert value(after, lost, kind="failure") == value(before, lost, kind="failure")
 

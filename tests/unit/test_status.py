@@ -109,3 +109,15 @@ def test_suspending_clears_the_start_time_and_resuming_sets_it_anew():
     assert resumed["startTime"] and resumed["startTime"] != started["startTime"]
     still = compute({"replicas": 2, "runPolicy": {"suspend": True}}, [], {"phase": "Suspended"})
     assert "startTime" not in still  # nothing to clear: no write
+
+
+def test_phase_changes_and_degradation_become_events():
+    running = compute({"replicas": 2}, [pod(0), pod(1)])
+    (event,) = status.transitions({"phase": "Pending"}, running)
+    assert event[:2] == ("Normal", "Running") and "2/2 workers ready" in event[2]
+    assert status.transitions(running, running) == []  # no change, no event
+    short = compute({"replicas": 2, "minReplicas": 1}, [pod(0)], running)
+    assert ("Warning", "Degraded") in [e[:2] for e in status.transitions(running, short)]
+    failed = {"phase": "Failed", "conditions": [{"type": "Failed", "status": "True",
+              "reason": "DeadlineExceeded", "message": "ran 30s"}]}  # fmt: skip
+    assert status.transitions(running, failed) == [("Warning", "DeadlineExceeded", "ran 30s")]
