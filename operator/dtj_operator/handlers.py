@@ -86,7 +86,7 @@ def pod_event(body: kopf.Body, namespace: str | None, **_: Any) -> None:
     job_name = meta.get("labels", {}).get(render.LABEL_JOB)
     if not job_name or not namespace:
         return
-    if render.tracked(dict(body)):
+    if render.tracked(dict(body)) and meta.get("deletionTimestamp"):
         job = _cluster().get_job(namespace, job_name)
         if job is None or not render.owned_by(dict(body), job["metadata"].get("uid")):
             # Its job is gone (the garbage collector is deleting it): let it go.
