@@ -115,7 +115,10 @@ class Assessment:
 
 
 def parse_time(value: str) -> dt.datetime:
-    return dt.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+    """An API timestamp, as the server writes it (...Z) or as the client's
+    sanitize_for_serialization does (...+00:00)."""
+    when = dt.datetime.fromisoformat(value)
+    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
 
 
 def assess(

@@ -4,7 +4,7 @@ Each run trains 4 workers through the local coordinator (store + registrar).
 Mid-run, slot 2's worker gets SIGTERM (it hands its model off and leaves) and
 a replacement starts; while that one is on its way, slot 3's worker gets
 SIGKILL (its heartbeat stops) and a replacement starts. Compared with an
-undisturbed run of the same seed. Steps take ~24 ms of modelled compute (as
+undisturbed run of the same seed. Steps take ~48 ms of modelled compute (as
 on real hardware, not a tiny model's ~1 ms), so the replacements, which take
 seconds to start, join well before the end.
 """
@@ -85,7 +85,7 @@ class Event:
 
 
 EVENTS = [Event(2, signal.SIGTERM, 100), Event(3, signal.SIGKILL, 120)]
-SAMPLE_SECONDS = "0.00075"  # modelled compute per sample: ~24 ms a step of 32
+SAMPLE_SECONDS = "0.0015"  # modelled compute per sample: ~48 ms a step of 32
 
 
 def run(tmp_path: Path, algorithm: str, events: list[Event]) -> Outcome:

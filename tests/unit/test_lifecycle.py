@@ -148,3 +148,9 @@ def test_the_deadline_clock_stops_while_suspended():
     start = (NOW - dt.timedelta(seconds=30)).strftime("%Y-%m-%dT%H:%M:%SZ")
     suspended = job({"runPolicy": {"activeDeadlineSeconds": 10, "suspend": True}})
     assert lifecycle.assess(suspended, [], {"startTime": start}, NOW).phase is None
+
+
+def test_times_parse_as_the_server_and_the_client_write_them():
+    server, client = "2026-11-30T09:45:18Z", "2026-11-30T09:45:18+00:00"
+    assert lifecycle.parse_time(server) == lifecycle.parse_time(client)
+    assert lifecycle.parse_time(server).tzinfo is not None
