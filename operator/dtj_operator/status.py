@@ -62,7 +62,7 @@ def set_condition(
 
 
 def degradation(
-    old: dict[str, Any], running: bool, present: int, desired: int
+    old: dict[str, Any], running: bool, present: int, desired: int, needed: int = 0
 ) -> tuple[bool, str, str]:
     """Whether the job trains short-handed, and why: the Degraded condition.
 
@@ -78,6 +78,11 @@ def degradation(
         )
     if running and present < desired:
         msg = f"{present}/{desired} workers ready; training continues"
+        if present < needed:
+            msg = (
+                f"{present}/{desired} workers ready, fewer than minReplicas {needed}; "
+                "training waits for replacements"
+            )
         if old.get("lastPreemption"):
             msg += f" (last lost: {old['lastPreemption']})"
         return True, "WorkersMissing", msg
@@ -125,12 +130,15 @@ def compute(
     # Running while the others finish.
     done = sum(1 for p in live if (p.get("status") or {}).get("phase") == "Succeeded")
     running = ready > 0 and ready + done >= needed and not suspended and finished is None
+    # Once started, a job short of minReplicas is Running and Degraded (training waits
+    # for replacements), not back to Pending: what users and autoscalers watch.
+    active = running or (bool(old.get("startTime")) and not suspended and finished is None)
     if finished is not None:
         phase, reason, msg = finished
         conds = set_condition(conds, phase, True, reason, msg, generation)
     elif suspended:
         phase, msg = "Suspended", "spec.runPolicy.suspend is true; workers deleted"
-    elif running:
+    elif active:
         phase, msg = "Running", f"{ready}/{desired} workers ready (training needs {needed})"
     else:
         phase = "Pending"
@@ -146,7 +154,7 @@ def compute(
         running_reason = "Suspended" if suspended else "WaitingForWorkers"
     conds = set_condition(conds, "Running", running, running_reason, msg, generation)
     conds = set_condition(
-        conds, "Degraded", *degradation(old, running, ready + done, desired), generation
+        conds, "Degraded", *degradation(old, active, ready + done, desired, needed), generation
     )
     conds = set_condition(
         conds,

@@ -121,3 +121,14 @@ def test_phase_changes_and_degradation_become_events():
     failed = {"phase": "Failed", "conditions": [{"type": "Failed", "status": "True",
               "reason": "DeadlineExceeded", "message": "ran 30s"}]}  # fmt: skip
     assert status.transitions(running, failed) == [("Warning", "DeadlineExceeded", "ran 30s")]
+
+
+def test_a_started_job_short_of_min_replicas_stays_running_and_degraded():
+    started = {"phase": "Running", "startTime": "2026-01-01T00:00:00Z"}
+    st = compute({"replicas": 4, "minReplicas": 3}, [pod(0), pod(1), pod(2, "Pending")], started)
+    assert st["phase"] == "Running"
+    assert cond(st, "Running")["status"] == "False"
+    degraded = cond(st, "Degraded")
+    assert degraded["status"] == "True" and "fewer than minReplicas 3" in degraded["message"]
+    never = compute({"replicas": 4, "minReplicas": 3}, [pod(0), pod(1)])
+    assert never["phase"] == "Pending"  # not started yet: waiting, not degraded
