@@ -82,15 +82,16 @@ def pod_event(body: kopf.Body, namespace: str | None, **_: Any) -> None:
     """Any change of a job's pod runs a pass of that job. Losses are counted there,
     from the pods' state (the tracking finalizer keeps an ended worker until then),
     never from this event: events can be missed, a pod's last state cannot."""
-    meta = body.get("metadata", {})
+    pod = dict(body)
+    meta = pod.get("metadata", {})
     job_name = meta.get("labels", {}).get(render.LABEL_JOB)
     if not job_name or not namespace:
         return
-    if render.tracked(dict(body)) and meta.get("deletionTimestamp"):
+    if render.tracked(pod) and meta.get("deletionTimestamp"):
         job = _cluster().get_job(namespace, job_name)
-        if job is None or not render.owned_by(dict(body), job["metadata"].get("uid")):
+        if job is None or not render.owned_by(pod, job["metadata"].get("uid")):
             # Its job is gone (the garbage collector is deleting it): let it go.
-            _cluster().release(dict(body), render.TRACKING_FINALIZER)
+            _cluster().release(pod, render.TRACKING_FINALIZER)
             return
     reconcile_latest(namespace, job_name)
 

@@ -38,20 +38,23 @@ WORKER_LOSSES = Counter(
 JOBS = Gauge("dtj_operator_jobs", "Jobs this operator reconciles, by phase.", ["phase"])
 
 _phases: dict[tuple[str, str], str] = {}
-_shown: set[str] = set()  # phases with a series: they drop to 0, never vanish
 _lock = threading.Lock()
 
 
 def job_phase(namespace: str, name: str, phase: str | None) -> None:
-    """Record a job's phase (None: the job is gone) and refresh the per-phase gauge."""
+    """Record a job's phase (None: the job is gone): moves one job between the
+    per-phase series (constant work per pass, whatever the number of jobs)."""
+    key = (namespace, name)
     with _lock:
-        if phase is None:
-            _phases.pop((namespace, name), None)
-        else:
-            _phases[(namespace, name)] = phase
-        _shown.update(_phases.values())
-        for p in _shown:
-            JOBS.labels(phase=p).set(sum(1 for q in _phases.values() if q == p))
+        before = _phases.pop(key, None)
+        if phase is not None:
+            _phases[key] = phase
+        if before == phase:
+            return
+        if before is not None:
+            JOBS.labels(phase=before).dec()
+        if phase is not None:
+            JOBS.labels(phase=phase).inc()
 
 
 def lost(counter: str, count: int = 1) -> None:

@@ -198,9 +198,8 @@ def transitions(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, str
     out: list[tuple[str, str, str]] = []
     phase = new.get("phase")
     if phase and phase != old.get("phase") and phase != "Pending":
-        c = cond(new, phase if phase in ("Succeeded", "Failed") else "Running")
-        if phase == "Suspended":
-            c = cond(new, "Suspended")
+        # The condition that explains the phase (Running's also explains a resume).
+        c = cond(new, phase if phase in ("Succeeded", "Failed", "Suspended") else "Running")
         kind = "Warning" if phase == "Failed" else "Normal"
         reason = phase if phase != "Failed" else c.get("reason") or "Failed"
         out.append((kind, reason, c.get("message") or phase))

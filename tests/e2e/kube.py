@@ -82,3 +82,11 @@ def new_namespace(kube: Kube, prefix: str) -> str:
         lambda: kube.run("get", "sa", "default", "-n", name, check=False).returncode == 0,
     )
     return name
+
+
+def running_pods(kube: Kube, namespace: str, selector: str, count: int) -> list[Any] | None:
+    """The `count` live (not terminating) pods matching `selector`, once all are Running."""
+    pods = kube.json("get", "pods", "-n", namespace, "-l", selector)["items"]
+    live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+    ok = len(live) == count and all(p["status"].get("phase") == "Running" for p in live)
+    return live if ok else None

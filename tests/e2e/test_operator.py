@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.kube import ROOT, Kube, wait_for
+from tests.e2e.kube import ROOT, Kube, running_pods, wait_for
 
 pytestmark = pytest.mark.e2e
 EXAMPLE = str(ROOT / "examples" / "quickstart.yaml")
@@ -34,10 +34,7 @@ def value(samples, name: str, **labels: str) -> float:
 
 
 def running_workers(kube: Kube, namespace: str) -> list[dict] | None:
-    pods = kube.json("get", "pods", "-n", namespace, "-l", WORKERS)["items"]
-    live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
-    ok = len(live) == 4 and all(p["status"].get("phase") == "Running" for p in live)
-    return live if ok else None
+    return running_pods(kube, namespace, WORKERS, 4)
 
 
 def test_metrics_and_events_follow_the_job(kube: Kube, operator, operator_metrics, namespace):

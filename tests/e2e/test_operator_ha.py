@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from dtj_devcluster.controlplane import free_port
 
-from tests.e2e.kube import ROOT, Kube, new_namespace, wait_for
+from tests.e2e.kube import ROOT, Kube, new_namespace, running_pods, wait_for
 
 pytestmark = pytest.mark.e2e
 WORKERS = "training.dtj.io/job=ha,app.kubernetes.io/component=worker"
@@ -51,10 +51,7 @@ def holder(kube: Kube, namespace: str) -> str | None:
 
 
 def ready_workers(kube: Kube, namespace: str) -> list[dict] | None:
-    pods = kube.json("get", "pods", "-n", namespace, "-l", WORKERS)["items"]
-    live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
-    ok = len(live) == 4 and all(p["status"].get("phase") == "Running" for p in live)
-    return live if ok else None
+    return running_pods(kube, namespace, WORKERS, 4)
 
 
 def test_only_the_leader_acts_and_a_follower_takes_over(crds: Kube, tmp_path: Path):
