@@ -28,7 +28,8 @@ pytestmark = pytest.mark.procs
 
 SETTINGS = {
     "dpsgd": {"optimizer": {"lr": 0.1, "momentum": 0.9}},
-    "gosgd": {"optimizer": {"lr": 0.1}},
+    # near its plateau by the end (as tuned in bench/), so one lost model costs < 1 point
+    "gosgd": {"optimizer": {"lr": 0.3}},
     "allreduce": {"optimizer": {"lr": 0.1, "momentum": 0.9}},
 }
 STEPS = 600

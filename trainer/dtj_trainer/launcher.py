@@ -191,17 +191,23 @@ def run(
             flush=True,
         )
         last_step = 0
+
+        def show_progress() -> None:
+            nonlocal last_step
+            ready = list(job.reports().values())
+            if len(ready) == cfg.replicas and min(r.step for r in ready) > last_step:
+                last_step = min(r.step for r in ready)
+                print(progress_line(cfg, ready), file=out, flush=True)
+
         while job.running():
             if failed := job.failed():
                 slot, code = failed[0]
                 raise RuntimeError(
                     f"worker {slot} exited with code {code}; its error is printed above"
                 )
-            ready = list(job.reports().values())
-            if len(ready) == cfg.replicas and min(r.step for r in ready) > last_step:
-                last_step = min(r.step for r in ready)
-                print(progress_line(cfg, ready), file=out, flush=True)
+            show_progress()
             time.sleep(poll_seconds)
+        show_progress()  # the last report may land after the previous poll
         if failed := job.failed():
             slot, code = failed[0]
             raise RuntimeError(f"worker {slot} exited with code {code}; see its error above")
