@@ -95,7 +95,13 @@ def operator_command(namespace: str | None = None, liveness: str | None = None) 
     `liveness` is kopf's health endpoint (e.g. http://0.0.0.0:8081/healthz).
     """
     cmd = [sys.executable, "-m", "kopf", "run", "--standalone", "-m", "dtj_operator.handlers"]
-    cmd += [f"--namespace={namespace}"] if namespace else ["--all-namespaces"]
+    if namespace and any(c in namespace for c in "*?[,!"):
+        # A pattern: one cluster-wide watch per kind, filtered here. kopf would start
+        # watchers per matching namespace, and with indexes every new namespace holds
+        # all handling until its lists arrive (a namespace deleted meanwhile stalls it).
+        cmd = ["env", f"DTJ_NAMESPACES={namespace}", *cmd, "--all-namespaces"]
+    else:
+        cmd += [f"--namespace={namespace}"] if namespace else ["--all-namespaces"]
     return cmd + ([f"--liveness={liveness}"] if liveness else [])
 
 

@@ -27,6 +27,12 @@ class _CountingApiClient(client.ApiClient):
         return super().call_api(method, url, *args, **kwargs)
 
 
+def _unparsed(call: Any, *args: Any, **kwargs: Any) -> None:
+    """Make the request without parsing the object the server echoes back (the
+    operator does not read it; parsing pods into models costs more than sending)."""
+    call(*args, _preload_content=False, **kwargs).read()
+
+
 class Cluster:
     def __init__(self) -> None:
         try:
@@ -37,21 +43,6 @@ class Cluster:
         self.core = client.CoreV1Api(self._api)
         self.rbac = client.RbacAuthorizationV1Api(self._api)
         self.custom = client.CustomObjectsApi(self._api)
-
-    def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
-        raw = self.core.list_namespaced_pod(namespace, label_selector=selector)
-        return [self._api.sanitize_for_serialization(p) for p in raw.items]
-
-    def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            job: Any = self.custom.get_namespaced_custom_object(
-                api.GROUP, api.VERSION, namespace, api.PLURAL, name
-            )
-            return dict(job)
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise
 
     def create(self, obj: dict[str, Any]) -> bool:
         """Create `obj` unless it exists; True when this call created it."""
@@ -65,38 +56,22 @@ class Cluster:
             "RoleBinding": self.rbac.create_namespaced_role_binding,
         }[obj["kind"]]
         try:
-            create(ns, obj)
+            _unparsed(create, ns, obj)
         except ApiException as e:
             if e.status == 409:
                 return False
             raise
         return True
 
-    def read_config_map(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            cm = self.core.read_namespaced_config_map(name, namespace)
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise
-        out: dict[str, Any] = self._api.sanitize_for_serialization(cm)
-        return out
-
     def patch_config_map(self, namespace: str, name: str, data: dict[str, str]) -> None:
-        self.core.patch_namespaced_config_map(name, namespace, {"data": data})
+        _unparsed(self.core.patch_namespaced_config_map, name, namespace, {"data": data})
 
-    def delete_pod(self, namespace: str, name: str, uid: str | None = None) -> bool:
-        """Delete that pod (that `uid`: not a replacement of the same name) unless it is
-        already gone or going; True when this call started the deletion, so a pass
-        working from a stale list never deletes, or counts, a pod twice."""
+    def delete_pod(self, namespace: str, name: str, uid: str) -> bool:
+        """Delete that pod (that `uid`: not a replacement of the same name); True when
+        the request was accepted, False when it was already gone or replaced."""
+        options = client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=uid))
         try:
-            meta = self.core.read_namespaced_pod(name, namespace).metadata
-            if meta is None or meta.deletion_timestamp is not None:
-                return False
-            if uid is not None and meta.uid != uid:
-                return False
-            options = client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=meta.uid))
-            self.core.delete_namespaced_pod(name, namespace, body=options)
+            _unparsed(self.core.delete_namespaced_pod, name, namespace, body=options)
         except ApiException as e:
             if e.status in (404, 409):  # gone, or replaced by a new pod of that name
                 return False
@@ -118,16 +93,15 @@ class Cluster:
             {"op": "remove", "path": path},
         ]
         try:
-            self.core.patch_namespaced_pod(meta["name"], meta["namespace"], ops)
+            _unparsed(self.core.patch_namespaced_pod, meta["name"], meta["namespace"], ops)
         except ApiException as e:
             if e.status not in (404, 409, 422):  # gone, or changed: the next pass looks again
                 raise
 
     def annotate_pod(self, namespace: str, name: str, annotations: dict[str, str]) -> None:
         try:
-            self.core.patch_namespaced_pod(
-                name, namespace, {"metadata": {"annotations": annotations}}
-            )
+            patch = {"metadata": {"annotations": annotations}}
+            _unparsed(self.core.patch_namespaced_pod, name, namespace, patch)
         except ApiException as e:
             if e.status != 404:
                 raise
@@ -139,22 +113,16 @@ class Cluster:
         status: dict[str, Any],
         *,
         resource_version: str | None = None,
-    ) -> None:
-        """Merge-patch the status; with `resource_version`, only if nobody wrote since."""
+    ) -> dict[str, Any]:
+        """Merge-patch the status; with `resource_version`, only if nobody wrote since.
+        Returns the job as written (fresher than the watch cache for a moment)."""
         patch: dict[str, Any] = {"status": status}
         if resource_version is not None:
             patch["metadata"] = {"resourceVersion": resource_version}
-        self.custom.patch_namespaced_custom_object_status(
+        out: Any = self.custom.patch_namespaced_custom_object_status(
             api.GROUP, api.VERSION, namespace, api.PLURAL, name, patch
         )
-
-    def workers_on_node(self, node: str, selector: str) -> list[dict[str, Any]]:
-        """Live worker pods bound to `node` (server-side label and field selectors)."""
-        raw = self.core.list_pod_for_all_namespaces(
-            label_selector=selector, field_selector=f"spec.nodeName={node}"
-        )
-        pods = [self._api.sanitize_for_serialization(p) for p in raw.items]
-        return [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+        return dict(out)
 
     def warn(self, body: dict[str, Any], reason: str, message: str) -> None:
         """A Warning Event on the job (`kubectl describe dtj` and `kubectl get events`)."""
@@ -186,9 +154,20 @@ class Cluster:
             reporting_instance=socket.gethostname(),
         )
         try:
-            self.core.create_namespaced_event(meta["namespace"], event)
+            _unparsed(self.core.create_namespaced_event, meta["namespace"], event)
         except ApiException as e:  # an Event is a courtesy: never fail a pass for it
             log.warning("could not post event %s on %s: %s", reason, meta["name"], e.reason)
+
+    def job_exists(self, namespace: str, name: str) -> bool:
+        try:
+            self.custom.get_namespaced_custom_object(
+                api.GROUP, api.VERSION, namespace, api.PLURAL, name
+            )
+        except ApiException as e:
+            if e.status == 404:
+                return False
+            raise
+        return True
 
     def delete_job(self, namespace: str, name: str) -> None:
         try:

@@ -1,27 +1,107 @@
-"""kopf wiring: thin handlers that hand every event to `reconcile`.
+"""kopf wiring: watch caches in, one coalescing queue of reconcile passes out.
 
 Run with `kopf run -m dtj_operator.handlers` (what the operator image does).
-The job is reconciled on each of its own events, on each event of a pod it
-owns, and on a timer as a safety net, so missed events cannot leave it stale.
+kopf watches the jobs and, with a server-side label selector, only the
+objects this operator made; indexes keep what a pass reads (`observed`).
+Every event whose projection changed kicks its job in the work queue, which
+runs one pass per job at a time, merges bursts, and runs a pass again later
+only when a deadline, a TTL or a refused create asks for it: no polling timer.
 """
 
 from __future__ import annotations
 
-import collections
+import asyncio
+import concurrent.futures
+import fnmatch
 import functools
-import threading
+import os
 from typing import Any
 
 import kopf
+from kubernetes.client.exceptions import ApiException
 
-from . import api, lifecycle, metrics, render
+from . import api, lifecycle, metrics, observed, render
 from .cluster import Cluster
 from .reconcile import reconcile
+from .watchcache import Key, WatchCache
+from .workqueue import WorkQueue
+
+MANAGED = {"app.kubernetes.io/managed-by": render.MANAGED_BY}
+# (group, version, plural) of the children other than pods, each with its index.
+CHILDREN = {
+    "configmaps": ("", "v1", "configmaps"),
+    "services": ("", "v1", "services"),
+    "serviceaccounts": ("", "v1", "serviceaccounts"),
+    "roles": ("rbac.authorization.k8s.io", "v1", "roles"),
+    "rolebindings": ("rbac.authorization.k8s.io", "v1", "rolebindings"),
+}
+PASSES_AT_ONCE = 8
+# A namespace pattern (`dtj operator --namespace='team-*'`), applied to cluster-wide watches.
+NAMESPACES = os.environ.get("DTJ_NAMESPACES", "")
+
+
+def ours(namespace: str | None, **_: Any) -> bool:
+    """Whether the operator looks after this namespace's jobs (kopf `when=` filter)."""
+    if not namespace:
+        return False
+    patterns = [p for p in NAMESPACES.split(",") if p]
+    return not patterns or any(fnmatch.fnmatchcase(namespace, p) for p in patterns)
+
+
+_cache = WatchCache(children_indexes=tuple(CHILDREN))
+_seen: dict[Any, Any] = {}  # object -> its last projection: skip events that change nothing
+_moving: set[str] = set()  # uids of workers being moved off a disrupted node
+_executor = concurrent.futures.ThreadPoolExecutor(PASSES_AT_ONCE, thread_name_prefix="pass")
 
 
 @functools.cache
 def _cluster() -> Cluster:
     return Cluster()
+
+
+def _run_pass(obs: observed.Observed) -> Any:
+    with metrics.RECONCILE_SECONDS.time():
+        try:
+            done = reconcile(obs, _cluster())
+        except Exception:
+            metrics.RECONCILES.labels(result="error").inc()
+            raise
+    metrics.RECONCILES.labels(result="ok").inc()
+    return done
+
+
+async def _pass(key: Key) -> float | None:
+    obs = _cache.snapshot(key)
+    if obs is None:
+        metrics.job_phase(*key, None)
+        return None
+    loop = asyncio.get_running_loop()
+    try:
+        done = await loop.run_in_executor(_executor, _run_pass, obs)
+    except ApiException as e:
+        if e.status != 404 or _cluster().job_exists(*key):
+            raise
+        _cache.forget(key)  # gone (with its namespace) before the watch said so
+        return None
+    _cache.remember(key, obs, done)
+    phase = done.status.get("phase") or (obs.body.get("status") or {}).get("phase") or "Pending"
+    metrics.job_phase(*key, phase)
+    return done.requeue_after
+
+
+@functools.cache
+def _queue() -> WorkQueue:
+    return WorkQueue(_pass, concurrency=PASSES_AT_ONCE)
+
+
+def _kick_if_changed(who: Any, projection: Any, key: Key, deleted: bool) -> None:
+    if deleted:
+        _seen.pop(who, None)
+    elif _seen.get(who) == projection:
+        return
+    else:
+        _seen[who] = projection
+    _queue().kick(key)
 
 
 @kopf.on.startup()
@@ -34,91 +114,132 @@ def configure(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: Any) ->
     )
     settings.posting.level = 30  # WARNING and above become Kubernetes Events
     settings.watching.server_timeout = 120
+    # Only this operator's objects come over the wire (not every pod of the cluster).
+    selector = f"app.kubernetes.io/managed-by={render.MANAGED_BY}"
+    for group, version, plural in [("", "v1", "pods"), *CHILDREN.values()]:
+        settings.watching.label_selectors[group, version, plural] = selector
     port = metrics.serve_from_env()
     if port is not None:
         logger.info("serving the operator's metrics on port %d (/metrics)", port)
 
 
-_locks: collections.defaultdict[tuple[str, str], threading.Lock] = collections.defaultdict(
-    threading.Lock
-)
+# The watch caches. kopf fills them before it runs any other handler.
 
 
-def reconcile_latest(namespace: str, name: str) -> None:
-    """One pass at a time per job, each on a freshly read body.
-
-    kopf runs handlers for the job and for each of its pods concurrently;
-    serialising them per job and re-reading the job inside the lock means no
-    pass acts on a status another pass has already changed.
-    """
-    with _locks[(namespace, name)]:
-        job = _cluster().get_job(namespace, name)
-        if job is None:
-            metrics.job_phase(namespace, name, None)
-            return
-        with metrics.RECONCILE_SECONDS.time():
-            try:
-                new = reconcile(job, _cluster())
-            except Exception:
-                metrics.RECONCILES.labels(result="error").inc()
-                raise
-        metrics.RECONCILES.labels(result="ok").inc()
-        phase = new.get("phase") or (job.get("status") or {}).get("phase") or "Pending"
-        metrics.job_phase(namespace, name, phase)
+@kopf.index(api.GROUP, api.VERSION, api.PLURAL, when=ours)
+def jobs(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> Any:
+    return {(namespace, name): {k: body.get(k) for k in ("metadata", "spec", "status")}}
 
 
-@kopf.on.event(api.GROUP, api.VERSION, api.PLURAL)
-def job_event(type: str, name: str, namespace: str | None, **_: Any) -> None:
+@kopf.index("", "v1", "pods", labels=MANAGED, when=ours)
+def pods(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> Any:
+    job = labels.get(render.LABEL_JOB)
+    return {(namespace, job): observed.pod(dict(body))} if job else None
+
+
+@kopf.index("", "v1", "pods", labels=MANAGED, when=ours)
+def workers_by_node(labels: kopf.Labels, spec: kopf.Spec, body: kopf.Body, **_: Any) -> Any:
+    node = spec.get("nodeName")
+    if not node or labels.get(render.LABEL_COMPONENT) != render.WORKER:
+        return None
+    return {node: observed.pod(dict(body))}
+
+
+def _child_index(plural: str) -> None:
+    def index(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> Any:
+        job = labels.get(render.LABEL_JOB)
+        return {(namespace, job): observed.child(dict(body))} if job else None
+
+    async def event(type: str, namespace: str | None, labels: kopf.Labels, **kw: Any) -> None:
+        _attach(kw)
+        job = labels.get(render.LABEL_JOB)
+        if job and namespace and type in ("DELETED", "ADDED", "MODIFIED"):
+            _queue().kick((namespace, job))
+
+    index.__name__ = plural
+    event.__name__ = f"{plural}_event"
+    kopf.index(*CHILDREN[plural], labels=MANAGED, when=ours, id=plural)(index)
+    kopf.on.event(*CHILDREN[plural], labels=MANAGED, when=ours, id=f"{plural}_event")(event)
+
+
+for _plural in CHILDREN:
+    _child_index(_plural)
+_INDEXES = {"jobs", "pods", "workers_by_node", *CHILDREN}
+
+
+def _attach(kw: dict[str, Any]) -> None:
+    _cache.attach(**{k: v for k, v in kw.items() if k in _INDEXES})
+
+
+# Events: each kicks its job's pass when something a pass reads changed.
+
+
+@kopf.on.event(api.GROUP, api.VERSION, api.PLURAL, when=ours)
+async def job_event(
+    type: str, name: str, namespace: str | None, body: kopf.Body, **kw: Any
+) -> None:
+    _attach(kw)
     if not namespace:
         return
+    key = (namespace, name)
     if type == "DELETED":
+        _seen.pop(key, None)
+        _queue().forget(key)
+        _cache.forget(key)
         metrics.job_phase(namespace, name, None)
-    else:
-        reconcile_latest(namespace, name)
+        return
+    _kick_if_changed(key, observed.job(dict(body)), key, deleted=False)
 
 
-@kopf.on.event("", "v1", "pods", labels={"app.kubernetes.io/managed-by": render.MANAGED_BY})
-def pod_event(body: kopf.Body, namespace: str | None, **_: Any) -> None:
-    """Any change of a job's pod runs a pass of that job. Losses are counted there,
+@kopf.on.event("", "v1", "pods", labels=MANAGED, when=ours)
+async def pod_event(type: str, body: kopf.Body, namespace: str | None, **kw: Any) -> None:
+    """A change of a job's pod runs a pass of that job. Losses are counted there,
     from the pods' state (the tracking finalizer keeps an ended worker until then),
     never from this event: events can be missed, a pod's last state cannot."""
-    pod = dict(body)
-    meta = pod.get("metadata", {})
-    job_name = meta.get("labels", {}).get(render.LABEL_JOB)
+    _attach(kw)
+    meta = body.get("metadata") or {}
+    job_name = (meta.get("labels") or {}).get(render.LABEL_JOB)
     if not job_name or not namespace:
         return
+    pod = observed.pod(dict(body))
+    key = (namespace, job_name)
     if render.tracked(pod) and meta.get("deletionTimestamp"):
-        job = _cluster().get_job(namespace, job_name)
+        job = _cache.job(key)
         if job is None or not render.owned_by(pod, job["metadata"].get("uid")):
             # Its job is gone (the garbage collector is deleting it): let it go.
-            _cluster().release(pod, render.TRACKING_FINALIZER)
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(
+                _executor, _cluster().release, pod, render.TRACKING_FINALIZER
+            )
             return
-    reconcile_latest(namespace, job_name)
+    if type == "DELETED":
+        _moving.discard(meta.get("uid"))
+    _kick_if_changed(meta.get("uid"), pod, key, deleted=type == "DELETED")
 
 
 @kopf.on.event("", "v1", "nodes")
-def node_event(type: str, body: kopf.Body, **_: Any) -> None:
+async def node_event(type: str, body: kopf.Body, **kw: Any) -> None:
     """Move workers off a node that announces its end, before it takes them down.
     The pass that sees them go counts them as preemptions, with this reason."""
+    _attach(kw)
     reason = lifecycle.disruption(dict(body)) if type != "DELETED" else None
     if reason is None:
         return
-    cluster = _cluster()
-    for pod in cluster.workers_on_node(body["metadata"]["name"], render.worker_selector_all()):
+    for pod in list(_cache.indexes["workers_by_node"].get(body["metadata"]["name"], ())):
         meta = pod["metadata"]
-        job_name = meta["labels"][render.LABEL_JOB]
-        with _locks[(meta["namespace"], job_name)]:
-            job = cluster.get_job(meta["namespace"], job_name)
-            if job is None or not render.owned_by(pod, job["metadata"].get("uid")):
-                continue  # its job is gone: the garbage collector removes the pod
-            why = f"moved away, {reason}"
-            cluster.annotate_pod(meta["namespace"], meta["name"], {render.ANNOTATION_MOVED: why})
-            if cluster.delete_pod(meta["namespace"], meta["name"], meta["uid"]):
-                cluster.event(job, "Normal", "WorkerMoved", lifecycle.preemption_note(pod, why))
-        reconcile_latest(meta["namespace"], job_name)
+        key = (meta["namespace"], meta["labels"][render.LABEL_JOB])
+        job = _cache.job(key)
+        going = meta.get("deletionTimestamp") or meta["uid"] in _moving
+        if going or job is None or not render.owned_by(pod, job["metadata"].get("uid")):
+            continue  # going already, or its job is gone (the garbage collector takes it)
+        _moving.add(meta["uid"])
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(_executor, _move_away, job, pod, f"moved away, {reason}")
+        _queue().kick(key)
 
 
-@kopf.timer(api.GROUP, api.VERSION, api.PLURAL, interval=10, idle=5)
-def resync(name: str, namespace: str | None, **_: Any) -> None:
-    if namespace:
-        reconcile_latest(namespace, name)
+def _move_away(job: dict[str, Any], pod: dict[str, Any], why: str) -> None:
+    meta, cluster = pod["metadata"], _cluster()
+    cluster.annotate_pod(meta["namespace"], meta["name"], {render.ANNOTATION_MOVED: why})
+    if cluster.delete_pod(meta["namespace"], meta["name"], meta["uid"]):
+        cluster.event(job, "Normal", "WorkerMoved", lifecycle.preemption_note(pod, why))

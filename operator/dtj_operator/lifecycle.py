@@ -179,12 +179,28 @@ def pods_to_clean(job: api.DecentralizedTrainingJob, pods: list[dict[str, Any]])
     return out
 
 
-def ttl_expired(
+def ttl_left(
     job: api.DecentralizedTrainingJob, old_status: dict[str, Any], now: dt.datetime
-) -> bool:
+) -> float | None:
+    """Seconds until a finished job is deleted (ttlSecondsAfterFinished), or None."""
     ttl = job.spec.run_policy.ttl_seconds_after_finished
     done = old_status.get("completionTime")
-    return ttl is not None and done is not None and (now - parse_time(done)).total_seconds() >= ttl
+    if ttl is None or done is None:
+        return None
+    return ttl - (now - parse_time(done)).total_seconds()
+
+
+def deadline_in(
+    job: api.DecentralizedTrainingJob, new_status: dict[str, Any], now: dt.datetime
+) -> float | None:
+    """Seconds until activeDeadlineSeconds runs out (a pass must then look), or None
+    when no deadline runs (none set, not started, suspended)."""
+    policy = job.spec.run_policy
+    start = new_status.get("startTime")
+    if not policy.active_deadline_seconds or not start or policy.suspend:
+        return None
+    elapsed = (now - parse_time(start)).total_seconds()
+    return max(policy.active_deadline_seconds - elapsed, 0.0) + 0.5
 
 
 def vanished_worker(

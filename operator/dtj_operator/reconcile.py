@@ -1,14 +1,17 @@
 """One reconcile pass: observe -> sort -> desire -> act -> write status once.
 
-Level-triggered and idempotent: every pass starts from what exists, so a
-restarted operator (or two concurrent passes) converges to the same children
-without duplicates; creation tolerates "already exists", deletion "not found".
+Level-triggered and idempotent: every pass starts from what the watch cache
+shows (`observed.Observed`), creates only what is missing and writes the
+status only when it changed, so a steady job costs no API request. A lagging
+cache costs at most a refused request: creation tolerates "already exists",
+deletion "not found", counted losses are written with a resourceVersion guard.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+from dataclasses import dataclass, field
 from typing import Any
 
 import pydantic
@@ -16,8 +19,50 @@ from kubernetes.client.exceptions import ApiException
 
 from . import api, lifecycle, metrics, render, status
 from .cluster import Cluster
+from .observed import Observed, digest
 
 log = logging.getLogger(__name__)
+
+# Retry a refused create (quota, admission) this much later, without an event.
+RETRY_SECONDS = 10.0
+# How long a create or delete may take to show in the cache before a pass looks again.
+EXPECTATION_SECONDS = 30.0
+
+
+@dataclass
+class Pass:
+    """What a pass did that the cache has not shown yet, and when to run again."""
+
+    status: dict[str, Any] = field(default_factory=dict)
+    written: dict[str, Any] | None = None  # the job as the last status write returned it
+    created: set[str] = field(default_factory=set)  # pod names
+    deleted: set[str] = field(default_factory=set)  # pod uids
+    requeue_after: float | None = None
+
+
+class _Acting:
+    """The cluster's verbs for one pass, remembering what they changed."""
+
+    def __init__(self, cluster: Cluster, done: Pass) -> None:
+        self.cluster, self.done = cluster, done
+
+    def create(self, obj: dict[str, Any]) -> bool:
+        made = self.cluster.create(obj)
+        if made and obj["kind"] == "Pod":
+            self.done.created.add(obj["metadata"]["name"])
+        return made
+
+    def delete_pod(self, pod: dict[str, Any]) -> bool:
+        meta = pod["metadata"]
+        if meta.get("deletionTimestamp"):
+            return False
+        gone = self.cluster.delete_pod(meta["namespace"], meta["name"], meta["uid"])
+        self.done.deleted.add(meta["uid"])
+        return gone
+
+    def patch_status(self, body: dict[str, Any], patch: dict[str, Any], **kw: Any) -> None:
+        meta = body["metadata"]
+        self.done.written = self.cluster.patch_status(meta["namespace"], meta["name"], patch, **kw)
 
 
 def _invalid(body: dict[str, Any], err: pydantic.ValidationError) -> dict[str, Any]:
@@ -36,60 +81,64 @@ def _invalid(body: dict[str, Any], err: pydantic.ValidationError) -> dict[str, A
     return {"phase": "Failed", "conditions": conds}
 
 
-def reconcile(body: dict[str, Any], cluster: Cluster) -> dict[str, Any]:
-    """Bring one job's children in line with its spec; return the status written."""
+def reconcile(obs: Observed, cluster: Cluster) -> Pass:
+    """Bring one job's children in line with its spec, from what the cache shows."""
+    done = Pass()
+    act = _Acting(cluster, done)
+    body = obs.body
     meta = body["metadata"]
     ns, name = meta["namespace"], meta["name"]
+    pods = [p for p in obs.pods if render.owned_by(p, meta.get("uid"))]
     if meta.get("deletionTimestamp"):
         # Going away with its pods: nothing left to count, nothing may hold them.
-        for pod in cluster.list_pods(ns, f"{render.LABEL_JOB}={name}"):
-            if render.owned_by(pod, meta.get("uid")):
-                cluster.release(pod, render.TRACKING_FINALIZER)
-        return {}
+        for pod in pods:
+            cluster.release(pod, render.TRACKING_FINALIZER)
+        return done
     try:
         job = api.DecentralizedTrainingJob.from_body(body)
     except pydantic.ValidationError as err:
-        new = _invalid(body, err)
-        if status.differs(body.get("status"), new):
-            _write(cluster, body, new)
-        return new
+        done.status = _invalid(body, err)
+        if status.differs(body.get("status"), done.status):
+            _write(act, body, done.status)
+        return done
 
-    # Observe and sort.
+    # Observe and sort: what the cache shows, plus deletions it has not shown yet.
     old: dict[str, Any] = dict(body.get("status") or {})
-    labelled = cluster.list_pods(ns, f"{render.LABEL_JOB}={name}")
-    pods = [p for p in labelled if render.owned_by(p, meta.get("uid"))]
-    leftovers = {p["metadata"]["name"] for p in labelled} - {p["metadata"]["name"] for p in pods}
+    pods = [_going(p) if p["metadata"]["uid"] in obs.deleting else p for p in pods]
+    leftovers = {p["metadata"]["name"] for p in obs.pods} - {p["metadata"]["name"] for p in pods}
     now = dt.datetime.now(dt.UTC)
 
     if old.get("phase") in lifecycle.TERMINAL:
-        return _finished(job, body, pods, cluster, old, now)
+        done.status = old
+        done.requeue_after = _finished(act, job, body, pods, old, now)
+        return done
 
     verdict = lifecycle.assess(job, pods, old, now)
     if verdict.reason == "BackoffLimitExceeded" and verdict.failed:
-        return _fail_on_failures(job, body, pods, cluster, verdict)
-    counted = _account(job, body, pods, cluster, verdict)
+        done.status = _fail_on_failures(act, job, body, pods, verdict)
+        return done
+    counted = _account(act, job, body, pods, verdict)
     if counted is None:
-        return old  # the job changed meanwhile: its event runs the next pass
+        done.status = old  # the job changed meanwhile: its event runs the next pass
+        return done
     for pod in verdict.failed + verdict.preempted:
         # Counted; the replacement comes on a later pass, once the old pod is gone.
-        cluster.delete_pod(ns, pod["metadata"]["name"], pod["metadata"].get("uid"))
+        act.delete_pod(pod)
     if verdict.phase is not None:
-        new = status.compute(
-            job,
-            body,
-            pods,
-            finished=(verdict.phase, verdict.reason, verdict.message),
+        done.status = status.compute(
+            job, body, pods, finished=(verdict.phase, verdict.reason, verdict.message)
         )
-        _write(cluster, body, new)
-        for pod_name in lifecycle.pods_to_clean(job, pods):
-            cluster.delete_pod(ns, pod_name)
-        return new
+        _write(act, body, done.status)
+        _clean(act, job, pods)
+        return done
     gone = {p["metadata"]["name"] for p in verdict.failed + verdict.preempted}
-    existing = {p["metadata"]["name"] for p in pods if not status.is_terminating(p)} | gone
+    # A terminating pod still holds its name: its replacement comes once it is gone.
+    existing = {p["metadata"]["name"] for p in pods} | obs.created
 
-    # Desire and act.
+    # Desire and act: create what is missing, update the config, drop the unwanted.
     desired = render.desired_children(job, body)
     wanted = {o["metadata"]["name"] for o in desired if o["kind"] == "Pod"}
+    children = {(c["kind"], c["name"]): c for c in obs.children}
     problems: list[str] = []
     for obj in desired:
         kind, child = obj["kind"], obj["metadata"]["name"]
@@ -101,43 +150,72 @@ def reconcile(body: dict[str, Any], cluster: Cluster) -> dict[str, Any]:
                 "go (delete it if it was orphaned)"
             )
             continue
+        have = children.get((kind, child))
+        if have is not None:
+            ours = kind == "ConfigMap" and meta["uid"] in have["owners"]
+            if ours and have["digest"] != digest(obj.get("data")):
+                cluster.patch_config_map(ns, child, obj["data"])
+            continue
         try:
-            if cluster.create(obj):
+            if act.create(obj):
                 log.info("created %s %s/%s", kind, ns, child)
-                if kind == "Pod" and obj["metadata"]["labels"].get(render.LABEL_COMPONENT) == (
-                    render.WORKER
-                ):
+                component = obj["metadata"]["labels"].get(render.LABEL_COMPONENT)
+                if kind == "Pod" and component == render.WORKER:
                     metrics.WORKERS_CREATED.inc()
-            elif kind == "ConfigMap":
-                _sync_config(cluster, obj)
         except ApiException as e:
             # Quota, admission or RBAC refusals: say so in the status and try
-            # again on the next pass, instead of failing the handler.
+            # again a little later, instead of failing the handler.
             reason = e.reason or "error"
             problems.append(f"cannot create {kind} {child}: {reason} ({e.status})")
             log.warning("cannot create %s %s/%s: %s", kind, ns, child, e.reason)
+            done.requeue_after = RETRY_SECONDS
     for pod in pods:
-        pod_name = pod["metadata"]["name"]
-        unwanted = pod_name not in wanted and not status.is_terminating(pod)
-        if unwanted and cluster.delete_pod(ns, pod_name, pod["metadata"].get("uid")):
-            log.info("deleted pod %s/%s (no longer desired)", ns, pod_name)
+        if pod["metadata"]["name"] not in wanted and act.delete_pod(pod):
+            log.info("deleted pod %s/%s (no longer desired)", ns, pod["metadata"]["name"])
 
     # Status, once.
     live = [p for p in pods if p["metadata"]["name"] not in gone]
-    new = status.compute(job, body, live, problems=problems)
+    done.status = status.compute(job, body, live, problems=problems)
     present = {p["metadata"].get("uid") for p in pods}
     if sorted(counted & present) != sorted(old.get("countedPods") or []):
-        new["countedPods"] = sorted(counted & present)  # settled uids drop out
-    if status.differs(old, new):
-        _write(cluster, body, new)
-    return new
+        done.status["countedPods"] = sorted(counted & present)  # settled uids drop out
+    if status.differs(old, done.status):
+        _write(act, body, done.status)
+    done.requeue_after = _earliest(
+        done.requeue_after,
+        lifecycle.deadline_in(job, done.status | {"startTime": _start(old, done.status)}, now),
+        EXPECTATION_SECONDS if obs.created or obs.deleting else None,
+    )
+    return done
+
+
+def _start(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    return new["startTime"] if "startTime" in new else old.get("startTime")
+
+
+def _earliest(*delays: float | None) -> float | None:
+    return min((d for d in delays if d is not None), default=None)
+
+
+def _going(pod: dict[str, Any]) -> dict[str, Any]:
+    """A pod this operator deleted, as it will look once the cache shows it."""
+    meta = pod["metadata"] | {"deletionTimestamp": status.now()}
+    return pod | {"metadata": meta}
+
+
+def _clean(act: _Acting, job: api.DecentralizedTrainingJob, pods: list[dict[str, Any]]) -> None:
+    """Delete what cleanPodPolicy says a finished job should not keep."""
+    names = set(lifecycle.pods_to_clean(job, pods))
+    for pod in pods:
+        if pod["metadata"]["name"] in names:
+            act.delete_pod(pod)
 
 
 def _account(
+    act: _Acting,
     job: api.DecentralizedTrainingJob,
     body: dict[str, Any],
     pods: list[dict[str, Any]],
-    cluster: Cluster,
     verdict: lifecycle.Assessment,
 ) -> set[str] | None:
     """Count every worker that ended, exactly once, then let its pod go.
@@ -177,9 +255,7 @@ def _account(
         if losses["preemptions"]:
             patch["lastPreemption"] = lifecycle.preemption_note(losses["preemptions"][-1])
         try:
-            cluster.patch_status(
-                meta["namespace"], meta["name"], patch, resource_version=meta["resourceVersion"]
-            )
+            act.patch_status(body, patch, resource_version=meta["resourceVersion"])
         except ApiException as e:
             if e.status == 409:
                 return None
@@ -190,21 +266,21 @@ def _account(
             for pod in lost:
                 if counter == "failures":
                     note = lifecycle.failure_note(pod)
-                    cluster.warn(body, "WorkerFailed", note)
+                    act.cluster.warn(body, "WorkerFailed", note)
                 else:
                     note = lifecycle.preemption_note(pod)
-                    cluster.event(body, "Normal", "WorkerPreempted", f"{note}; replacing it")
+                    act.cluster.event(body, "Normal", "WorkerPreempted", f"{note}; replacing it")
                 log.info("worker %s/%s lost (%s)", meta["namespace"], pod["metadata"]["name"], note)
     for pod in settled:
-        cluster.release(pod, render.TRACKING_FINALIZER)
+        act.cluster.release(pod, render.TRACKING_FINALIZER)
     return counted
 
 
 def _fail_on_failures(
+    act: _Acting,
     job: api.DecentralizedTrainingJob,
     body: dict[str, Any],
     pods: list[dict[str, Any]],
-    cluster: Cluster,
     verdict: lifecycle.Assessment,
 ) -> dict[str, Any]:
     """The failures that end the job: kept (so `kubectl logs` still shows why) and
@@ -220,50 +296,42 @@ def _fail_on_failures(
     new["lastFailure"] = lifecycle.failure_note(verdict.failed[-1])
     uids = {p["metadata"]["uid"] for p in verdict.failed}
     new["countedPods"] = sorted(set(old.get("countedPods") or []) | uids)
-    _write(cluster, body, new, resource_version=meta["resourceVersion"])
+    _write(act, body, new, resource_version=meta["resourceVersion"])
     metrics.lost("failures", len(verdict.failed))
     for pod in verdict.failed:
-        cluster.warn(body, "WorkerFailed", lifecycle.failure_note(pod))
+        act.cluster.warn(body, "WorkerFailed", lifecycle.failure_note(pod))
     log.info("job %s/%s failed: %s", ns, name, verdict.message)
-    for pod_name in lifecycle.pods_to_clean(job, pods):
-        cluster.delete_pod(ns, pod_name)
+    _clean(act, job, pods)
     return new
 
 
 def _finished(
+    act: _Acting,
     job: api.DecentralizedTrainingJob,
     body: dict[str, Any],
     pods: list[dict[str, Any]],
-    cluster: Cluster,
     old: dict[str, Any],
     now: dt.datetime,
-) -> dict[str, Any]:
-    """A finished job: keep its pods cleaned up and honour ttlSecondsAfterFinished."""
+) -> float | None:
+    """A finished job: keep its pods cleaned up and honour ttlSecondsAfterFinished;
+    returns the seconds until its TTL runs out."""
     meta = body["metadata"]
-    for pod_name in lifecycle.pods_to_clean(job, pods):
-        cluster.delete_pod(meta["namespace"], pod_name)
+    _clean(act, job, pods)
     for pod in pods:  # a finished job counts no more losses
         if status.is_terminating(pod):
-            cluster.release(pod, render.TRACKING_FINALIZER)
-    if lifecycle.ttl_expired(job, old, now):
+            act.cluster.release(pod, render.TRACKING_FINALIZER)
+    left = lifecycle.ttl_left(job, old, now)
+    if left is not None and left <= 0:
         log.info(
             "deleting finished job %s/%s (ttlSecondsAfterFinished)", meta["namespace"], meta["name"]
         )
-        cluster.delete_job(meta["namespace"], meta["name"])
-    return old
+        act.cluster.delete_job(meta["namespace"], meta["name"])
+        return None
+    return left
 
 
-def _write(cluster: Cluster, body: dict[str, Any], new: dict[str, Any], **kwargs: Any) -> None:
+def _write(act: _Acting, body: dict[str, Any], new: dict[str, Any], **kwargs: Any) -> None:
     """Write the status, and tell the story in Events (`kubectl describe dtj`)."""
-    meta = body["metadata"]
-    cluster.patch_status(meta["namespace"], meta["name"], new, **kwargs)
+    act.patch_status(body, new, **kwargs)
     for kind, reason, message in status.transitions(body.get("status") or {}, new):
-        cluster.event(body, kind, reason, message)
-
-
-def _sync_config(cluster: Cluster, desired: dict[str, Any]) -> None:
-    """Update the trainer config when the spec changed (e.g. replicas after a scale)."""
-    meta = desired["metadata"]
-    current = cluster.read_config_map(meta["namespace"], meta["name"])
-    if current is not None and current.get("data") != desired["data"]:
-        cluster.patch_config_map(meta["namespace"], meta["name"], desired["data"])
+        act.cluster.event(body, kind, reason, message)

@@ -187,8 +187,13 @@ def test_failures_beyond_backoff_limit_fail_the_job(kube: Kube, operator, namesp
             and p["flaky-worker-0"]["metadata"]["uid"] != first
         ),
     )
-    st = status(kube, namespace, "flaky")
-    assert st["failures"] == 1 and st["phase"] == "Running"
+    wait_for(
+        "one failure counted, the job Running",
+        lambda: (
+            (s := status(kube, namespace, "flaky")).get("failures") == 1
+            and s.get("phase") == "Running"
+        ),
+    )
     kube.run(
         "annotate", "pod", "-n", namespace, "flaky-worker-1", "training.dtj.io/simulate-exit-code=3"
     )

@@ -56,9 +56,9 @@ def test_metrics_and_events_follow_the_job(kube: Kube, operator, operator_metric
     assert value(running, ok, result="ok") > value(before, ok, result="ok")
     passes = "dtj_operator_reconcile_duration_seconds_count"
     assert value(running, passes) > value(before, passes)
-    gets = "dtj_operator_api_requests_total"
-    assert value(running, gets, method="GET") > value(before, gets, method="GET")
-    assert value(running, gets, method="POST") - value(before, gets, method="POST") >= 4
+    calls = "dtj_operator_api_requests_total"
+    assert value(running, calls, method="PATCH") > value(before, calls, method="PATCH")
+    assert value(running, calls, method="POST") - value(before, calls, method="POST") >= 4
 
     victim = pods[0]["metadata"]["name"]
     kube.run("delete", "pod", victim, "-n", namespace, "--wait=false")
