@@ -53,10 +53,11 @@ test: install controlplane lint typecheck
 
 ## make bench: the measurements (not run by make test); JSON and PNG in bench/results/.
 ## Quick settings by default; `make bench FULL=1` runs every seed (about an hour).
-bench: install
+bench: install controlplane
 	$(PY) bench/heterogeneity.py $(if $(FULL),--full)
 	$(PY) bench/preemption.py
 	$(PY) bench/teleportation_scaling.py
+	$(PY) bench/many_jobs.py
 
 ## make crds: regenerate crds/ and the chart's copy from the API models.
 crds: install

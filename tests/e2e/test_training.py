@@ -23,8 +23,11 @@ from tests.e2e.kube import Kube, wait_for
 pytestmark = pytest.mark.e2e
 
 
-def train_to_the_end(kube: Kube, ns: str, name: str, body: str) -> dict[str, Any]:
-    """Apply, watch the pods run and the progress move, return the final status."""
+def train_to_the_end(
+    kube: Kube, ns: str, name: str, body: str, on_status: Any = None
+) -> dict[str, Any]:
+    """Apply, watch the pods run and the progress move, return the final status
+    (`on_status` sees each status polled on the way)."""
     kube.run("apply", "-n", ns, "-f", "-", input=body)
     replicas = yaml.safe_load(body)["spec"]["replicas"]
 
@@ -41,6 +44,8 @@ def train_to_the_end(kube: Kube, ns: str, name: str, body: str) -> dict[str, Any
 
     def finished() -> dict[str, Any] | None:
         st = job_status(kube, ns, name)
+        if on_status is not None:
+            on_status(st)
         prog = st.get("progress") or {}
         if prog.get("step") is not None:
             seen[int(prog["step"])] = prog["loss"]
@@ -221,7 +226,7 @@ def _alive(pid: int) -> bool:
 def test_a_budgeted_job_with_dynamic_batching_reports_its_plan(kube, local, operator, namespace):
     """training.budget and batching.dynamic through the whole stack: the job ends when the
     workers together have trained on the budget, and the status shows each one's batch."""
-    budget = 4 * 32 * 200
+    budget = 4 * 32 * 400  # ~30 s of training: several progress reports (one per ~5 s)
     body = manifest(
         "planned",
         replicas=4,
@@ -232,15 +237,14 @@ def test_a_budgeted_job_with_dynamic_batching_reports_its_plan(kube, local, oper
     )
     seen_workers: list[list[dict[str, Any]]] = []
 
-    def progress() -> dict[str, Any] | None:
-        prog = job_status(kube, namespace, "planned").get("progress") or {}
-        if prog.get("workers"):
+    def progress(st: dict[str, Any]) -> None:
+        prog = st.get("progress") or {}
+        if prog.get("workers") and prog.get("samples"):
             seen_workers.append(prog["workers"])
-        return prog if prog.get("workers") and prog.get("samples") else None
 
-    kube.run("apply", "-n", namespace, "-f", "-", input=body)
-    wait_for("status.progress with the batch plan", progress, timeout=180, every=1.0)
-    st = train_to_the_end(kube, namespace, "planned", body)
+    st = train_to_the_end(kube, namespace, "planned", body, on_status=progress)
+    progress(st)
+    assert seen_workers, "status.progress never showed the batch plan"
     assert_trained(kube, local, namespace, "planned", st)
     plan = seen_workers[-1]
     assert sorted(w["slot"] for w in plan) == [0, 1, 2, 3]
