@@ -179,8 +179,9 @@ def baseline(cluster: devcluster.LocalCluster, jobs: int, workers: int, timeout:
         job = api.DecentralizedTrainingJob.from_body(m)
         body = {**m, "metadata": {**m["metadata"], "uid": "none"}}
         for o in render.desired_children(job, body):
-            o["metadata"].pop("ownerReferences")  # no owner: the garbage collector would reap them
-            o["metadata"].pop("finalizers", None)
+            # No owner (the garbage collector would reap them), no finalizer to release.
+            meta = {k: v for k, v in o["metadata"].items() if k not in ("ownerReferences",)}
+            o["metadata"] = {k: v for k, v in meta.items() if k != "finalizers"}
             objs.append(o)
     pods = jobs * (workers + 1)
     t0 = time.monotonic()
