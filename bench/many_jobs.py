@@ -160,8 +160,10 @@ def namespace(cluster: devcluster.LocalCluster, ns: str) -> None:
 
 
 def baseline(cluster: devcluster.LocalCluster, jobs: int, workers: int, timeout: float) -> dict:
+    import urllib3
     from kubernetes import client, config
 
+    urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)  # the local test CA
     ns = "bench"
     namespace(cluster, ns)
     api_client = config.new_client_from_config(str(cluster.directory / "bench-client.kubeconfig"))

@@ -133,12 +133,18 @@ class JobSpec(Model):
     )
     algorithm: AlgorithmSpec = Field(
         default_factory=AlgorithmSpec,
-        description="Training method and its settings.",
+        description=(
+            "Training method and its settings. Immutable: every worker of a job runs the "
+            "same method (create a new job to change it)."
+        ),
         json_schema_extra=nested_default(),
     )
     optimizer: OptimizerSpec = Field(
         default_factory=OptimizerSpec,
-        description="Local optimizer of every worker.",
+        description=(
+            "Local optimizer of every worker. Immutable: replacements must apply the "
+            "same update rule as the workers they join."
+        ),
         json_schema_extra=nested_default(),
     )
     batching: BatchingSpec = Field(
@@ -148,12 +154,18 @@ class JobSpec(Model):
     )
     training: TrainingSpec = Field(
         default_factory=TrainingSpec,
-        description="Model, data set, length and checkpoints.",
+        description=(
+            "Model, data set, length and checkpoints. model, dataset, seed and dataSplit "
+            "are immutable (workers that join warm-start from the others' model and shard)."
+        ),
         json_schema_extra=nested_default(),
     )
     template: WorkerTemplate = Field(
         default_factory=WorkerTemplate,
-        description="Worker container settings.",
+        description=(
+            "Worker container settings. A change applies to workers created afterwards "
+            "(replacements, scale-ups); running workers keep theirs."
+        ),
         json_schema_extra=nested_default(),
     )
     node_pools: list[NodePool] = Field(

@@ -92,14 +92,29 @@ def spec_schema() -> dict[str, Any]:
             "message": "activeNodes must be a positive integer or 'auto'",
         }
     ]
-    schema["x-kubernetes-validations"].append(
+    schema["x-kubernetes-validations"] += [
         {
             "rule": "self.training.model == oldSelf.training.model"
-            " && self.training.dataset == oldSelf.training.dataset",
-            "message": "training.model and training.dataset are immutable; create a new job",
+            " && self.training.dataset == oldSelf.training.dataset"
+            " && self.training.seed == oldSelf.training.seed"
+            " && self.training.dataSplit == oldSelf.training.dataSplit",
+            "message": "training.model, dataset, seed and dataSplit are immutable; "
+            "create a new job",
             "fieldPath": ".training",
-        }
-    )
+        },
+        {
+            "rule": "self.algorithm == oldSelf.algorithm",
+            "message": "algorithm is immutable (running workers cannot switch method); "
+            "create a new job",
+            "fieldPath": ".algorithm",
+        },
+        {
+            "rule": "self.optimizer == oldSelf.optimizer",
+            "message": "optimizer is immutable (replacements must match the running "
+            "workers); create a new job",
+            "fieldPath": ".optimizer",
+        },
+    ]
     return schema
 
 

@@ -132,6 +132,15 @@ def test_long_names_and_immutable_fields_are_rejected(crds: Kube, namespace):
     proc = crds.run("apply", "-f", "-", input=json.dumps(ok), check=False)
     assert proc.returncode != 0 and "spec.training" in proc.stderr
     assert "immutable" in proc.stderr
+    for change, field in [
+        ({"algorithm": {"name": "gosgd"}}, "spec.algorithm"),
+        ({"optimizer": {"lr": 0.5}}, "spec.optimizer"),
+        ({"training": {"seed": 7}}, "spec.training"),
+    ]:
+        proc = crds.run("apply", "-f", "-", input=json.dumps({**ok, "spec": change}), check=False)
+        assert proc.returncode != 0 and field in proc.stderr and "immutable" in proc.stderr
+    ok["spec"] = {"replicas": 6, "runPolicy": {"suspend": True}}  # these may change
+    crds.run("apply", "-f", "-", input=json.dumps(ok))
 
 
 @pytest.mark.parametrize(("spec", "field"), INVALID, ids=[f for _, f in INVALID])
