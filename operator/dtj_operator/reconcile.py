@@ -10,6 +10,7 @@ deletion "not found", counted losses are written with a resourceVersion guard.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -140,6 +141,7 @@ def reconcile(obs: Observed, cluster: Cluster) -> Pass:
     wanted = {o["metadata"]["name"] for o in desired if o["kind"] == "Pod"}
     children = {(c["kind"], c["name"]): c for c in obs.children}
     problems: list[str] = []
+    refused: list[str] = []  # the API server finds the spec invalid: retrying cannot help
     for obj in desired:
         kind, child = obj["kind"], obj["metadata"]["name"]
         if kind == "Pod" and child in existing:
@@ -163,12 +165,27 @@ def reconcile(obs: Observed, cluster: Cluster) -> Pass:
                 if kind == "Pod" and component == render.WORKER:
                     metrics.WORKERS_CREATED.inc()
         except ApiException as e:
+            if e.status == 422:
+                refused.append(f"{kind} {child}: {api_message(e)}")
+                break
             # Quota, admission or RBAC refusals: say so in the status and try
             # again a little later, instead of failing the handler.
             reason = e.reason or "error"
             problems.append(f"cannot create {kind} {child}: {reason} ({e.status})")
             log.warning("cannot create %s %s/%s: %s", kind, ns, child, e.reason)
             done.requeue_after = RETRY_SECONDS
+    if refused:
+        # An admitted spec the API server will not turn into pods (a mount of an
+        # undeclared volume, a bad env var): end the job saying which field, not
+        # retry forever.
+        msg = (
+            f"the API server refused {refused[0]}; fix spec.template (or the field it "
+            "names) and create the job again"
+        )
+        done.status = status.compute(job, body, pods, finished=("Failed", "InvalidSpec", msg))
+        _write(act, body, done.status)
+        _clean(act, job, pods)
+        return done
     for pod in pods:
         if pod["metadata"]["name"] not in wanted and act.delete_pod(pod):
             log.info("deleted pod %s/%s (no longer desired)", ns, pod["metadata"]["name"])
@@ -187,6 +204,14 @@ def reconcile(obs: Observed, cluster: Cluster) -> Pass:
         EXPECTATION_SECONDS if obs.created or obs.deleting else None,
     )
     return done
+
+
+def api_message(e: ApiException) -> str:
+    """The API server's own sentence for a refusal (it names the field)."""
+    try:
+        return str(json.loads(e.body or "{}").get("message") or e.reason)[:600]
+    except ValueError:
+        return str(e.reason)
 
 
 def _start(old: dict[str, Any], new: dict[str, Any]) -> str | None:

@@ -299,3 +299,20 @@ def test_unschedulable_workers_stay_pending_and_min_replicas_starts_training(
         for p in pods.values()
         if p["metadata"]["labels"]["training.dtj.io/pool"] == "ondemand"
     )
+
+
+def test_a_spec_the_api_server_refuses_to_turn_into_pods_fails_naming_the_field(
+    kube: Kube, operator, namespace
+):
+    """The CRD admits any core/v1 VolumeMount; one of an undeclared volume makes every
+    pod invalid. The job ends Failed with the API server's sentence, instead of retrying."""
+    template = {"volumeMounts": [{"name": "undeclared", "mountPath": "/data"}]}
+    kube.run("apply", "-n", namespace, "-f", "-", input=job("badmount", template=template))
+    st = wait_for(
+        "phase Failed",
+        lambda: (s := status(kube, namespace, "badmount")).get("phase") == "Failed" and s,
+    )
+    failed = next(c for c in st["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "InvalidSpec", failed
+    assert "volumeMounts" in failed["message"] and "undeclared" in failed["message"], failed
+    assert workers(kube, namespace, "badmount") == {}

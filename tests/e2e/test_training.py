@@ -138,12 +138,11 @@ def test_a_worker_that_fails_on_its_own_says_why(kube, local, operator, namespac
         "items"
     ]
     assert any("nosuch_pkg" in e["message"] for e in events), events
-    # The failed pod is kept, so its log can still be read.
-    failed_pods = [
-        n for n, p in pods(kube, namespace, "badmodel").items() if p["status"]["phase"] == "Failed"
-    ]
-    assert failed_pods
-    logs = kube.run("logs", "-n", namespace, failed_pods[0]).stdout
+    # The failed pod named in lastFailure is kept, so its log can still be read (the
+    # other worker may have been stopped by the job's end before it failed on its own).
+    culprit = st["lastFailure"].split()[0]
+    assert pods(kube, namespace, "badmodel")[culprit]["status"]["phase"] == "Failed"
+    logs = kube.run("logs", "-n", namespace, culprit).stdout
     assert "dtj-trainer: error:" in logs and "nosuch_pkg" in logs
 
 
