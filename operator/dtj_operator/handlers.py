@@ -79,7 +79,7 @@ async def _pass(key: Key) -> float | None:
     try:
         done = await loop.run_in_executor(_executor, _run_pass, obs)
     except ApiException as e:
-        if e.status != 404 or _cluster().job_exists(*key):
+        if e.status != 404 or await loop.run_in_executor(_executor, _cluster().job_exists, *key):
             raise
         _cache.forget(key)  # gone (with its namespace) before the watch said so
         return None

@@ -243,10 +243,12 @@ class Registrar:
         while not stop.wait(every):
             try:
                 self.step()
-            except Exception:
+            except Exception as e:
                 if stop.is_set():  # the store closed under us as the job ends
                     return
-                raise
+                # A store call that timed out under load must not end membership for
+                # good (every later join or loss would wait forever): look again.
+                self.log(f"registrar: {type(e).__name__}: {str(e)[:200]}; trying again")
 
 
 class Member:
