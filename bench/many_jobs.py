@@ -182,8 +182,8 @@ def baseline(cluster: devcluster.LocalCluster, jobs: int, workers: int, timeout:
         body = {**m, "metadata": {**m["metadata"], "uid": "none"}}
         for o in render.desired_children(job, body):
             # No owner (the garbage collector would reap them), no finalizer to release.
-            meta = {k: v for k, v in o["metadata"].items() if k not in ("ownerReferences",)}
-            o["metadata"] = {k: v for k, v in meta.items() if k != "finalizers"}
+            o["metadata"].pop("ownerReferences")
+            o["metadata"].pop("finalizers", None)
             objs.append(o)
     pods = jobs * (workers + 1)
     t0 = time.monotonic()

@@ -328,14 +328,17 @@ def coordinator_pod(job: api.DecentralizedTrainingJob, owner: dict[str, Any]) ->
 def progress_rbac(job: api.DecentralizedTrainingJob, owner: dict[str, Any]) -> list[dict[str, Any]]:
     """ServiceAccount, Role and RoleBinding: the coordinator may patch this job's status only."""
     name = coordinator_name(job.name)
-    meta = _meta(job, name, COORDINATOR, owner)
     rbac = "rbac.authorization.k8s.io"
     return [
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta},
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": _meta(job, name, COORDINATOR, owner),
+        },
         {
             "apiVersion": f"{rbac}/v1",
             "kind": "Role",
-            "metadata": meta,
+            "metadata": _meta(job, name, COORDINATOR, owner),
             "rules": [
                 {
                     "apiGroups": [api.GROUP],
@@ -348,7 +351,7 @@ def progress_rbac(job: api.DecentralizedTrainingJob, owner: dict[str, Any]) -> l
         {
             "apiVersion": f"{rbac}/v1",
             "kind": "RoleBinding",
-            "metadata": meta,
+            "metadata": _meta(job, name, COORDINATOR, owner),
             "roleRef": {"apiGroup": rbac, "kind": "Role", "name": name},
             "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": job.namespace}],
         },
