@@ -70,12 +70,22 @@ def _run_pass(obs: observed.Observed) -> Any:
     return done
 
 
+def _release_orphans(key: Key) -> None:
+    """Lift the tracking finalizer off terminating pods whose job is gone (the
+    garbage collector is deleting them): nobody is left to count them."""
+    for pod in list(_cache.indexes["pods"].get(key, ())):
+        if pod["metadata"].get("deletionTimestamp"):
+            _cluster().release(pod, render.TRACKING_FINALIZER)
+
+
 async def _pass(key: Key) -> float | None:
     obs = _cache.snapshot(key)
+    loop = asyncio.get_running_loop()
     if obs is None:
         metrics.job_phase(*key, None)
+        # A failure raises: the queue retries with backoff (an event comes only once).
+        await loop.run_in_executor(_executor, _release_orphans, key)
         return None
-    loop = asyncio.get_running_loop()
     try:
         done = await loop.run_in_executor(_executor, _run_pass, obs)
     except ApiException as e:
@@ -203,15 +213,6 @@ async def pod_event(type: str, body: kopf.Body, namespace: str | None, **kw: Any
         return
     pod = observed.pod(dict(body))
     key = (namespace, job_name)
-    if render.tracked(pod) and meta.get("deletionTimestamp"):
-        job = _cache.job(key)
-        if job is None or not render.owned_by(pod, job["metadata"].get("uid")):
-            # Its job is gone (the garbage collector is deleting it): let it go.
-            loop = asyncio.get_running_loop()
-            await loop.run_in_executor(
-                _executor, _cluster().release, pod, render.TRACKING_FINALIZER
-            )
-            return
     if type == "DELETED":
         _moving.discard(meta.get("uid"))
     _kick_if_changed(meta.get("uid"), pod, key, deleted=type == "DELETED")

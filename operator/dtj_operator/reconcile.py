@@ -90,6 +90,12 @@ def reconcile(obs: Observed, cluster: Cluster) -> Pass:
     meta = body["metadata"]
     ns, name = meta["namespace"], meta["name"]
     pods = [p for p in obs.pods if render.owned_by(p, meta.get("uid"))]
+    for pod in obs.pods:
+        # An earlier namesake's pod being deleted: it is not ours to count, and
+        # only we would ever lift its finalizer (the pod event tries first; a
+        # pass looks again, so one failed patch cannot leave it Terminating).
+        if pod["metadata"].get("deletionTimestamp") and not render.owned_by(pod, meta.get("uid")):
+            cluster.release(pod, render.TRACKING_FINALIZER)
     if meta.get("deletionTimestamp"):
         # Going away with its pods: nothing left to count, nothing may hold them.
         for pod in pods:

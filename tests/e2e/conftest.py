@@ -48,6 +48,32 @@ def crds(kube: Kube) -> Kube:
     return kube
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed e2e test prints what the cluster and the operator said about its
+    namespace: a rare CI failure must be explainable from the CI log alone."""
+    report = yield
+    funcargs = getattr(item, "funcargs", {})
+    namespace, log, kube = (funcargs.get(k) for k in ("namespace", "operator", "kube"))
+    if report.when != "call" or not report.failed or not isinstance(namespace, str):
+        return report
+    if isinstance(kube, Kube):
+        pods = kube.run("get", "pods,dtj", "-n", namespace, "-o", "wide", check=False)
+        report.sections.append(("cluster", pods.stdout + pods.stderr))
+    logs = {"operator": log}
+    if isinstance(kube, Kube) and kube.local is not None:
+        logs["node agent"] = kube.local.directory / "logs" / "node-agent.log"
+    for who, path in logs.items():
+        if isinstance(path, Path) and path.exists():
+            lines = [
+                line
+                for line in path.read_text(errors="replace").splitlines()
+                if namespace in line and "succeeded." not in line
+            ]
+            report.sections.append((f"{who} log (this namespace)", "\n".join(lines[-60:])))
+    return report
+
+
 def _answers(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=5):
