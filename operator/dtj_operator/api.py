@@ -28,6 +28,10 @@ SINGULAR = "decentralizedtrainingjob"
 SHORT_NAMES = ["dtj"]
 API_VERSION = f"{GROUP}/{VERSION}"
 DEFAULT_IMAGE = "ghcr.io/dtj-project/dtj-trainer:0.1.0"
+COORDINATOR_ACCOUNT_MESSAGE = (
+    "<job>-coordinator is the job's coordinator account (it may write the job's "
+    "status); give the workers another service account"
+)
 MAX_NAME_LENGTH = 45  # leaves room for "-worker-NNNN" within a 63-character DNS label
 
 OBJECT_LIST = {"x-kubernetes-preserve-unknown-fields": True}
@@ -39,6 +43,43 @@ def _k8s_objects(description: str) -> Any:
         default_factory=list,
         description=description,
         json_schema_extra={"items": {"type": "object", **OBJECT_LIST}},
+    )
+
+
+# What the template may not set: the job's own identity and plumbing (the operator's
+# labels, the trainer's DTJ_* settings, its config and scratch volumes) and the node.
+RESERVED_PREFIX = f"{GROUP}/"
+RESERVED_LABELS = (
+    "app.kubernetes.io/name",
+    "app.kubernetes.io/instance",
+    "app.kubernetes.io/managed-by",
+    "app.kubernetes.io/component",
+)
+RESERVED_ENV_PREFIX = "DTJ_"
+RESERVED_VOLUMES = ("config", "tmp")
+RESERVED_MOUNT_PATHS = ("/etc/dtj", "/tmp")
+MAX_ITEMS = 64  # bounds the CEL rules' cost (the API server estimates it per list)
+
+
+def _bounded(description: str, **known: str) -> Any:
+    """A bounded list of Kubernetes objects; `known` declares the fields the CEL rules
+    read (name -> type), the rest is left to the Pod API to validate."""
+    props: dict[str, Any] = {
+        k: {
+            "type": t,
+            "description": f"{k} (as in the Kubernetes API).",
+            **(OBJECT_LIST if t == "object" else {}),
+        }
+        for k, t in known.items()
+    }
+    item: dict[str, Any] = {"type": "object", **OBJECT_LIST}
+    if props:
+        item["properties"] = props
+    extra: Any = {"items": item, "maxItems": MAX_ITEMS}
+    return Field(
+        default_factory=list,
+        description=description,
+        json_schema_extra=extra,
     )
 
 
@@ -57,13 +98,58 @@ class WorkerTemplate(Model):
         ),
         json_schema_extra={"type": "object", **OBJECT_LIST},
     )
-    env: list[dict[str, Any]] = _k8s_objects("Extra environment variables (core/v1 EnvVar).")
-    volumes: list[dict[str, Any]] = _k8s_objects("Extra pod volumes (core/v1 Volume).")
-    volume_mounts: list[dict[str, Any]] = _k8s_objects(
-        "Extra container volume mounts (core/v1 VolumeMount)."
+    env: list[dict[str, Any]] = _bounded(
+        "Extra environment variables (core/v1 EnvVar). Names starting with DTJ_ are the "
+        "trainer's own and are refused.",
+        name="string",
+    )
+    volumes: list[dict[str, Any]] = _bounded(
+        "Extra pod volumes (core/v1 Volume). hostPath volumes and the names config and "
+        "tmp (the trainer's) are refused.",
+        name="string",
+        hostPath="object",
+    )
+    volume_mounts: list[dict[str, Any]] = _bounded(
+        "Extra container volume mounts (core/v1 VolumeMount). /etc/dtj and /tmp are the "
+        "trainer's and are refused.",
+        name="string",
+        mountPath="string",
     )
     service_account_name: str | None = Field(
-        None, description="Service account of the worker pods (default: the namespace default)."
+        None,
+        description="Service account of the worker pods (default: the namespace default); its "
+        "token is not mounted. The job's coordinator account (<job>-coordinator) is refused.",
+    )
+    labels: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "Extra labels on every pod of the job, e.g. kueue.x-k8s.io/queue-name. Keys "
+            "under training.dtj.io/ and the app.kubernetes.io/ labels the operator sets "
+            "are refused."
+        ),
+        json_schema_extra={"maxProperties": MAX_ITEMS},
+    )
+    annotations: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "Extra annotations on every pod of the job; they override the defaults "
+            "(workers: cluster-autoscaler.kubernetes.io/safe-to-evict=true; coordinator: "
+            "safe-to-evict=false and karpenter.sh/do-not-disrupt=true). Keys under "
+            "training.dtj.io/ are refused."
+        ),
+        json_schema_extra={"maxProperties": MAX_ITEMS},
+    )
+    priority_class_name: str | None = Field(
+        None, description="PriorityClass of the worker pods (the coordinator's too)."
+    )
+    scheduler_name: str | None = Field(
+        None, description="Scheduler of every pod of the job (default: the cluster's)."
+    )
+    affinity: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Affinity of the worker pods (core/v1 Affinity), e.g. to spread them "
+        "over zones; node pools add their nodeSelector beside it.",
+        json_schema_extra={"type": "object", **OBJECT_LIST},
     )
 
 
@@ -258,6 +344,64 @@ CEL_RULES = [
         ),
     ),
     _Rule(
+        f"!has(self.template.env) || self.template.env.all(e, !has(e.name)"
+        f" || !e.name.startsWith('{RESERVED_ENV_PREFIX}'))",
+        f"template.env: names starting with {RESERVED_ENV_PREFIX} are the trainer's own; "
+        "rename the variable",
+        "spec.template.env",
+        lambda s: (
+            not any(str(e.get("name", "")).startswith(RESERVED_ENV_PREFIX) for e in s.template.env)
+        ),
+    ),
+    _Rule(
+        "!has(self.template.volumes) || self.template.volumes.all(v, !has(v.hostPath)"
+        f" && (!has(v.name) || !(v.name in {list(RESERVED_VOLUMES)})))",
+        "template.volumes: hostPath volumes are refused (a worker must not reach into its "
+        f"node) and the names {', '.join(RESERVED_VOLUMES)} are the trainer's; use another "
+        "volume type or name",
+        "spec.template.volumes",
+        lambda s: (
+            not any(
+                "hostPath" in v or v.get("name") in RESERVED_VOLUMES for v in s.template.volumes
+            )
+        ),
+    ),
+    _Rule(
+        "!has(self.template.volumeMounts) || self.template.volumeMounts.all(m,"
+        " !has(m.mountPath) || !(m.mountPath in "
+        f"{list(RESERVED_MOUNT_PATHS)} || m.mountPath.startsWith('/etc/dtj/')))",
+        f"template.volumeMounts: {' and '.join(RESERVED_MOUNT_PATHS)} are the trainer's; "
+        "mount somewhere else",
+        "spec.template.volumeMounts",
+        lambda s: (
+            not any(
+                str(m.get("mountPath", "")).rstrip("/") in RESERVED_MOUNT_PATHS
+                or str(m.get("mountPath", "")).startswith("/etc/dtj/")
+                for m in s.template.volume_mounts
+            )
+        ),
+    ),
+    _Rule(
+        "!has(self.template.labels) || self.template.labels.all(k,"
+        f" !k.startsWith('{RESERVED_PREFIX}') && !(k in {list(RESERVED_LABELS)}))",
+        f"template.labels: keys under {RESERVED_PREFIX} and the app.kubernetes.io/ labels "
+        "the operator sets are reserved; choose another key",
+        "spec.template.labels",
+        lambda s: (
+            not any(
+                k.startswith(RESERVED_PREFIX) or k in RESERVED_LABELS for k in s.template.labels
+            )
+        ),
+    ),
+    _Rule(
+        "!has(self.template.annotations) || self.template.annotations.all(k,"
+        f" !k.startsWith('{RESERVED_PREFIX}'))",
+        f"template.annotations: keys under {RESERVED_PREFIX} are the operator's; choose "
+        "another key",
+        "spec.template.annotations",
+        lambda s: not any(k.startswith(RESERVED_PREFIX) for k in s.template.annotations),
+    ),
+    _Rule(
         "self.batching.minPerWorker <= self.batching.maxPerWorker",
         "batching.minPerWorker must not exceed maxPerWorker",
         "spec.batching.minPerWorker",
@@ -385,6 +529,14 @@ class DecentralizedTrainingJob(Model):
     @property
     def namespace(self) -> str:
         return str(self.metadata.get("namespace") or "default")
+
+    @model_validator(mode="after")
+    def _own_identity(self) -> DecentralizedTrainingJob:
+        """The CRD's root rule, for manifests that never meet an API server."""
+        sa = self.spec.template.service_account_name
+        if self.name and sa == f"{self.name}-coordinator":
+            raise ValueError(f"spec.template.serviceAccountName: {COORDINATOR_ACCOUNT_MESSAGE}")
+        return self
 
     @classmethod
     def from_body(cls, body: Any) -> DecentralizedTrainingJob:

@@ -42,6 +42,7 @@ class Cluster:
         self._api = _CountingApiClient()
         self.core = client.CoreV1Api(self._api)
         self.rbac = client.RbacAuthorizationV1Api(self._api)
+        self.networking = client.NetworkingV1Api(self._api)
         self.custom = client.CustomObjectsApi(self._api)
 
     def create(self, obj: dict[str, Any]) -> bool:
@@ -54,6 +55,7 @@ class Cluster:
             "ServiceAccount": self.core.create_namespaced_service_account,
             "Role": self.rbac.create_namespaced_role,
             "RoleBinding": self.rbac.create_namespaced_role_binding,
+            "NetworkPolicy": self.networking.create_namespaced_network_policy,
         }[obj["kind"]]
         try:
             _unparsed(create, ns, obj)

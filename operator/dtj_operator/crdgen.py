@@ -139,7 +139,13 @@ def crd() -> dict[str, Any]:
                 "rule": f"self.metadata.name.size() <= {api.MAX_NAME_LENGTH}",
                 "message": f"metadata.name must be at most {api.MAX_NAME_LENGTH} characters "
                 "(worker pod names and hostnames are derived from it)",
-            }
+            },
+            {
+                "rule": "!has(self.spec.template.serviceAccountName)"
+                " || self.spec.template.serviceAccountName != self.metadata.name + '-coordinator'",
+                "message": api.COORDINATOR_ACCOUNT_MESSAGE,
+                "fieldPath": ".spec.template.serviceAccountName",
+            },
         ],
     }
     columns = [

@@ -34,6 +34,7 @@ CHILDREN = {
     "serviceaccounts": ("", "v1", "serviceaccounts"),
     "roles": ("rbac.authorization.k8s.io", "v1", "roles"),
     "rolebindings": ("rbac.authorization.k8s.io", "v1", "rolebindings"),
+    "networkpolicies": ("networking.k8s.io", "v1", "networkpolicies"),
 }
 PASSES_AT_ONCE = 8
 # A namespace pattern (`dtj operator --namespace='team-*'`), applied to cluster-wide watches.

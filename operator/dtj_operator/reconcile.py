@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,11 @@ log = logging.getLogger(__name__)
 
 # Retry a refused create (quota, admission) this much later, without an event.
 RETRY_SECONDS = 10.0
+# Namespaces whose pods may scrape the workers' metrics port past the job's
+# NetworkPolicy (the chart's networkPolicy.metricsFrom; "" lets none).
+METRICS_FROM = render.equality_selector(
+    os.environ.get("DTJ_METRICS_FROM", "kubernetes.io/metadata.name=monitoring")
+)
 # How long a create or delete may take to show in the cache before a pass looks again.
 EXPECTATION_SECONDS = 30.0
 
@@ -143,7 +149,7 @@ def reconcile(obs: Observed, cluster: Cluster) -> Pass:
     existing = {p["metadata"]["name"] for p in pods} | obs.created
 
     # Desire and act: create what is missing, update the config, drop the unwanted.
-    desired = render.desired_children(job, body)
+    desired = render.desired_children(job, body, METRICS_FROM)
     wanted = {o["metadata"]["name"] for o in desired if o["kind"] == "Pod"}
     children = {(c["kind"], c["name"]): c for c in obs.children}
     problems: list[str] = []

@@ -28,6 +28,19 @@ MANAGED_BY = "dtj-operator"
 WORKER, COORDINATOR = "worker", "coordinator"
 GPU_RESOURCE = "nvidia.com/gpu"
 RUN_AS_USER = 1000
+PORTS = {
+    WORKER: [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
+    COORDINATOR: [{"name": "store", "containerPort": STORE_PORT, "protocol": "TCP"}],
+}
+# Let node autoscalers scale down around workers (they are elastic: a moved worker is
+# a preemption its peers shrug off; without this, their emptyDir would pin the node),
+# but not move the coordinator (it holds the job's membership store).
+SAFE_TO_EVICT = "cluster-autoscaler.kubernetes.io/safe-to-evict"
+DO_NOT_DISRUPT = "karpenter.sh/do-not-disrupt"
+DEFAULT_ANNOTATIONS = {
+    WORKER: {SAFE_TO_EVICT: "true"},
+    COORDINATOR: {SAFE_TO_EVICT: "false", DO_NOT_DISRUPT: "true"},
+}
 # Workers and the coordinator listen on their pod's IP (gloo, store, metrics).
 POD_IP_ENV = {"name": "DTJ_POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
 
@@ -215,7 +228,8 @@ def _pod(
     t = job.spec.template
     pod_sec, container_sec = _security()
     meta = _meta(job, name, component, owner)
-    meta["labels"].update(extra_labels)
+    meta["labels"] = {**t.labels, **meta["labels"], **extra_labels}
+    meta["annotations"] = {**DEFAULT_ANNOTATIONS[component], **t.annotations}
     spec: dict[str, Any] = {
         "hostname": hostname,
         "subdomain": job.name,
@@ -229,6 +243,7 @@ def _pod(
                 "imagePullPolicy": t.image_pull_policy,
                 "command": command,
                 "env": [*env, POD_IP_ENV],
+                "ports": [dict(p) for p in PORTS[component]],
                 "resources": resources,
                 # A worker that fails says why in its last log lines: the pod's
                 # status carries them and the operator quotes them.
@@ -249,6 +264,12 @@ def _pod(
     }
     if t.service_account_name:
         spec["serviceAccountName"] = t.service_account_name
+    if t.priority_class_name:
+        spec["priorityClassName"] = t.priority_class_name
+    if t.scheduler_name:
+        spec["schedulerName"] = t.scheduler_name
+    if t.affinity and component == WORKER:
+        spec["affinity"] = dict(t.affinity)
     if pool is not None:
         meta["labels"][LABEL_POOL] = pool.name
         if pool.node_selector:
@@ -358,12 +379,55 @@ def progress_rbac(job: api.DecentralizedTrainingJob, owner: dict[str, Any]) -> l
     ]
 
 
+def equality_selector(text: str) -> dict[str, str]:
+    """`a=b,c=d` as matchLabels (the operator's --metrics-from setting); "" is none."""
+    out: dict[str, str] = {}
+    for term in filter(None, (t.strip() for t in text.split(","))):
+        key, sep, value = term.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{term!r} is not key=value (a label selector of equalities)")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def network_policy(
+    job: api.DecentralizedTrainingJob,
+    owner: dict[str, Any],
+    metrics_from: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Only the job's own pods reach its store, gossip and metrics ports; the metrics
+    port also from the namespaces `metrics_from` selects (Prometheus). gloo picks its
+    ports at run time, so the policy allows every port between the job's pods."""
+    own = {"matchLabels": {LABEL_JOB: job.name, "app.kubernetes.io/managed-by": MANAGED_BY}}
+    ingress: list[dict[str, Any]] = [{"from": [{"podSelector": own}]}]
+    if metrics_from:
+        ingress.append(
+            {
+                "from": [{"namespaceSelector": {"matchLabels": dict(metrics_from)}}],
+                "ports": [{"port": "metrics", "protocol": "TCP"}],
+            }
+        )
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _meta(job, job.name, "network", owner),
+        "spec": {"podSelector": own, "policyTypes": ["Ingress"], "ingress": ingress},
+    }
+
+
 def desired_children(
-    job: api.DecentralizedTrainingJob, body: dict[str, Any]
+    job: api.DecentralizedTrainingJob,
+    body: dict[str, Any],
+    metrics_from: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """Every object the job should own right now, workers last."""
     owner = owner_reference(body)
-    objs = [service(job, owner), config_map(job, owner), *progress_rbac(job, owner)]
+    objs = [
+        network_policy(job, owner, metrics_from),
+        service(job, owner),
+        config_map(job, owner),
+        *progress_rbac(job, owner),
+    ]
     if job.spec.run_policy.suspend:
         return objs
     objs.append(coordinator_pod(job, owner))

@@ -103,6 +103,8 @@ def test_helm_install_and_the_operator_works_with_only_the_charts_rbac(
                     return kube.json("get", "dtj", "rbac", "-n", ns).get("status") or {}
 
                 wait_for("the job Running", lambda: status().get("phase") == "Running")
+                policy = kube.json("get", "networkpolicy", "rbac", "-n", ns)
+                assert policy["spec"]["podSelector"]["matchLabels"]["training.dtj.io/job"] == "rbac"
                 victim = "rbac-worker-0"
                 kube.run("delete", "pod", victim, "-n", ns, "--wait=false")
                 wait_for("the deletion counted", lambda: status().get("preemptions") == 1)

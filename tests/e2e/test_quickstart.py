@@ -114,6 +114,30 @@ INVALID = [
     ({"training": {"budget": {"samples": 10, "epochs": 1}}}, "spec.training.budget"),
     ({"training": {"budget": {}}}, "spec.training.budget"),
     ({"nodePools": [{"name": "a", "maxWorkers": -1}]}, "spec.nodePools[0].maxWorkers"),
+    # The template cannot take the job's identity or reach into the node.
+    ({"template": {"env": [{"name": "DTJ_RANK", "value": "0"}]}}, "spec.template.env"),
+    (
+        {"template": {"volumes": [{"name": "host", "hostPath": {"path": "/"}}]}},
+        "spec.template.volumes",
+    ),
+    ({"template": {"volumes": [{"name": "config", "emptyDir": {}}]}}, "spec.template.volumes"),
+    (
+        {"template": {"volumeMounts": [{"name": "data", "mountPath": "/etc/dtj"}]}},
+        "spec.template.volumeMounts",
+    ),
+    ({"template": {"labels": {"training.dtj.io/job": "other"}}}, "spec.template.labels"),
+    (
+        {"template": {"labels": {"app.kubernetes.io/managed-by": "me"}}},
+        "spec.template.labels",
+    ),
+    (
+        {"template": {"annotations": {"training.dtj.io/moved-away": "x"}}},
+        "spec.template.annotations",
+    ),
+    (
+        {"template": {"serviceAccountName": "bad-coordinator"}},
+        "spec.template.serviceAccountName",
+    ),
 ]
 
 

@@ -24,6 +24,13 @@ def parse(spec):
         ({"replicaz": 3}, "replicaz"),
         ({"training": {"steps": 10, "budget": {"samples": 100}}}, "steps or budget"),
         ({"training": {"budget": {"samples": 10, "epochs": 1}}}, "samples or epochs"),
+        ({"template": {"env": [{"name": "DTJ_RANK", "value": "0"}]}}, "template.env"),
+        ({"template": {"volumes": [{"name": "h", "hostPath": {}}]}}, "hostPath"),
+        ({"template": {"volumes": [{"name": "tmp", "emptyDir": {}}]}}, "template.volumes"),
+        ({"template": {"volumeMounts": [{"name": "d", "mountPath": "/tmp/"}]}}, "volumeMounts"),
+        ({"template": {"labels": {"training.dtj.io/slot": "1"}}}, "template.labels"),
+        ({"template": {"annotations": {"training.dtj.io/x": "1"}}}, "template.annotations"),
+        ({"template": {"serviceAccountName": "x-coordinator"}}, "serviceAccountName"),
     ],
 )
 def test_invalid_specs_name_the_field(spec, field):
@@ -43,3 +50,19 @@ def test_wire_form_is_camel_case():
     wire = parse({"runPolicy": {"backoffLimit": 1}}).spec.wire()
     assert wire["runPolicy"]["backoffLimit"] == 1
     assert "run_policy" not in wire
+
+
+def test_the_template_may_add_what_is_not_reserved():
+    job = parse(
+        {
+            "template": {
+                "env": [{"name": "HF_HOME", "value": "/data"}],
+                "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "d"}}],
+                "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+                "labels": {"kueue.x-k8s.io/queue-name": "gpus"},
+                "annotations": {"cluster-autoscaler.kubernetes.io/safe-to-evict": "false"},
+                "serviceAccountName": "trainer",
+            }
+        }
+    )
+    assert job.spec.template.labels == {"kueue.x-k8s.io/queue-name": "gpus"}

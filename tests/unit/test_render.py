@@ -25,6 +25,7 @@ def by_kind(objs, kind):
 def test_children_are_owned_and_labelled():
     _, objs = children({"replicas": 3})
     assert [o["kind"] for o in objs] == [
+        "NetworkPolicy",
         "Service",
         "ConfigMap",
         "ServiceAccount",
@@ -168,3 +169,55 @@ def test_each_worker_is_told_its_pools_speed_to_seed_the_batch_plan():
         key=lambda p: p["metadata"]["name"],
     )
     assert [hint(p) for p in workers] == ["3.0", "1.0", "1.0"]
+
+
+def test_only_the_jobs_own_pods_and_the_monitoring_namespace_get_in():
+    body = job_body()
+    job = api.DecentralizedTrainingJob.from_body(body)
+    objs = render.desired_children(job, body, render.equality_selector("team=monitoring"))
+    (policy,) = by_kind(objs, "NetworkPolicy")
+    own = policy["spec"]["podSelector"]["matchLabels"]
+    for pod in by_kind(objs, "Pod"):  # the policy covers every pod of the job
+        assert own.items() <= pod["metadata"]["labels"].items()
+    peers, metrics = policy["spec"]["ingress"]
+    assert peers == {"from": [{"podSelector": {"matchLabels": own}}]}
+    assert metrics["from"] == [{"namespaceSelector": {"matchLabels": {"team": "monitoring"}}}]
+    assert metrics["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+    (worker, *_) = [p for p in by_kind(objs, "Pod") if "worker" in p["metadata"]["name"]]
+    ports = worker["spec"]["containers"][0]["ports"]
+    assert {"name": "metrics", "containerPort": render.METRICS_PORT, "protocol": "TCP"} in ports
+    closed = render.desired_children(job, body, {})
+    assert len(by_kind(closed, "NetworkPolicy")[0]["spec"]["ingress"]) == 1
+    with pytest.raises(ValueError, match="key=value"):
+        render.equality_selector("monitoring")
+
+
+def test_scheduling_fields_and_autoscaler_annotations_reach_the_pods():
+    _, objs = children(
+        {
+            "template": {
+                "labels": {"kueue.x-k8s.io/queue-name": "gpus"},
+                "annotations": {"example.com/team": "vision"},
+                "priorityClassName": "training",
+                "schedulerName": "volcano",
+                "affinity": {"podAntiAffinity": {}},
+            }
+        }
+    )
+    pods = {p["metadata"]["labels"][render.LABEL_COMPONENT]: p for p in by_kind(objs, "Pod")}
+    for component, pod in pods.items():
+        meta, spec = pod["metadata"], pod["spec"]
+        assert meta["labels"]["kueue.x-k8s.io/queue-name"] == "gpus"
+        assert meta["labels"][render.LABEL_JOB] == "demo"
+        assert meta["annotations"]["example.com/team"] == "vision"
+        assert spec["priorityClassName"] == "training" and spec["schedulerName"] == "volcano"
+        assert ("affinity" in spec) == (component == "worker")
+    assert pods["worker"]["metadata"]["annotations"][render.SAFE_TO_EVICT] == "true"
+    assert pods["coordinator"]["metadata"]["annotations"][render.SAFE_TO_EVICT] == "false"
+    assert pods["coordinator"]["metadata"]["annotations"][render.DO_NOT_DISRUPT] == "true"
+    _, objs = children({"template": {"annotations": {render.SAFE_TO_EVICT: "false"}}})
+    assert all(
+        p["metadata"]["annotations"][render.SAFE_TO_EVICT] == "false"
+        for p in objs
+        if p["kind"] == "Pod"
+    )
