@@ -63,9 +63,11 @@ bench: install controlplane
 	$(PY) bench/teleportation_scaling.py
 	$(PY) bench/many_jobs.py
 
-## make crds: regenerate crds/ and the chart's copy from the API models.
+## make crds: regenerate crds/ and the chart's copy from the API models, and the
+## chart's Grafana dashboard from dtj_operator.dashboard.
 crds: install
 	$(PY) -m dtj_operator.crdgen --write
+	$(PY) -m dtj_operator.dashboard --write
 
 cluster-up: install controlplane
 	$(VENV)/bin/dtj-cluster up

@@ -66,28 +66,77 @@ def token_kubeconfig(kube: Kube, token: str, path: Path) -> Path:
     return path
 
 
+def render(helm: str, *values: str) -> list[dict]:
+    args = [a for v in values for a in ("--set", v)]
+    out = run(helm, "template", "dtj", str(CHART), "--kube-version", "v1.36.3", *args)
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def test_one_watched_namespace_gets_a_role_and_bad_values_are_refused(helm: str):
+    docs = render(helm, "watchNamespace=team-a")
+    role = next(d for d in docs if d["kind"] == "Role" and "leader" not in d["metadata"]["name"])
+    assert role["metadata"]["namespace"] == "team-a"
+    assert any("pods" in r["resources"] for r in role["rules"])
+    cluster = next(d for d in docs if d["kind"] == "ClusterRole")
+    cluster_resources = {res for r in cluster["rules"] for res in r["resources"]}
+    assert cluster_resources == {"nodes", "customresourcedefinitions"}, cluster_resources
+    wide = next(d for d in render(helm, "watchNamespace=team-*") if d["kind"] == "ClusterRole")
+    assert any("pods" in r["resources"] for r in wide["rules"])
+    digest = "sha256:" + "a" * 64
+    deploy = next(d for d in render(helm, f"image.digest={digest}") if d["kind"] == "Deployment")
+    assert deploy["spec"]["template"]["spec"]["containers"][0]["image"].endswith("@" + digest)
+    for bad, says in [
+        ("replicas=-1", "/replicas"),
+        ("networkPolicy.metricsFrom=monitoring", "metricsFrom"),
+        ("image.digest=latest", "digest"),
+        ("replica=2", "replica"),  # a typo is not silently ignored
+    ]:
+        out = subprocess.run(
+            [helm, "template", "dtj", str(CHART), "--kube-version", "v1.36.3", "--set", bad],
+            capture_output=True,
+            text=True,
+        )
+        assert out.returncode != 0 and says in out.stderr, (bad, out.stderr)
+
+
 def test_helm_install_and_the_operator_works_with_only_the_charts_rbac(
     helm: str, crds: Kube, tmp_path: Path
 ):
+    """Cluster-wide install: RBAC checked with can-i. One-namespace install (a Role):
+    the operator runs a job there on that release's service-account token alone."""
     kube = crds
-    system = new_namespace(kube, "chart")
+    wide = new_namespace(kube, "chart")
     # No operator pod (its image is not published): the chart's objects, RBAC included.
-    run(helm, "install", "dtj", str(CHART), "-n", system, "--set", "replicas=0", kube=kube)
+    notes = run(helm, "install", "dtj", str(CHART), "-n", wide, "--set", "replicas=0", kube=kube)
+    assert "kubectl apply -f examples/quickstart.yaml" in notes and "every namespace" in notes
+    system = new_namespace(kube, "chartns")
+    ns = new_namespace(kube, "chartjob")
     try:
-        sa = "dtj-dtj-operator"
-        token = kube.run("create", "token", sa, "-n", system, "--duration=1h").stdout.strip()
-        as_operator = {"KUBECONFIG": str(token_kubeconfig(kube, token, tmp_path / "sa.yaml"))}
-        who = f"system:serviceaccount:{system}:{sa}"
+        who = f"system:serviceaccount:{wide}:dtj-dtj-operator"
         for verb, what, allowed in [
             ("create", "pods", "yes"),
             ("patch", "decentralizedtrainingjobs.training.dtj.io/status", "yes"),
+            ("update", "decentralizedtrainingjobs.training.dtj.io/finalizers", "yes"),
             ("get", "secrets", "no"),  # least privilege: nothing it does not use
             ("create", "deployments.apps", "no"),
         ]:
             got = kube.run("auth", "can-i", verb, what, f"--as={who}", check=False)
             assert got.stdout.strip() == allowed, (verb, what, got.stdout)
 
-        ns = new_namespace(kube, "chartjob")
+        values = ["--set", "replicas=0", "--set", f"watchNamespace={ns}"]
+        run(helm, "install", "one", str(CHART), "-n", system, *values, kube=kube)
+        sa = "one-dtj-operator"
+        who = f"system:serviceaccount:{system}:{sa}"
+        for verb, what, where, allowed in [
+            ("create", "pods", ns, "yes"),
+            ("create", "pods", "default", "no"),  # only the watched namespace
+            ("watch", "nodes", "", "yes"),
+        ]:
+            scope = ["-n", where] if where else []
+            got = kube.run("auth", "can-i", verb, what, *scope, f"--as={who}", check=False)
+            assert got.stdout.strip() == allowed, (verb, what, where, got.stdout)
+        token = kube.run("create", "token", sa, "-n", system, "--duration=1h").stdout.strip()
+        as_operator = {"KUBECONFIG": str(token_kubeconfig(kube, token, tmp_path / "sa.yaml"))}
         body = {
             "apiVersion": "training.dtj.io/v1alpha1",
             "kind": "DecentralizedTrainingJob",
@@ -111,12 +160,37 @@ def test_helm_install_and_the_operator_works_with_only_the_charts_rbac(
                 wait_for("2 ready again", lambda: status().get("readyReplicas") == 2)
                 events = kube.json("get", "events", "-n", ns)["items"]
                 assert any(e["reason"] == "WorkerPreempted" for e in events), events
+                # Deleted while its operator runs: the workers' finalizer is lifted.
+                kube.run("delete", "dtj", "rbac", "-n", ns)
+                wait_for(
+                    "the job's pods gone",
+                    lambda: not kube.json("get", "pods", "-n", ns)["items"],
+                )
             finally:
                 op.terminate()
                 op.wait(timeout=20)
         assert "Forbidden" not in (tmp_path / "operator.log").read_text()
-        kube.run("delete", "namespace", ns, "--wait=false")
     finally:
-        run(helm, "uninstall", "dtj", "-n", system, kube=kube)
+        run(helm, "uninstall", "dtj", "-n", wide, kube=kube)
+        subprocess.run([helm, "uninstall", "one", "-n", system], env=kube.env, check=False)
     assert kube.run("get", "clusterrole", "dtj-dtj-operator", check=False).returncode != 0
-    kube.run("delete", "namespace", system, "--wait=false", check=False)
+    for name in (ns, wide, system):
+        kube.run("delete", "namespace", name, "--wait=false", check=False)
+
+
+def test_the_dashboard_and_pod_monitors_ship_in_the_chart(helm: str):
+    docs = render(helm, "metrics.podMonitor.enabled=true", "metrics.podMonitor.labels.release=prom")
+    (board,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    assert board["metadata"]["labels"]["grafana_dashboard"] == "1"
+    committed = json.loads((CHART / "dashboards" / "dtj-training.json").read_text())
+    assert json.loads(board["data"]["dtj-training.json"]) == committed
+    monitors = {d["metadata"]["name"]: d for d in docs if d["kind"] == "PodMonitor"}
+    workers = monitors["dtj-dtj-operator-workers"]
+    assert workers["metadata"]["labels"]["release"] == "prom"
+    assert workers["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    assert workers["spec"]["namespaceSelector"] == {"any": True}
+    assert "dtj-dtj-operator" in monitors  # the operator's own metrics
+    one = render(helm, "metrics.podMonitor.enabled=true", "watchNamespace=team-a")
+    scoped = next(d for d in one if d["kind"] == "PodMonitor")
+    assert scoped["spec"]["namespaceSelector"] == {"matchNames": ["team-a"]}
+    assert not [d for d in render(helm) if d["kind"] == "PodMonitor"]  # off by default

@@ -172,8 +172,8 @@ def test_dasgd_drops_gradients_beyond_the_staleness_bound():
     local = Params()
     fresh = torch.tensor([1.0, 1.0, 5.0, 5.0, 5.0])  # g = (1, 1), sender saw everything
     stale = torch.tensor([1.0, 1.0, 1.0, 5.0, 5.0])  # sender missed 4 of worker 0's updates
-    mean = algo._apply_received(local, [(1, fresh), (2, stale)])  # type: ignore[arg-type]
-    assert mean == 2.0  # (0 + 4) / 2
+    stale_counts = algo._apply_received(local, [(1, fresh), (2, stale)])  # type: ignore[arg-type]
+    assert stale_counts == [0, 4]  # each message's staleness, dropped ones included
     assert algo.dropped == 1
     assert local.x.tolist() == [-0.5, -0.5]
     assert algo.seen.tolist() == [5.0, 6.0, 5.0]

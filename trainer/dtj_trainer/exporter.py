@@ -6,13 +6,13 @@ chart's ServiceMonitor/scrape config and the Grafana dashboard read them.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from .metrics import METRIC_NAMES, Progress
+from .metrics import METRIC_NAMES, STALENESS_BUCKETS, Progress
 
 
 class Exporter:
-    """Gauges and counters for one worker, updated from its progress reports."""
+    """A worker's metrics, updated from its progress reports."""
 
     def __init__(self, *, job: str, rank: int, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
@@ -26,35 +26,50 @@ class Exporter:
             name = METRIC_NAMES[key].removesuffix("_total")
             return Counter(name, doc, names, registry=self.registry).labels(**labels)
 
-        self.step = gauge("step", "Training rounds completed by this worker.")
+        self.steps = counter("steps", "Training rounds run by this worker process.")
+        self.samples = counter("samples", "Training samples this worker process trained on.")
         self.loss = gauge("loss", "Mean training loss over the last report window.")
-        self.rate = gauge("samples_per_second", "Training samples per second.")
         self.consensus = gauge("consensus_distance", "(1/n) sum ||x_i - x_bar||^2.")
-        self.staleness = gauge("staleness", "Mean staleness of applied gradients (dasgd).")
+        self.staleness = Histogram(
+            METRIC_NAMES["staleness"],
+            "Staleness of each received gradient, in updates (dasgd).",
+            names,
+            buckets=STALENESS_BUCKETS,
+            registry=self.registry,
+        ).labels(**labels)
+        self.dropped = counter("dropped", "Received gradients dropped as too stale (dasgd).")
         self.batch = gauge("batch", "Local batch size (dynamic batching moves it).")
         self.speed = gauge(
             "compute_samples_per_second", "Measured compute throughput, waiting excluded."
         )
+        self.generation = gauge("generation", "Membership generation this worker trains in.")
+        self.members = gauge("members", "Workers in this worker's membership generation.")
         self.sent = counter("bytes_sent", "Bytes sent to peers.")
         self.received = counter("bytes_received", "Bytes received from peers.")
         self.wait = counter("comm_wait_seconds", "Seconds blocked waiting for peers.")
         self._last = Progress(rank=rank, step=0, loss=0.0, samples_per_second=0.0)
 
     def update(self, p: Progress) -> None:
-        self.step.set(p.step)
+        last = self._last
+        self.steps.inc(max(0, p.rounds - last.rounds))
+        self.samples.inc(max(0, p.samples - last.samples))
+        self.dropped.inc(max(0, p.dropped - last.dropped))
         self.loss.set(p.loss)
-        self.rate.set(p.samples_per_second)
+        for value in p.stale or ():
+            self.staleness.observe(value)
         if p.consensus_distance is not None:
             self.consensus.set(p.consensus_distance)
-        if p.staleness is not None:
-            self.staleness.set(p.staleness)
         if p.batch is not None:
             self.batch.set(p.batch)
         if p.compute_samples_per_second is not None:
             self.speed.set(p.compute_samples_per_second)
-        self.sent.inc(max(0, p.bytes_sent - self._last.bytes_sent))
-        self.received.inc(max(0, p.bytes_received - self._last.bytes_received))
-        self.wait.inc(max(0.0, p.comm_wait_seconds - self._last.comm_wait_seconds))
+        if p.generation is not None:
+            self.generation.set(p.generation)
+        if p.members is not None:
+            self.members.set(p.members)
+        self.sent.inc(max(0, p.bytes_sent - last.bytes_sent))
+        self.received.inc(max(0, p.bytes_received - last.bytes_received))
+        self.wait.inc(max(0.0, p.comm_wait_seconds - last.comm_wait_seconds))
         self._last = p
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:

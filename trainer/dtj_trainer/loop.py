@@ -216,6 +216,8 @@ class Worker:
         run_start, run_samples = window_start, 0
         losses: list[float] = []
         staleness: list[float] = []
+        stale: list[int] = []
+        rounds = dropped = 0
         pace = self.pace
         pace.next_check = pace.last_check = self.current_step
         notes = steps is None or self.balancer is not None  # sync points wanted
@@ -260,6 +262,8 @@ class Worker:
                 losses.append(stats.loss)
             if stats.staleness is not None:
                 staleness.append(stats.staleness)
+            stale.extend(stats.stale)
+            rounds, dropped = rounds + 1, dropped + stats.dropped
             ckpt = cfg.training.checkpoint
             if ckpt and report and (done % ckpt.every_steps == 0 or last):
                 checkpoint.save(ckpt.path, self.slot, step=done, params=self.local.params())
@@ -283,9 +287,15 @@ class Worker:
                         batch=self.local.batch,
                         compute_samples_per_second=self.compute_speed(),
                         job_samples=pace.consumed or None,
+                        rounds=rounds,
+                        samples=run_samples,
+                        dropped=dropped,
+                        stale=stale,
+                        generation=el.generation.number if el is not None else None,
+                        members=len(el.generation.members) if el is not None else t.size,
                     )
                 )
-                window_start, window_samples, losses, staleness = now, 0, [], []
+                window_start, window_samples, losses, staleness, stale = now, 0, [], [], []
             if report and self.stop_after is not None and done >= self.stop_after:
                 break
         rate = run_samples / max(time.perf_counter() - run_start, 1e-9)

@@ -12,19 +12,25 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
-# Prometheus names (base units, _total for counters), exported by the trainer.
+# Prometheus names (base units; counters end in _total and only go up, so rate()
+# gives throughput: samples/s is rate(dtj_worker_samples_total), not a gauge).
 METRIC_NAMES = {
-    "step": "dtj_worker_step",
+    "steps": "dtj_worker_steps_total",
+    "samples": "dtj_worker_samples_total",
     "loss": "dtj_worker_loss",
-    "samples_per_second": "dtj_worker_samples_per_second",
     "consensus_distance": "dtj_worker_consensus_distance",
     "bytes_sent": "dtj_worker_sent_bytes_total",
     "bytes_received": "dtj_worker_received_bytes_total",
     "comm_wait_seconds": "dtj_worker_communication_wait_seconds_total",
     "staleness": "dtj_worker_staleness_updates",
+    "dropped": "dtj_worker_dropped_updates_total",
     "batch": "dtj_worker_batch_samples",
     "compute_samples_per_second": "dtj_worker_compute_samples_per_second",
+    "generation": "dtj_worker_membership_generation",
+    "members": "dtj_worker_membership_members",
 }
+# Staleness (in updates) of each gradient a dasgd worker received.
+STALENESS_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128)
 
 
 @dataclass
@@ -66,6 +72,13 @@ class Progress:
     batch: int | None = None  # local batch size (dynamic batching moves it)
     compute_samples_per_second: float | None = None  # measured speed, waiting excluded
     job_samples: int | None = None  # samples of all workers together (budgeted jobs)
+    # Counters of this process (they only go up; a replacement starts again at 0).
+    rounds: int = 0  # rounds run
+    samples: int = 0  # samples trained on
+    dropped: int = 0  # received updates dropped as too stale (dasgd)
+    stale: list[int] | None = None  # staleness of each update received since the last report
+    generation: int | None = None  # membership generation (elastic jobs)
+    members: int | None = None  # members of that generation
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)

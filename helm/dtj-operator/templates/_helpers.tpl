@@ -21,3 +21,45 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 app.kubernetes.io/name: {{ .Chart.Name }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
+
+{{/* One namespace (no pattern): the operator's rights there come from a Role. */}}
+{{- define "dtj-operator.namespaced" -}}
+{{- $ns := .Values.watchNamespace -}}
+{{- if and $ns (not (contains "*" $ns)) (not (contains "," $ns)) (not (contains "?" $ns)) -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/* What reconcile does to the jobs and their children: exactly the verbs it uses
+(see dtj_operator/cluster.py), in a Role (one namespace) or the ClusterRole. */}}
+{{- define "dtj-operator.jobRules" -}}
+- apiGroups: ["training.dtj.io"]
+  resources: ["decentralizedtrainingjobs"]
+  verbs: ["get", "list", "watch", "patch", "delete"]  # get: is a job gone (a 404 seen)
+- apiGroups: ["training.dtj.io"]
+  resources: ["decentralizedtrainingjobs/status"]
+  # get: granted to each job's coordinator by a Role, which needs the operator to hold it.
+  verbs: ["get", "patch"]
+# Owner references with blockOwnerDeletion need update on the owner's finalizers.
+- apiGroups: ["training.dtj.io"]
+  resources: ["decentralizedtrainingjobs/finalizers"]
+  verbs: ["update"]
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list", "watch", "create", "delete", "patch"]  # patch: tracking finalizer, move-away note
+- apiGroups: [""]
+  resources: ["services", "configmaps", "serviceaccounts"]
+  verbs: ["list", "watch", "create", "patch"]  # list, watch: the operator's cache
+# Each job's NetworkPolicy: only its own pods reach its ports.
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["list", "watch", "create"]
+# Each job's coordinator may patch that job's status (progress); granting it
+# needs the same permission here, which the operator has anyway.
+- apiGroups: ["rbac.authorization.k8s.io"]
+  resources: ["roles", "rolebindings"]
+  verbs: ["list", "watch", "create"]
+- apiGroups: ["", "events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+{{- end -}}

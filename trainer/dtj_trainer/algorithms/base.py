@@ -91,6 +91,8 @@ class RoundStats:
     loss: float | None  # None when this worker computed nothing (inactive slot)
     samples: int
     staleness: float | None = None
+    stale: tuple[int, ...] = ()  # staleness of each update received this round (dasgd)
+    dropped: int = 0  # of those, dropped as too stale
 
 
 class Algorithm(Protocol):

@@ -39,7 +39,8 @@ class DASGD:
         await self.t.open_inbox(local.params().numel() + self.t.size)
 
     async def round(self, local: Local, step: int) -> RoundStats:
-        staleness = self._apply_received(local, self.t.inbox())
+        dropped = self.dropped
+        stale = self._apply_received(local, self.t.inbox())
         version = self.seen.clone()
         loss = local.grad()
         g = local.flat_grad()
@@ -48,15 +49,17 @@ class DASGD:
         payload = torch.cat([g, version])
         for peer in self.peers:
             self.t.post(payload, peer)
-        return RoundStats(loss, local.batch, staleness)
+        mean = sum(stale) / len(stale) if stale else None
+        return RoundStats(loss, local.batch, mean, tuple(stale), self.dropped - dropped)
 
     async def finish(self, local: Local) -> float:
         self._apply_received(local, await self.t.drain())
         return 1.0
 
-    def _apply_received(self, local: Local, msgs: list[tuple[int, torch.Tensor]]) -> float | None:
+    def _apply_received(self, local: Local, msgs: list[tuple[int, torch.Tensor]]) -> list[int]:
+        """Apply the fresh enough gradients; the staleness of each message received."""
         if not msgs:
-            return None
+            return []
         n = self.t.size
         x = local.params()
         now = self.seen.clone()
@@ -71,4 +74,4 @@ class DASGD:
             x = x - local.lr * g
             self.seen[sender] += 1
         local.set_params(x)
-        return sum(seen) / len(seen)
+        return seen
