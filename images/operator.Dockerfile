@@ -1,11 +1,19 @@
+# syntax=docker/dockerfile:1
 # The operator image: kopf and the Kubernetes client, no torch.
-# Build from the repository root: docker build -f images/operator.Dockerfile -t dtj-operator .
-FROM python:3.11-slim
+#   docker build -f images/operator.Dockerfile -t dtj-operator:0.1.0 .
+# Pin BASE to a digest when you release (--build-arg BASE=python:3.11-slim-bookworm@sha256:...).
+ARG BASE=python:3.11-slim-bookworm
+
+FROM ${BASE} AS source
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY operator ./operator
 COPY trainer ./trainer
-RUN pip install --no-cache-dir '.[operator]' && rm -rf /src
+
+FROM ${BASE}
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+RUN --mount=from=source,source=/src,target=/src,rw pip install '/src[operator]'
 USER 1000:1000
+WORKDIR /tmp
 ENTRYPOINT ["dtj"]
 CMD ["operator"]

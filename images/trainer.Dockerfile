@@ -1,13 +1,32 @@
-# The trainer image: torch and the offline data sets, no kopf.
-# For GPUs, start from an image with CUDA-enabled torch (the default wheel is).
-# Build from the repository root: docker build -f images/trainer.Dockerfile -t dtj-trainer .
-FROM python:3.11-slim
+# syntax=docker/dockerfile:1
+# The trainer image: torch and the offline data sets, no kopf. Two variants:
+#   docker build -f images/trainer.Dockerfile --target cpu  -t dtj-trainer:0.1.0-cpu .
+#   docker build -f images/trainer.Dockerfile --target cuda -t dtj-trainer:0.1.0-cuda .
+# cpu takes torch from PyTorch's CPU index (about 1 GB smaller); cuda takes PyPI's
+# default wheel, which bundles CUDA and needs only the node's NVIDIA driver (the
+# NVIDIA container toolkit mounts it). Both run as uid 1000 (the operator's pods
+# ask for runAsNonRoot with that uid). Pin BASE to a digest when you release:
+#   docker build --build-arg BASE=python:3.11-slim-bookworm@sha256:<digest> ...
+ARG BASE=python:3.11-slim-bookworm
+
+FROM ${BASE} AS source
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY operator ./operator
 COPY trainer ./trainer
-RUN pip install --no-cache-dir '.[trainer]' && rm -rf /src
-WORKDIR /
+
+FROM ${BASE} AS cpu
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+RUN --mount=from=source,source=/src,target=/src,rw \
+    pip install --index-url https://download.pytorch.org/whl/cpu 'torch==2.15.0' \
+    && pip install '/src[trainer]'
 USER 1000:1000
-ENTRYPOINT []
+WORKDIR /tmp
+CMD ["python", "-m", "dtj_trainer"]
+
+FROM ${BASE} AS cuda
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+RUN --mount=from=source,source=/src,target=/src,rw pip install '/src[trainer]'
+USER 1000:1000
+WORKDIR /tmp
 CMD ["python", "-m", "dtj_trainer"]

@@ -119,6 +119,30 @@ def cmd_operator(args: argparse.Namespace) -> int:
     os.execvp(cmd[0], cmd)
 
 
+def cmd_release_workers(args: argparse.Namespace) -> int:
+    """Lift the tracking finalizer off every worker pod: the last word of an
+    operator going away (the chart's pre-delete hook), so no pod, job or
+    namespace waits for an operator that will not come back."""
+    from . import render
+    from .cluster import Cluster
+
+    cluster = Cluster()
+    selector = render.worker_selector_all()
+    if args.namespace:
+        pods = cluster.core.list_namespaced_pod(args.namespace, label_selector=selector)
+    else:
+        pods = cluster.core.list_pod_for_all_namespaces(label_selector=selector)
+    released = 0
+    for item in pods.items:
+        pod = cluster.core.api_client.sanitize_for_serialization(item)
+        if render.tracked(pod):
+            cluster.release(pod, render.TRACKING_FINALIZER)
+            released += 1
+    where = f"namespace {args.namespace}" if args.namespace else "all namespaces"
+    print(f"released {released} worker pod(s) in {where} from {render.TRACKING_FINALIZER}")
+    return 0
+
+
 def cmd_crd(_: argparse.Namespace) -> int:
     from . import crdgen
 
@@ -161,6 +185,12 @@ def main(argv: list[str] | None = None) -> int:
         help="namespace of the Lease (default: $POD_NAMESPACE, else default)",
     )
     p.set_defaults(func=cmd_operator)
+    p = sub.add_parser(
+        "release-workers",
+        help="remove the operator's finalizer from every worker pod (before uninstalling it)",
+    )
+    p.add_argument("--namespace", help="only this namespace (default: all)")
+    p.set_defaults(func=cmd_release_workers)
     p = sub.add_parser("crd", help="print the generated CRD")
     p.set_defaults(func=cmd_crd)
     args = parser.parse_args(argv)

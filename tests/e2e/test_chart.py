@@ -16,6 +16,12 @@ from tests.e2e.kube import ROOT, Kube, new_namespace, start_operator, wait_for
 
 pytestmark = pytest.mark.e2e
 CHART = ROOT / "helm" / "dtj-operator"
+PROCESS_TOLERATION = {
+    "key": "dtj.io/runtime",
+    "operator": "Equal",
+    "value": "process",
+    "effect": "NoSchedule",
+}
 
 
 @pytest.fixture(scope="session")
@@ -123,7 +129,10 @@ def test_helm_install_and_the_operator_works_with_only_the_charts_rbac(
             got = kube.run("auth", "can-i", verb, what, f"--as={who}", check=False)
             assert got.stdout.strip() == allowed, (verb, what, got.stdout)
 
+        # Its uninstall hook runs for real, on an executing node (the virtualenv is the image).
         values = ["--set", "replicas=0", "--set", f"watchNamespace={ns}"]
+        values += ["--set", "nodeSelector.dtj\\.io/runtime=process"]
+        values += ["--set-json", f"tolerations={json.dumps([PROCESS_TOLERATION])}"]
         run(helm, "install", "one", str(CHART), "-n", system, *values, kube=kube)
         sa = "one-dtj-operator"
         who = f"system:serviceaccount:{system}:{sa}"
@@ -152,6 +161,29 @@ def test_helm_install_and_the_operator_works_with_only_the_charts_rbac(
                     return kube.json("get", "dtj", "rbac", "-n", ns).get("status") or {}
 
                 wait_for("the job Running", lambda: status().get("phase") == "Running")
+                # The coordinator's account may write progress, not the job's phase.
+                coordinator = f"--as=system:serviceaccount:{ns}:rbac-coordinator"
+                for patch, allowed in [
+                    ({"status": {"progress": {"step": 1}}}, True),
+                    ({"status": {"phase": "Succeeded"}}, False),
+                    ({"status": {"preemptions": 0}}, False),
+                ]:
+                    got = kube.run(
+                        "patch",
+                        "dtj",
+                        "rbac",
+                        "-n",
+                        ns,
+                        "--subresource=status",
+                        "--type=merge",
+                        "-p",
+                        json.dumps(patch),
+                        coordinator,
+                        check=False,
+                    )
+                    assert (got.returncode == 0) == allowed, (patch, got.stderr)
+                    if not allowed:
+                        assert "coordinator may write status.progress" in got.stderr, got.stderr
                 policy = kube.json("get", "networkpolicy", "rbac", "-n", ns)
                 assert policy["spec"]["podSelector"]["matchLabels"]["training.dtj.io/job"] == "rbac"
                 victim = "rbac-worker-0"
@@ -160,18 +192,28 @@ def test_helm_install_and_the_operator_works_with_only_the_charts_rbac(
                 wait_for("2 ready again", lambda: status().get("readyReplicas") == 2)
                 events = kube.json("get", "events", "-n", ns)["items"]
                 assert any(e["reason"] == "WorkerPreempted" for e in events), events
-                # Deleted while its operator runs: the workers' finalizer is lifted.
-                kube.run("delete", "dtj", "rbac", "-n", ns)
-                wait_for(
-                    "the job's pods gone",
-                    lambda: not kube.json("get", "pods", "-n", ns)["items"],
-                )
             finally:
                 op.terminate()
                 op.wait(timeout=20)
         assert "Forbidden" not in (tmp_path / "operator.log").read_text()
+        # Uninstalled while the job runs: the hook lifts the workers' finalizer, so
+        # deleting the job afterwards leaves nothing Terminating.
+        tracked = [
+            p["metadata"]["name"]
+            for p in kube.json("get", "pods", "-n", ns, "-l", "app.kubernetes.io/component=worker")[
+                "items"
+            ]
+            if "training.dtj.io/worker-tracking" in (p["metadata"].get("finalizers") or [])
+        ]
+        assert tracked, "the workers should carry the tracking finalizer while the job runs"
+        run(helm, "uninstall", "one", "-n", system, "--wait", "--timeout=3m", kube=kube)
+        kube.run("delete", "dtj", "rbac", "-n", ns)
+        wait_for(
+            "the job's pods gone without an operator",
+            lambda: not kube.json("get", "pods", "-n", ns)["items"],
+        )
     finally:
-        run(helm, "uninstall", "dtj", "-n", wide, kube=kube)
+        run(helm, "uninstall", "dtj", "-n", wide, "--no-hooks", kube=kube)
         subprocess.run([helm, "uninstall", "one", "-n", system], env=kube.env, check=False)
     assert kube.run("get", "clusterrole", "dtj-dtj-operator", check=False).returncode != 0
     for name in (ns, wide, system):

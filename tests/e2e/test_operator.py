@@ -1,6 +1,6 @@
 """The operator as its users watch it: Events, its own metrics, and one job's pods only.
 
-Runs on kwok's nodes (the quickstart's GPU pods run nothing), against the
+Runs on kwok's nodes (the quickstart's pods run nothing there), against the
 session's operator process, whose metrics endpoint is on loopback.
 """
 

@@ -7,7 +7,7 @@ import json
 import pytest
 from dtj_trainer.config import TrainerConfig
 
-from tests.e2e.kube import ROOT, Kube, wait_for
+from tests.e2e.kube import ROOT, Kube, running_pods, wait_for
 
 pytestmark = pytest.mark.e2e
 EXAMPLE = str(ROOT / "examples" / "quickstart.yaml")
@@ -40,11 +40,9 @@ def test_quickstart_job_runs_and_is_garbage_collected(kube: Kube, operator, name
         )
 
     pods = wait_for("4 running worker pods", workers)
-    nodes = {n["metadata"]["name"]: n for n in kube.json("get", "nodes")["items"]}
     for pod in pods:
-        node = nodes[pod["spec"]["nodeName"]]  # bound by kube-scheduler
-        assert int(node["status"]["allocatable"]["nvidia.com/gpu"]) >= 1
-        assert pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        assert pod["spec"]["nodeName"]  # bound by kube-scheduler
+        assert pod["spec"]["containers"][0]["resources"]["requests"]["cpu"] == "500m"
         assert pod["status"]["podIP"].startswith("127."), "fake pod IPs stay on loopback"
         assert pod["metadata"]["ownerReferences"][0]["kind"] == "DecentralizedTrainingJob"
 
@@ -74,7 +72,7 @@ def test_quickstart_job_runs_and_is_garbage_collected(kube: Kube, operator, name
 
     cm = kube.json("get", "configmap", "quickstart-config", *ns)
     cfg = TrainerConfig.model_validate_json(cm["data"]["config.json"])
-    assert cfg.replicas == 4 and cfg.algorithm.name == "dpsgd" and cfg.backend == "nccl"
+    assert cfg.replicas == 4 and cfg.algorithm.name == "dpsgd" and cfg.backend == "gloo"
 
     kube.run("delete", "dtj", "quickstart", *ns)
 
@@ -85,6 +83,21 @@ def test_quickstart_job_runs_and_is_garbage_collected(kube: Kube, operator, name
         return left.strip() == ""
 
     wait_for("children garbage-collected through ownerReferences", collected, timeout=150)
+
+
+def test_the_gpu_example_lands_on_gpu_nodes_with_nccl(kube: Kube, operator, namespace):
+    ns = ["-n", namespace]
+    kube.run("apply", *ns, "-f", str(ROOT / "examples" / "gpu.yaml"))
+    selector = "training.dtj.io/job=quickstart-gpu,app.kubernetes.io/component=worker"
+    pods = wait_for("4 running GPU workers", lambda: running_pods(kube, namespace, selector, 4))
+    nodes = {n["metadata"]["name"]: n for n in kube.json("get", "nodes")["items"]}
+    for pod in pods:
+        node = nodes[pod["spec"]["nodeName"]]  # bound by kube-scheduler
+        assert int(node["status"]["allocatable"]["nvidia.com/gpu"]) >= 1
+        assert pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    cm = kube.json("get", "configmap", "quickstart-gpu-config", *ns)
+    assert TrainerConfig.model_validate_json(cm["data"]["config.json"]).backend == "nccl"
+    kube.run("delete", "dtj", "quickstart-gpu", *ns)
 
 
 INVALID = [

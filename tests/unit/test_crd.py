@@ -13,6 +13,13 @@ def test_committed_crd_matches_models(target):
     )
 
 
+def test_committed_coordinator_policy_matches_the_status_model():
+    assert crdgen.POLICY_TARGET.read_text() == crdgen.coordinator_policy(), "run make crds"
+    for field in ("phase", "countedPods", "preemptions", "conditions"):  # guarded
+        assert f"oldObject.status.{field}" in crdgen.coordinator_policy(), field
+    assert "object.status.progress" not in crdgen.coordinator_policy()
+
+
 def test_schema_is_structural():
     """No construct the API server rejects in a structural schema survives conversion."""
     schema = crdgen.crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]

@@ -1,0 +1,40 @@
+"""Every example manifest is a valid job, and says what its comments promise."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from dtj_operator import api, render
+
+from tests.builders import ROOT
+
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+
+
+def _job(path):
+    body = yaml.safe_load(path.read_text())
+    body["metadata"] |= {"namespace": "ns", "uid": "u"}
+    return api.DecentralizedTrainingJob.from_body(body), body
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_every_example_is_a_valid_job(path):
+    job, body = _job(path)
+    assert job.name and render.desired_children(job, body)
+
+
+def test_the_quickstart_asks_for_no_gpu_so_it_fits_kind():
+    job, _ = _job(ROOT / "examples" / "quickstart.yaml")
+    assert "nvidia.com/gpu" not in str(job.spec.template.resources)
+    assert render.trainer_config(job).backend == "gloo"
+    gpu, _ = _job(ROOT / "examples" / "gpu.yaml")
+    assert render.trainer_config(gpu).backend == "nccl"
+
+
+def test_the_spot_example_fills_on_demand_first_and_counts_spot_losses_as_preemptions():
+    job, body = _job(ROOT / "examples" / "spot.yaml")
+    pools = render.assign_pools(job)
+    assert [p.name for p in pools if p] == ["on-demand"] * 2 + ["spot"] * 6
+    assert [p.preemptible for p in job.spec.node_pools] == [False, True]
+    coordinator = render.coordinator_pod(job, render.owner_reference(body))
+    assert coordinator["spec"]["nodeSelector"] == {"karpenter.sh/capacity-type": "on-demand"}
