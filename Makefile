@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml devcluster/pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: bench demo demo-cluster test install controlplane helm lint typecheck unit trainer-test e2e crds cluster-up cluster-down clean
+.PHONY: bench demo demo-cluster test install controlplane helm victoriametrics lint typecheck unit trainer-test e2e crds cluster-up cluster-down clean
 
 $(STAMP): pyproject.toml devcluster/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ controlplane:
 helm:
 	@bash hack/helm/build.sh >/dev/null
 
+## make victoriametrics: build (once) the pinned VictoriaMetrics from its Go module;
+## the dashboard test runs every Grafana query against it.
+victoriametrics:
+	@bash hack/victoriametrics/build.sh >/dev/null
+
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -46,12 +51,12 @@ unit: install
 trainer-test: install
 	$(PY) -m pytest tests/trainer -q
 
-e2e: install controlplane helm
+e2e: install controlplane helm victoriametrics
 	$(PY) -m pytest tests/e2e -q
 
 ## make test: lint, type check, unit, real-process trainer tests, e2e on a real control plane.
 ## Two pytest workers: the e2e tests in one (they share the control plane), the rest in the other.
-test: install controlplane helm lint typecheck
+test: install controlplane helm victoriametrics lint typecheck
 	$(PY) -m pytest -q -ra --durations=15 -n 2 --dist loadgroup; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 

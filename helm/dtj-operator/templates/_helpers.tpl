@@ -63,3 +63,12 @@ true
   resources: ["events"]
   verbs: ["create", "patch"]
 {{- end -}}
+
+{{/* The operator image: a digest wins over the tag; the tag defaults to appVersion. */}}
+{{- define "dtj-operator.image" -}}
+{{- if .Values.image.digest -}}
+{{ .Values.image.repository }}@{{ .Values.image.digest }}
+{{- else -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end -}}
+{{- end -}}
