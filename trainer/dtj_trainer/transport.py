@@ -117,6 +117,11 @@ def _group(
     return dist.ProcessGroupGloo(prefixed, rank, size, gloo_opts)
 
 
+# Pushes a worker keeps in flight before it waits for the oldest (memory: that many
+# payloads, not every push of the run).
+MAX_IN_FLIGHT = 64
+
+
 class _Mailbox:
     """A background receiver for pushes, with a ring of posted receive buffers.
 
@@ -204,7 +209,8 @@ class DistTransport:
         self._pg = _group(store, f"gen{generation}/", rank, size, backend, timeout, host)
         self._msg_pg: Any = None
         self._mailbox: _Mailbox | None = None
-        self._sends: list[Any] = []
+        self._sends: collections.deque[Any] = collections.deque()  # the latest pushes
+        self._timeout = timedelta(seconds=timeout)
 
     async def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
         out = tensor.detach().to(self._device).clone()
@@ -271,6 +277,12 @@ class DistTransport:
         if self._mailbox is None:
             raise RuntimeError("open_inbox() must be called by every worker before post()")
         payload = torch.cat([tensor.detach().reshape(-1).cpu(), torch.tensor([self.rank, 0.0])])
+        # Each push holds its payload until waited for, and gloo marks a send done
+        # only inside wait(): keep the latest MAX_IN_FLIGHT, waiting for the oldest
+        # (long landed, unless its peer stopped taking: then this is backpressure,
+        # bounded by the group timeout).
+        while len(self._sends) >= MAX_IN_FLIGHT:
+            self._sends.popleft().wait(self._timeout)
         self._sends.append(self._msg_pg.send([payload], peer, 1))
         self.counters.add(sent=payload.numel() * payload.element_size(), received=0)
 
@@ -293,8 +305,10 @@ class DistTransport:
             return []
         with self.counters.waiting():
             for w in self._sends:  # completes as peers' receivers take them
-                w.wait()
-            self._sends = []
+                # Bounded: a dead peer fails the drain (and the elastic loop regroups)
+                # within the group timeout, not the message group's 24 h.
+                w.wait(self._timeout)
+            self._sends.clear()
             await self.all_reduce_mean(torch.zeros(1))  # every push has landed
             stop = torch.zeros(box.numel + 2)
             stop[-1] = 1.0
