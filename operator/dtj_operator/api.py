@@ -55,7 +55,17 @@ RESERVED_LABELS = (
     "app.kubernetes.io/managed-by",
     "app.kubernetes.io/component",
 )
-RESERVED_ENV_PREFIX = "DTJ_"
+# What the operator sets in the trainer's env (a test checks render against it);
+# other DTJ_* names (the DTJ_SIMULATE_* benchmark knobs) stay the user's.
+RESERVED_ENV = (
+    "DTJ_CONFIG",
+    "DTJ_RANK",
+    "DTJ_POD_NAME",
+    "DTJ_POD_IP",
+    "DTJ_METRICS_PORT",
+    "DTJ_SPEED_HINT",
+    "DTJ_NAMESPACE",
+)
 RESERVED_VOLUMES = ("config", "tmp")
 RESERVED_MOUNT_PATHS = ("/etc/dtj", "/tmp")
 MAX_ITEMS = 64  # bounds the CEL rules' cost (the API server estimates it per list)
@@ -99,8 +109,8 @@ class WorkerTemplate(Model):
         json_schema_extra={"type": "object", **OBJECT_LIST},
     )
     env: list[dict[str, Any]] = _bounded(
-        "Extra environment variables (core/v1 EnvVar). Names starting with DTJ_ are the "
-        "trainer's own and are refused.",
+        "Extra environment variables (core/v1 EnvVar). The names the operator sets are "
+        f"refused: {', '.join(RESERVED_ENV)}.",
         name="string",
     )
     volumes: list[dict[str, Any]] = _bounded(
@@ -344,14 +354,11 @@ CEL_RULES = [
         ),
     ),
     _Rule(
-        f"!has(self.template.env) || self.template.env.all(e, !has(e.name)"
-        f" || !e.name.startsWith('{RESERVED_ENV_PREFIX}'))",
-        f"template.env: names starting with {RESERVED_ENV_PREFIX} are the trainer's own; "
-        "rename the variable",
+        "!has(self.template.env) || self.template.env.all(e, !has(e.name)"
+        f" || !(e.name in {list(RESERVED_ENV)}))",
+        f"template.env: {', '.join(RESERVED_ENV)} are set by the operator; rename the variable",
         "spec.template.env",
-        lambda s: (
-            not any(str(e.get("name", "")).startswith(RESERVED_ENV_PREFIX) for e in s.template.env)
-        ),
+        lambda s: not any(e.get("name") in RESERVED_ENV for e in s.template.env),
     ),
     _Rule(
         "!has(self.template.volumes) || self.template.volumes.all(v, !has(v.hostPath)"

@@ -100,8 +100,12 @@ def operator_command(namespace: str | None = None, liveness: str | None = None) 
         # watchers per matching namespace, and with indexes every new namespace holds
         # all handling until its lists arrive (a namespace deleted meanwhile stalls it).
         cmd = ["env", f"DTJ_NAMESPACES={namespace}", *cmd, "--all-namespaces"]
+    elif namespace:
+        # One namespace: nothing to discover (and a Role there grants no namespace
+        # listing, which kopf would retry for half a minute before starting).
+        cmd = ["env", "DTJ_ONE_NAMESPACE=1", *cmd, f"--namespace={namespace}"]
     else:
-        cmd += [f"--namespace={namespace}"] if namespace else ["--all-namespaces"]
+        cmd += ["--all-namespaces"]
     return cmd + ([f"--liveness={liveness}"] if liveness else [])
 
 

@@ -125,6 +125,9 @@ def configure(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: Any) ->
     )
     settings.posting.level = 30  # WARNING and above become Kubernetes Events
     settings.watching.server_timeout = 120
+    # One namespace watched (`dtj operator --namespace=NAME`, the chart with a Role):
+    # no namespace listing or CRD re-scans, which that Role does not allow.
+    settings.scanning.disabled = os.environ.get("DTJ_ONE_NAMESPACE") == "1"
     # Only this operator's objects come over the wire (not every pod of the cluster).
     selector = f"app.kubernetes.io/managed-by={render.MANAGED_BY}"
     for group, version, plural in [("", "v1", "pods"), *CHILDREN.values()]:

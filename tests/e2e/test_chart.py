@@ -121,12 +121,15 @@ def test_helm_install_and_the_operator_works_with_only_the_charts_rbac(
         who = f"system:serviceaccount:{wide}:dtj-dtj-operator"
         for verb, what, allowed in [
             ("create", "pods", "yes"),
-            ("patch", "decentralizedtrainingjobs.training.dtj.io/status", "yes"),
-            ("update", "decentralizedtrainingjobs.training.dtj.io/finalizers", "yes"),
+            ("patch", "decentralizedtrainingjobs.training.dtj.io:status", "yes"),
+            ("update", "decentralizedtrainingjobs.training.dtj.io:finalizers", "yes"),
+            ("update", "decentralizedtrainingjobs.training.dtj.io", "no"),
             ("get", "secrets", "no"),  # least privilege: nothing it does not use
             ("create", "deployments.apps", "no"),
         ]:
-            got = kube.run("auth", "can-i", verb, what, f"--as={who}", check=False)
+            resource, _, sub = what.partition(":")
+            scope = [f"--subresource={sub}"] if sub else []
+            got = kube.run("auth", "can-i", verb, resource, *scope, f"--as={who}", check=False)
             assert got.stdout.strip() == allowed, (verb, what, got.stdout)
 
         # Its uninstall hook runs for real, on an executing node (the virtualenv is the image).

@@ -58,7 +58,18 @@ def _serve(binary: str, config: Path, data: Path, log: Path) -> tuple[subprocess
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-    return proc, f"http://127.0.0.1:{port}"
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+                return resp.status == 200
+        except OSError:
+            assert proc.poll() is None, log.read_text()[-2000:]
+            return False
+
+    wait_for("VictoriaMetrics answering", healthy, timeout=60)
+    return proc, url
 
 
 def _query(url: str, expr: str) -> list[dict[str, Any]]:

@@ -221,3 +221,15 @@ def test_scheduling_fields_and_autoscaler_annotations_reach_the_pods():
         for p in objs
         if p["kind"] == "Pod"
     )
+
+
+def test_every_env_name_the_operator_sets_is_reserved_in_the_api():
+    _, objs = children({"nodePools": [{"name": "a", "speed": 2}]})
+    set_by_us = {
+        e["name"]
+        for pod in by_kind(objs, "Pod")
+        for c in pod["spec"]["containers"]
+        for e in c["env"]
+        if e["name"].startswith("DTJ_")
+    }
+    assert set_by_us == set(api.RESERVED_ENV)
