@@ -41,6 +41,7 @@ victoriametrics:
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/hadolint images/*.Dockerfile
 
 typecheck: install
 	$(VENV)/bin/mypy
