@@ -19,7 +19,7 @@ pytestmark = pytest.mark.procs
 SETTINGS = {
     "allreduce": {"optimizer": {"lr": 0.1, "momentum": 0.9}},
     "dpsgd": {"optimizer": {"lr": 0.1, "momentum": 0.9}},
-    # every received gradient is a step: 4 workers move ~4x per round
+    # every gradient, own or received, goes through momentum: 4 workers apply ~4 a round
     "dasgd": {"optimizer": {"lr": 0.025, "momentum": 0.9}},
     "gosgd": {"optimizer": {"lr": 0.1}},
     # slot models travel without the worker's momentum buffer

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 from dtj_trainer import algorithms, loop, simulator
@@ -156,27 +158,55 @@ def test_dasgd_drops_gradients_beyond_the_staleness_bound():
     class Three:
         rank, size, virtual_time = 0, 3, False
 
-    algo = algorithms.DASGD(Three(), AlgorithmSpec(name="dasgd", stalenessBound=2), seed=0)  # type: ignore[arg-type]
+    # 1 round of the 2 others' updates = 2 updates tolerated.
+    algo = algorithms.DASGD(Three(), AlgorithmSpec(name="dasgd", stalenessBound=1), seed=0)  # type: ignore[arg-type]
     algo.seen = torch.tensor([5.0, 5.0, 5.0])
-
-    class Params:
-        lr = 0.5
-        x = torch.zeros(2)
-
-        def params(self):
-            return self.x.clone()
-
-        def set_params(self, x):
-            self.x = x
-
-    local = Params()
     fresh = torch.tensor([1.0, 1.0, 5.0, 5.0, 5.0])  # g = (1, 1), sender saw everything
-    stale = torch.tensor([1.0, 1.0, 1.0, 5.0, 5.0])  # sender missed 4 of worker 0's updates
-    stale_counts = algo._apply_received(local, [(1, fresh), (2, stale)])  # type: ignore[arg-type]
-    assert stale_counts == [0, 4]  # each message's staleness, dropped ones included
+    late = torch.tensor([2.0, 2.0, 3.0, 5.0, 5.0])  # missed 2 of worker 0's: kept
+    stale = torch.tensor([1.0, 1.0, 1.0, 5.0, 5.0])  # missed 4 of worker 0's: dropped
+    total, staleness = algo._fresh([(1, fresh), (2, late), (2, stale)])
+    assert staleness == [0, 2, 4]  # each message's staleness, dropped ones included
     assert algo.dropped == 1
-    assert local.x.tolist() == [-0.5, -0.5]
-    assert algo.seen.tolist() == [5.0, 6.0, 5.0]
+    assert total is not None and total.tolist() == [3.0, 3.0]
+    assert algo.seen.tolist() == [5.0, 6.0, 6.0]
+
+
+def test_dasgd_puts_a_peers_gradient_through_the_same_momentum_as_its_own():
+    """Received gradients used to be plain SGD steps beside a momentum step for one's
+    own (a ~10x weight for one's own at momentum 0.9)."""
+    from dtj_trainer.algorithms.base import Local
+    from dtj_trainer.config import AlgorithmSpec
+    from torch import nn
+
+    class Two:
+        rank, size, virtual_time = 0, 2, False
+
+        def __init__(self, inbox):
+            self._inbox, self.sent = inbox, []
+
+        def inbox(self):
+            out, self._inbox = self._inbox, []
+            return out
+
+        def post(self, payload, peer):
+            self.sent.append((peer, payload))
+
+    class ZeroGrad:  # own gradient 0: every move comes from the peer's gradient
+        def next(self, batch):
+            return torch.zeros(1, 1), torch.zeros(1, 1)
+
+    model = nn.Linear(1, 1, bias=False)
+    nn.init.zeros_(model.weight)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    local = Local(model, opt, ZeroGrad(), 1, 0.1, nn.MSELoss())  # type: ignore[arg-type]
+    peer_grad = torch.tensor([1.0, 0.0, 0.0])  # g = 1, version (0, 0)
+    t = Two([(1, peer_grad)])
+    algo = algorithms.DASGD(t, AlgorithmSpec(name="dasgd"), seed=0)  # type: ignore[arg-type]
+    asyncio.run(algo.round(local, 0))
+    asyncio.run(algo.round(local, 1))  # nothing new: momentum carries the peer's gradient on
+    # step 1: buffer = 1 (the peer's g); step 2: buffer = 0.9. Plain SGD stops at -0.1.
+    assert model.weight.item() == pytest.approx(-0.1 - 0.1 * 0.9)
+    assert [p for p, _ in t.sent] == [1, 1]
 
 
 def test_async_methods_train_in_the_simulator_with_a_slow_worker():

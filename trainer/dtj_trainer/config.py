@@ -76,19 +76,22 @@ class AlgorithmSpec(Model):
         json_schema_extra={"x-kubernetes-int-or-string": True},
     )
     staleness_bound: int = Field(
-        16,
+        4,
         ge=0,
         description=(
-            "dasgd: received gradients older than this many updates are dropped "
-            "(0 = apply only fresh gradients)."
+            "dasgd: a received gradient is dropped when its sender had missed more than "
+            "this many rounds of the other workers' updates (bound x (n-1) updates; "
+            "0 = apply only fresh gradients). Drops are counted in "
+            "dtj_worker_dropped_updates_total."
         ),
     )
     fanout: Literal["all", "neighbours"] = Field(
         "all",
         description=(
             "dasgd: send each gradient to all peers (the paper: models stay close) or only "
-            "to topology neighbours (cheaper; models drift further apart). Every received "
-            "gradient is a step of size lr, so n workers move ~n times per round: scale lr."
+            "to the topology's neighbours of that round (cheaper; only gradients travel, no "
+            "model averaging, so models drift further apart). Every gradient, own or "
+            "received, goes through the optimizer: n workers apply ~n a round, so scale lr."
         ),
     )
 

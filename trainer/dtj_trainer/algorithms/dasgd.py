@@ -11,67 +11,76 @@ from .base import Local, RoundStats
 
 
 class DASGD:
-    """Apply received (stale) gradients, then compute, apply and send one's own.
+    """Every gradient, one's own and the peers' (stale), goes through one update rule.
+
+    A round takes what arrived, computes its own gradient on the current model,
+    and applies their sum in one optimizer step, so momentum and weight decay
+    treat a peer's gradient exactly like one's own (as the paper's nodes apply
+    each gradient they hold with the same rule); then it sends its gradient.
 
     Staleness of a received gradient = the updates this worker had applied
-    (when it opened its inbox) that the sender's model had not seen when it
-    computed the gradient. Each gradient carries its sender's version vector
-    (how many gradients of each worker its model contained), so the count is
-    exact, not a guess from clocks. Gradients staler than `stalenessBound`
-    are dropped: the truncation the analysis motivates, since the rate
-    degrades with the average staleness. Received gradients are applied as
-    plain SGD steps (x <- x - lr g, as in the paper); the worker's own step
-    uses its optimizer. Fan-out is all peers (the reference code) or the
-    topology's neighbours.
+    that the sender's model had not seen when it computed the gradient. Each
+    gradient carries its sender's version vector (how many gradients of each
+    worker its model contained), so the count is exact, not a guess from
+    clocks. A gradient is dropped when it misses more than `stalenessBound`
+    rounds of the others' updates (stalenessBound x (n - 1) updates: with n
+    workers each round of delay adds n - 1), the truncation the analysis
+    motivates; drops are counted (dtj_worker_dropped_updates_total). Fan-out
+    is all peers (the reference code) or the topology's neighbours at that
+    step (time-varying graphs change peers every round).
     """
 
     def __init__(self, transport: Transport, spec: AlgorithmSpec, *, seed: int) -> None:
         self.t = transport
-        self.bound = spec.staleness_bound
-        if spec.fanout == "all":
-            self.peers = [r for r in range(transport.size) if r != transport.rank]
-        else:
-            self.peers = topology.neighbours(spec.topology, transport.size, transport.rank)
+        self.bound = spec.staleness_bound * max(transport.size - 1, 1)
+        self.spec = spec
         self.seen = torch.zeros(transport.size)  # gradients of each worker applied here
         self.dropped = 0
+
+    def peers(self, step: int) -> list[int]:
+        if self.spec.fanout == "all":
+            return [r for r in range(self.t.size) if r != self.t.rank]
+        return topology.neighbours(self.spec.topology, self.t.size, self.t.rank, step)
 
     async def setup(self, local: Local) -> None:
         await self.t.open_inbox(local.params().numel() + self.t.size)
 
     async def round(self, local: Local, step: int) -> RoundStats:
         dropped = self.dropped
-        stale = self._apply_received(local, self.t.inbox())
-        version = self.seen.clone()
+        received, stale = self._fresh(self.t.inbox())
+        version = self.seen.clone()  # the model this round's gradient is computed on
         loss = local.grad()
         g = local.flat_grad()
+        local.set_flat_grad(g + received if received is not None else g)
         local.step()
         self.seen[self.t.rank] += 1
         payload = torch.cat([g, version])
-        for peer in self.peers:
+        for peer in self.peers(step):
             self.t.post(payload, peer)
         mean = sum(stale) / len(stale) if stale else None
         return RoundStats(loss, local.batch, mean, tuple(stale), self.dropped - dropped)
 
     async def finish(self, local: Local) -> float:
-        self._apply_received(local, await self.t.drain())
+        received, _ = self._fresh(await self.t.drain())
+        if received is not None:
+            local.set_flat_grad(received)
+            local.step()
         return 1.0
 
-    def _apply_received(self, local: Local, msgs: list[tuple[int, torch.Tensor]]) -> list[int]:
-        """Apply the fresh enough gradients; the staleness of each message received."""
-        if not msgs:
-            return []
+    def _fresh(self, msgs: list[tuple[int, torch.Tensor]]) -> tuple[torch.Tensor | None, list[int]]:
+        """The sum of the received gradients fresh enough to apply (None if none), and
+        the staleness of every message received (dropped ones included)."""
         n = self.t.size
-        x = local.params()
         now = self.seen.clone()
-        seen = []
+        total: torch.Tensor | None = None
+        staleness = []
         for sender, m in msgs:
             g, version = m[:-n], m[-n:]
             stale = int((now - version).clamp(min=0).sum())
-            seen.append(stale)
+            staleness.append(stale)
             if stale > self.bound:
                 self.dropped += 1
                 continue
-            x = x - local.lr * g
+            total = g if total is None else total + g
             self.seen[sender] += 1
-        local.set_params(x)
-        return seen
+        return total, staleness
