@@ -70,26 +70,23 @@ def _stat(title: str, description: str, unit: str, expr: str) -> stat.Panel:
     )
 
 
+def _choice(name: str, label: str, query: str) -> gd.QueryVariable:
+    return (
+        gd.QueryVariable(name)
+        .label(label)
+        .datasource(DATASOURCE)
+        .query(query)
+        .refresh(gm.VariableRefresh.ON_TIME_RANGE_CHANGED)
+        .multi(True)
+        .include_all(True)
+    )
+
+
 def _variables(board: gd.Dashboard) -> gd.Dashboard:
     source = gd.DatasourceVariable("datasource").label("Data source").type("prometheus")
-    namespace = (
-        gd.QueryVariable("namespace")
-        .label("Namespace")
-        .datasource(DATASOURCE)
-        .query(f"label_values({_m('steps')}, namespace)")
-        .refresh(gm.VariableRefresh.ON_TIME_RANGE_CHANGED)
-        .multi(True)
-        .include_all(True)
-    )
-    job = (
-        gd.QueryVariable("job")
-        .label("Job")
-        .datasource(DATASOURCE)
-        .query(f'label_values({_m("steps")}{{namespace=~"$namespace"}}, job_name)')
-        .refresh(gm.VariableRefresh.ON_TIME_RANGE_CHANGED)
-        .multi(True)
-        .include_all(True)
-    )
+    steps = _m("steps")
+    namespace = _choice("namespace", "Namespace", f"label_values({steps}, namespace)")
+    job = _choice("job", "Job", f'label_values({steps}{{namespace=~"$namespace"}}, job_name)')
     return board.with_variable(source).with_variable(namespace).with_variable(job)
 
 
