@@ -98,8 +98,8 @@ def reconcile(obs: Observed, cluster: Cluster) -> Pass:
     pods = [p for p in obs.pods if render.owned_by(p, meta.get("uid"))]
     for pod in obs.pods:
         # An earlier namesake's pod being deleted: it is not ours to count, and
-        # only we would ever lift its finalizer (the pod event tries first; a
-        # pass looks again, so one failed patch cannot leave it Terminating).
+        # only we would ever lift its finalizer. Every pass looks, so one failed
+        # patch cannot leave it Terminating (a pod event comes only once).
         if pod["metadata"].get("deletionTimestamp") and not render.owned_by(pod, meta.get("uid")):
             cluster.release(pod, render.TRACKING_FINALIZER)
     if meta.get("deletionTimestamp"):
