@@ -66,8 +66,11 @@ RESERVED_ENV = (
     "DTJ_SPEED_HINT",
     "DTJ_NAMESPACE",
 )
-RESERVED_VOLUMES = ("config", "tmp")
-RESERVED_MOUNT_PATHS = ("/etc/dtj", "/tmp")
+# The trainer's own volumes: its config (read-only) and scratch space (the root is read-only).
+CONFIG_VOLUME, CONFIG_DIR = "config", "/etc/dtj"
+SCRATCH_VOLUME, SCRATCH_DIR = "tmp", "/tmp"
+RESERVED_VOLUMES = (CONFIG_VOLUME, SCRATCH_VOLUME)
+RESERVED_MOUNT_PATHS = (CONFIG_DIR, SCRATCH_DIR)
 MAX_ITEMS = 64  # bounds the CEL rules' cost (the API server estimates it per list)
 
 
@@ -376,14 +379,14 @@ CEL_RULES = [
     _Rule(
         "!has(self.template.volumeMounts) || self.template.volumeMounts.all(m,"
         " !has(m.mountPath) || !(m.mountPath in "
-        f"{list(RESERVED_MOUNT_PATHS)} || m.mountPath.startsWith('/etc/dtj/')))",
+        f"{list(RESERVED_MOUNT_PATHS)} || m.mountPath.startsWith('{CONFIG_DIR}/')))",
         f"template.volumeMounts: {' and '.join(RESERVED_MOUNT_PATHS)} are the trainer's; "
         "mount somewhere else",
         "spec.template.volumeMounts",
         lambda s: (
             not any(
                 str(m.get("mountPath", "")).rstrip("/") in RESERVED_MOUNT_PATHS
-                or str(m.get("mountPath", "")).startswith("/etc/dtj/")
+                or str(m.get("mountPath", "")).startswith(f"{CONFIG_DIR}/")
                 for m in s.template.volume_mounts
             )
         ),

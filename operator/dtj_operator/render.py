@@ -18,7 +18,7 @@ from . import api
 
 STORE_PORT = 29400
 METRICS_PORT = 9400
-CONFIG_DIR = "/etc/dtj"
+CONFIG_DIR = api.CONFIG_DIR
 CONFIG_KEY = "config.json"
 LABEL_JOB = f"{api.GROUP}/job"
 LABEL_SLOT = f"{api.GROUP}/slot"
@@ -250,15 +250,15 @@ def _pod(
                 "terminationMessagePolicy": "FallbackToLogsOnError",
                 "securityContext": container_sec,
                 "volumeMounts": [
-                    {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
-                    {"name": "tmp", "mountPath": "/tmp"},
+                    {"name": api.CONFIG_VOLUME, "mountPath": CONFIG_DIR, "readOnly": True},
+                    {"name": api.SCRATCH_VOLUME, "mountPath": api.SCRATCH_DIR},
                     *t.volume_mounts,
                 ],
             }
         ],
         "volumes": [
-            {"name": "config", "configMap": {"name": f"{job.name}-config"}},
-            {"name": "tmp", "emptyDir": {}},
+            {"name": api.CONFIG_VOLUME, "configMap": {"name": f"{job.name}-config"}},
+            {"name": api.SCRATCH_VOLUME, "emptyDir": {}},
             *t.volumes,
         ],
     }
