@@ -63,11 +63,12 @@ test: install controlplane helm victoriametrics lint typecheck
 
 ## make bench: the measurements (not run by make test); JSON and PNG in bench/results/.
 ## Quick settings by default; `make bench FULL=1` runs every seed (about an hour).
-bench: install controlplane
+bench: install controlplane victoriametrics
 	$(PY) bench/heterogeneity.py $(if $(FULL),--full)
 	$(PY) bench/preemption.py
 	$(PY) bench/teleportation_scaling.py
 	$(PY) bench/many_jobs.py
+	$(PY) bench/dashboard.py
 
 ## make crds: regenerate crds/ and the chart's copy from the API models, and the
 ## chart's Grafana dashboard from dtj_operator.dashboard.

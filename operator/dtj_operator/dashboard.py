@@ -13,6 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -251,6 +255,86 @@ def build() -> dict[str, Any]:
         JSONEncoder(sort_keys=True, indent=2).encode(board.build())
     )
     return encoded
+
+
+def expand(expr: str, variables: dict[str, str]) -> str:
+    """The query with Grafana's template variables (`$namespace`, ...) replaced."""
+    return re.sub(r"\$\w+", lambda m: variables.get(m.group(0)[1:], m.group(0)), expr)
+
+
+def queries() -> list[tuple[str, str, str]]:
+    """(panel title, PromQL, legend format) of every query, in the dashboard's order."""
+    return [
+        (panel["title"], target["expr"], target.get("legendFormat", ""))
+        for panel in build()["panels"]
+        for target in panel.get("targets", [])
+    ]
+
+
+def legend_of(legend: str, labels: dict[str, str]) -> str:
+    """Grafana's legend format (`{{job_name}} #{{rank}}`) filled from a series' labels."""
+    return re.sub(r"\{\{\s*(\w+)\s*\}\}", lambda m: labels.get(m.group(1), ""), legend)
+
+
+def _get(url: str, path: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+    with urllib.request.urlopen(f"{url}{path}?{urllib.parse.urlencode(params)}", timeout=30) as r:
+        body = json.loads(r.read())
+    if body.get("status") != "success":
+        raise RuntimeError(f"query {params['query']!r} failed: {body}")
+    return list(body["data"]["result"])
+
+
+def query_range(url: str, expr: str, start: float, end: float, step: float) -> list[dict[str, Any]]:
+    """A Prometheus-API range query (Prometheus, VictoriaMetrics)."""
+    return _get(
+        url, "/api/v1/query_range", {"query": expr, "start": start, "end": end, "step": step}
+    )
+
+
+def snapshot(
+    url: str, variables: dict[str, str], start: float, end: float, path: Path, step: float = 2.0
+) -> dict[str, int]:
+    """Draw every panel from the same queries over [start, end] into a PNG (matplotlib).
+
+    For readers without a Grafana: what the dashboard shows for one run.
+    Returns the number of series each panel drew.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    titles = list(dict.fromkeys(title for title, _, _ in queries()))
+    cols = 3
+    fig, axes = plt.subplots(
+        math.ceil(len(titles) / cols), cols, figsize=(15, 3 * math.ceil(len(titles) / cols))
+    )
+    drawn = dict.fromkeys(titles, 0)
+    for ax, title in zip(axes.flat, titles, strict=False):
+        ax.set_title(title, fontsize=10)
+        for t, expr, legend in queries():
+            if t != title:
+                continue
+            for series in query_range(url, expand(expr, variables), start, end, step):
+                xs = [float(ts) - start for ts, _ in series["values"]]
+                ys = [float(v) for _, v in series["values"]]
+                label = legend_of(legend, series["metric"])
+                ax.plot(xs, ys, label=label, linewidth=1.2)
+                drawn[title] += 1
+        if drawn[title]:
+            ax.legend(fontsize=7, loc="best")
+        else:
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xlabel("seconds", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(titles) :]:
+        ax.axis("off")
+    fig.suptitle(f"{build()['title']}: {variables.get('job', '')}")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return drawn
 
 
 def render() -> str:

@@ -10,12 +10,10 @@ every query of the dashboard runs with the namespace and job variables set.
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -80,12 +78,6 @@ def _query(url: str, expr: str) -> list[dict[str, Any]]:
     return list(body["data"]["result"])
 
 
-def _panels() -> Iterator[tuple[str, str]]:
-    for panel in dashboard.build()["panels"]:
-        for target in panel.get("targets", []):
-            yield panel["title"], target["expr"]
-
-
 def test_every_dashboard_query_answers_from_real_workers(
     kube: Kube, local, operator, operator_metrics, namespace, victoria_metrics, tmp_path
 ):
@@ -131,10 +123,11 @@ def test_every_dashboard_query_answers_from_real_workers(
         victoria_metrics, tmp_path / "scrape.yaml", tmp_path / "data", tmp_path / "vm.log"
     )
     try:
-        selected = {"$namespace": namespace, "$job": name, "$__rate_interval": "20s"}
+        selected = {"namespace": namespace, "job": name, "__rate_interval": "20s"}
+        start = time.time()
 
         def expand(expr: str) -> str:
-            return re.sub(r"\$\w+", lambda m: selected.get(m.group(0), m.group(0)), expr)
+            return dashboard.expand(expr, selected)
 
         # Training for a while, scraped every second: rates need a few samples.
         wait_for(
@@ -147,7 +140,7 @@ def test_every_dashboard_query_answers_from_real_workers(
         )
         time.sleep(5)
         answered = {}
-        for title, expr in _panels():
+        for title, expr, _ in dashboard.queries():
             result = _query(url, expand(expr))
             answered.setdefault(title, []).append(len(result))
             if title not in MAY_BE_EMPTY:
@@ -155,6 +148,12 @@ def test_every_dashboard_query_answers_from_real_workers(
         per_worker = _query(url, expand(f"rate({dashboard._m('samples')}{dashboard.SEL}[20s])"))
         assert {r["metric"]["rank"] for r in per_worker} == {"0", "1", "2"}
         assert {r["metric"]["job_name"] for r in per_worker} == {name}
+        # The PNG rendering bench/dashboard.py writes, from the same range queries.
+        png = tmp_path / "dashboard.png"
+        drawn = dashboard.snapshot(url, selected, start, time.time(), png, step=1.0)
+        assert png.stat().st_size > 10_000
+        assert drawn["Throughput per worker"] == 3, drawn
+        assert all(drawn[t] for t in answered if t not in MAY_BE_EMPTY), drawn
     finally:
         proc.terminate()
         proc.wait(timeout=20)

@@ -48,3 +48,12 @@ def test_queries_follow_the_namespace_and_job_variables():
         if panel["type"] != "row":
             assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
     json.dumps(board)  # plain JSON, ready for a ConfigMap
+
+
+def test_template_variables_and_legends_are_filled_like_grafana():
+    expr = 'rate(x{namespace=~"$namespace", job_name=~"$job"}[$__rate_interval])'
+    out = dashboard.expand(expr, {"namespace": "ns", "job": "j", "__rate_interval": "20s"})
+    assert out == 'rate(x{namespace=~"ns", job_name=~"j"}[20s])'
+    assert dashboard.expand("$unknown", {}) == "$unknown"
+    assert dashboard.legend_of("{{job_name}} #{{ rank }}", {"job_name": "a", "rank": "2"}) == "a #2"
+    assert all(expr and title for title, expr, _ in dashboard.queries())
