@@ -48,6 +48,16 @@ def crds(kube: Kube) -> Kube:
     return kube
 
 
+@pytest.fixture(scope="session")
+def helm() -> str:
+    """The pinned helm, built from its Go module once (hack/helm/build.sh)."""
+    out = subprocess.run(
+        ["bash", str(ROOT / "hack" / "helm" / "build.sh")], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     """A failed e2e test prints what the cluster and the operator said about its

@@ -24,15 +24,6 @@ PROCESS_TOLERATION = {
 }
 
 
-@pytest.fixture(scope="session")
-def helm() -> str:
-    out = subprocess.run(
-        ["bash", str(ROOT / "hack" / "helm" / "build.sh")], capture_output=True, text=True
-    )
-    assert out.returncode == 0, out.stderr
-    return out.stdout.strip()
-
-
 def run(helm: str, *args: str, kube: Kube | None = None) -> str:
     env = kube.env if kube else None
     out = subprocess.run([helm, *args], capture_output=True, text=True, env=env)
