@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml devcluster/pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: bench demo demo-cluster test install controlplane helm victoriametrics lint typecheck unit trainer-test e2e crds cluster-up cluster-down clean
+.PHONY: bench demo demo-cluster test install controlplane helm victoriametrics image-builder images lint typecheck unit trainer-test e2e crds cluster-up cluster-down clean
 
 $(STAMP): pyproject.toml devcluster/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,17 @@ helm:
 victoriametrics:
 	@bash hack/victoriametrics/build.sh >/dev/null
 
+## make image-builder: what the image tests build with: hack/images/build.sh installs
+## buildah and debootstrap from Debian's packages (apt-get) when missing, and builds
+## once a Debian python3 stand-in for the Dockerfiles' base (Docker Hub is out of reach).
+image-builder:
+	@bash hack/images/build.sh
+
+## make images: the operator and the CUDA trainer image (torch from PyPI: several GB).
+## The CPU trainer (`hack/images/build.sh trainer-cpu`) needs download.pytorch.org.
+images:
+	bash hack/images/build.sh operator trainer-cuda
+
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -52,12 +63,12 @@ unit: install
 trainer-test: install
 	$(PY) -m pytest tests/trainer -q
 
-e2e: install controlplane helm victoriametrics
+e2e: install controlplane helm victoriametrics image-builder
 	$(PY) -m pytest tests/e2e -q
 
 ## make test: lint, type check, unit, real-process trainer tests, e2e on a real control plane.
 ## Two pytest workers: the e2e tests in one (they share the control plane), the rest in the other.
-test: install controlplane helm victoriametrics lint typecheck
+test: install controlplane helm victoriametrics image-builder lint typecheck
 	$(PY) -m pytest -q -ra --durations=15 -n 2 --dist loadgroup; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 

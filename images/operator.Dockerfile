@@ -13,6 +13,10 @@ COPY trainer ./trainer
 FROM ${BASE}
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 RUN --mount=from=source,source=/src,target=/src,rw pip install '/src[operator]'
+# A passwd entry for uid 1000: getpass.getuser() (kopf's peer identity, torch's
+# caches) fails without one; USER also covers a runtime that picks another uid.
+RUN useradd --uid 1000 --user-group --no-create-home --home-dir /tmp dtj
+ENV USER=dtj
 USER 1000:1000
 WORKDIR /tmp
 ENTRYPOINT ["dtj"]

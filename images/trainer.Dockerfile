@@ -20,6 +20,10 @@ ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 RUN --mount=from=source,source=/src,target=/src,rw \
     pip install --index-url https://download.pytorch.org/whl/cpu 'torch==2.15.0' \
     && pip install '/src[trainer]'
+# A passwd entry for uid 1000: getpass.getuser() (kopf's peer identity, torch's
+# caches) fails without one; USER also covers a runtime that picks another uid.
+RUN useradd --uid 1000 --user-group --no-create-home --home-dir /tmp dtj
+ENV USER=dtj
 USER 1000:1000
 WORKDIR /tmp
 CMD ["python", "-m", "dtj_trainer"]
@@ -27,6 +31,10 @@ CMD ["python", "-m", "dtj_trainer"]
 FROM ${BASE} AS cuda
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 RUN --mount=from=source,source=/src,target=/src,rw pip install '/src[trainer]'
+# A passwd entry for uid 1000: getpass.getuser() (kopf's peer identity, torch's
+# caches) fails without one; USER also covers a runtime that picks another uid.
+RUN useradd --uid 1000 --user-group --no-create-home --home-dir /tmp dtj
+ENV USER=dtj
 USER 1000:1000
 WORKDIR /tmp
 CMD ["python", "-m", "dtj_trainer"]
