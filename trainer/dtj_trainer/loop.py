@@ -34,7 +34,7 @@ from . import algorithms, checkpoint, data, models
 from .balancer import Balancer, gradient_scales
 from .config import ASYNC_ALGORITHMS, TrainerConfig
 from .membership import Cancelled, Generation, Member, Superseded, slot_of
-from .metrics import Progress, Result
+from .metrics import Progress, Result, StalenessTally
 from .pace import Pace
 from .transport import Transport
 
@@ -131,6 +131,7 @@ class Worker:
     # Asynchronous methods without a store (the simulator): a shared sample counter.
     counter: Callable[[int], int] | None = None
     started: float = field(default_factory=time.time)
+    tally: StalenessTally = field(default_factory=StalenessTally)  # dasgd, whole run
 
     @classmethod
     def build(
@@ -263,6 +264,7 @@ class Worker:
             if stats.staleness is not None:
                 staleness.append(stats.staleness)
             stale.extend(stats.stale)
+            self.tally.add(stats.stale, stats.dropped)
             rounds, dropped = rounds + 1, dropped + stats.dropped
             ckpt = cfg.training.checkpoint
             if ckpt and report and (done % ckpt.every_steps == 0 or last):
@@ -554,4 +556,17 @@ class Worker:
         self.local.set_params(x)
         if self.elastic is not None:  # a replacement arriving from now on has nothing to do
             self.elastic.store.set(DONE_KEY, str(self.current_step))
-        return Result(self.current_step, own, avg, dist, seconds, k, rate)
+        tally = self.tally
+        return Result(
+            self.current_step,
+            own,
+            avg,
+            dist,
+            seconds,
+            k,
+            rate,
+            staleness_mean=tally.mean,
+            staleness_max=tally.max,
+            updates_received=tally.count,
+            updates_dropped=tally.dropped,
+        )

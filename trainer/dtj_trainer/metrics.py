@@ -95,3 +95,29 @@ class Result:
     seconds: float
     active_nodes: int | None = None  # teleportation's k (found by the search when 'auto')
     samples_per_second: float = 0.0  # this worker's throughput over the training rounds
+    # dasgd: staleness (in updates) of the gradients this worker received, over the run
+    staleness_mean: float | None = None
+    staleness_max: int | None = None
+    updates_received: int = 0
+    updates_dropped: int = 0
+
+
+@dataclass
+class StalenessTally:
+    """Running totals of received updates' staleness (dasgd), for the final Result."""
+
+    count: int = 0
+    total: int = 0
+    max: int | None = None
+    dropped: int = 0
+
+    def add(self, stale: tuple[int, ...], dropped: int) -> None:
+        self.count += len(stale)
+        self.total += sum(stale)
+        if stale:
+            self.max = max(stale) if self.max is None else max(self.max, *stale)
+        self.dropped += dropped
+
+    @property
+    def mean(self) -> float | None:
+        return self.total / self.count if self.count else None

@@ -4,16 +4,21 @@
 training loops are coroutines on one asyncio event loop, so hundreds of them
 fit on a laptop and every run is deterministic (collectives sum in rank
 order). Synchronous methods rendezvous exactly as over torch.distributed.
-Asynchronous methods (gosgd, dasgd) run in virtual time: each step costs the
-worker's slowdown factor, and a worker only proceeds when no other worker is
-behind it in virtual time, which reproduces who overtakes whom on
-heterogeneous hardware without sleeping.
+Asynchronous methods (gosgd, dasgd) run in virtual time, as a discrete-event
+simulation: a round of worker i starts at its clock c_i, reads the messages
+delivered by then, computes (cost: its slowdown factor, in rounds of a speed-1
+worker), and what it sends is delivered at c_i + cost + latency (compute is
+charged before the send, and a message is in flight for `latency`). A worker
+starts a round only when no other worker's clock is behind its own, so rounds
+run in order of their start time, which reproduces who overtakes whom on
+heterogeneous hardware, and how stale what arrives is, without sleeping.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import random
 from collections.abc import Callable
 from typing import Any
 
@@ -24,22 +29,49 @@ from .loop import Worker
 from .metrics import CommCounters, Progress, Result
 from .transport import Message
 
+# Calibrated against real gloo processes (tests/trainer/test_simulator_fidelity.py):
+# with these, dasgd's measured staleness (mean, max, per worker) matches 4 real
+# workers with one 3x slower to within ~10%.
+LATENCY = 0.05  # rounds of a speed-1 worker a message is in flight
+JITTER = 0.2  # spread of each round's cost
+
 
 class SimWorld:
     """Shared state of one simulated job: channels, pending collectives, clocks."""
 
-    def __init__(self, n: int, *, virtual_time: bool = False) -> None:
+    def __init__(
+        self,
+        n: int,
+        *,
+        virtual_time: bool = False,
+        costs: list[float] | None = None,
+        latency: float = 0.0,
+        jitter: float = 0.0,
+        seed: int = 0,
+    ) -> None:
         self.n = n
         self.virtual_time = virtual_time
+        self.costs = costs or [1.0] * n  # virtual time a round of each worker takes
+        self.latency = latency  # virtual time a message is in flight
+        # Each round's cost is cost x (1 + jitter x U(-1, 1)): real workers of equal speed
+        # drift apart instead of running in lockstep.
+        self.jitter = jitter
+        self._rngs = [random.Random(seed * 1_000_003 + r) for r in range(n)]
+        self.round_cost = [self._draw(r) for r in range(n)]  # of each worker's current round
         self._loop = asyncio.get_running_loop()
         self._reduce: dict[int, tuple[dict[int, torch.Tensor], asyncio.Future[torch.Tensor]]] = {}
         self._channels: dict[tuple[int, int, int], list[asyncio.Future[torch.Tensor]]] = (
             collections.defaultdict(list)
         )
-        self.mailboxes: list[collections.deque[Message]] = [collections.deque() for _ in range(n)]
+        # (delivery time, sender, payload) per receiver
+        self.mailboxes: list[list[tuple[float, int, torch.Tensor]]] = [[] for _ in range(n)]
         self.clock = [0.0] * n
         self.running = set(range(n))
         self.endpoints = [SimTransport(self, r) for r in range(n)]
+
+    def _draw(self, rank: int) -> float:
+        noise = 1.0 + self.jitter * (2 * self._rngs[rank].random() - 1) if self.jitter else 1.0
+        return self.costs[rank] * noise
 
     def future(self, src: int, dst: int, tag: int, seq: int) -> asyncio.Future[torch.Tensor]:
         chan = self._channels[(src, dst, tag)]
@@ -113,30 +145,44 @@ class SimTransport:
         return None
 
     def post(self, tensor: torch.Tensor, peer: int) -> None:
-        self.world.mailboxes[peer].append((self.rank, tensor.detach().clone()))
+        w = self.world
+        # Sent once this round's compute is done; arrives `latency` later.
+        at = w.clock[self.rank] + w.round_cost[self.rank] + w.latency if self.virtual_time else 0.0
+        w.mailboxes[peer].append((at, self.rank, tensor.detach().clone()))
         self.counters.add(sent=tensor.numel() * tensor.element_size(), received=0)
 
-    def inbox(self) -> list[Message]:
-        box = self.world.mailboxes[self.rank]
-        out = list(box)
-        box.clear()
+    def inbox(self, *, everything: bool = False) -> list[Message]:
+        """What has been delivered by this worker's clock (in arrival order)."""
+        w = self.world
+        now = w.clock[self.rank] + 1e-9
+
+        def due(m: tuple[float, int, torch.Tensor]) -> bool:
+            return everything or not self.virtual_time or m[0] <= now
+
+        box = w.mailboxes[self.rank]
+        ready = sorted((m for m in box if due(m)), key=lambda m: (m[0], m[1]))
+        w.mailboxes[self.rank] = [m for m in box if not due(m)]
+        out = [(sender, t) for _, sender, t in ready]
         for _, t in out:
             self.counters.add(sent=0, received=t.numel() * t.element_size())
         return out
 
     async def tick(self, cost: float) -> None:
+        """End of a round: advance this worker's clock by the round's cost (the world's
+        costs, drawn per round; `cost` is the worker's nominal slowdown, the same)."""
         if not self.virtual_time:
             await asyncio.sleep(0)
             return
         w = self.world
-        w.clock[self.rank] += cost
+        w.clock[self.rank] += w.round_cost[self.rank]
+        w.round_cost[self.rank] = w._draw(self.rank)
         while w.clock[self.rank] > min(w.clock[r] for r in w.running) + 1e-9:
             await asyncio.sleep(0)
 
     async def drain(self) -> list[Message]:
         self.world.running.discard(self.rank)
         await self.all_reduce_mean(torch.zeros(1))  # every push has been made
-        return self.inbox()
+        return self.inbox(everything=True)
 
     def abandon(self) -> None:
         return None
@@ -154,15 +200,28 @@ def simulate(
     slowdowns: dict[int, float] | None = None,
     report: Callable[[Progress], None] | None = None,
     on_round: EvalHook | None = None,
+    latency: float = LATENCY,
+    jitter: float = JITTER,
 ) -> tuple[list[Result], list[Worker]]:
     """Run cfg.replicas virtual workers to the end; results in rank order.
 
     `on_round(step, workers)` is called once all workers reported `step`
     (every cfg.training.evalEvery rounds), e.g. to evaluate the average model.
+    Asynchronous methods: worker r's round takes slowdowns[r] (default 1) of
+    virtual time, x (1 + jitter x U(-1, 1)) each round, and a message `latency`
+    more to arrive.
     """
 
     async def main() -> tuple[list[Result], list[Worker]]:
-        world = SimWorld(cfg.replicas, virtual_time=cfg.algorithm.name in ASYNC_ALGORITHMS)
+        costs = [(slowdowns or {}).get(r, 1.0) for r in range(cfg.replicas)]
+        world = SimWorld(
+            cfg.replicas,
+            virtual_time=cfg.algorithm.name in ASYNC_ALGORITHMS,
+            costs=costs,
+            latency=latency,
+            jitter=jitter,
+            seed=cfg.training.seed,
+        )
         workers = [
             Worker.build(cfg, t, slowdown=(slowdowns or {}).get(t.rank, 1.0))
             for t in world.endpoints

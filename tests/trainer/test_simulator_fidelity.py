@@ -1,0 +1,64 @@
+"""The simulator's asynchronous mode against real gloo processes on the same settings.
+
+dasgd, 4 workers, worker 0 three times slower (modelled compute: 38 ms a step
+on a fast worker), 60 rounds each. The simulator (latency and per-round jitter
+at its defaults) must reproduce what the real processes measure: how stale the
+gradients each worker receives are (mean, per worker) and how many arrive
+during training. Before the asynchronous mode delivered messages after the
+sender's compute, the simulator measured staleness 0 here (sequential SGD).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import pytest
+from dtj_trainer import simulator
+from dtj_trainer.config import TrainerConfig
+from dtj_trainer.launcher import LocalJob
+
+pytestmark = pytest.mark.procs
+SLOW = 3.0
+
+
+def config() -> TrainerConfig:
+    return TrainerConfig.model_validate(
+        {
+            "job": "fidelity",
+            "replicas": 4,
+            "algorithm": {"name": "dasgd"},
+            "optimizer": {"lr": 0.025, "momentum": 0.9},
+            "training": {"steps": 60, "evalEvery": 20},
+        }
+    )
+
+
+def real_results() -> list:
+    env = {str(s): {"DTJ_SIMULATE_SAMPLE_SECONDS": "0.0012"} for s in range(4)}
+    env["0"]["DTJ_SIMULATE_SLOWDOWN"] = str(SLOW)
+    job = LocalJob(config(), extra_env=env)
+    try:
+        for slot in range(4):
+            job.start_worker(slot)
+        while job.running():
+            time.sleep(0.2)
+        assert not job.failed(), job.failed()
+        return [r for _, r in sorted(job.results().items())]
+    finally:
+        job.close()
+
+
+def test_simulated_staleness_matches_real_processes():
+    real = real_results()
+    sim, _ = simulator.simulate(config(), slowdowns={0: SLOW})
+    fast_real = statistics.mean(r.staleness_mean for r in real[1:])
+    fast_sim = statistics.mean(r.staleness_mean for r in sim[1:])
+    summary = [(r.staleness_mean, r.staleness_max, r.updates_received) for r in real + sim]
+    # The slow worker receives stale-free-ish gradients; fast ones get the slow one's late.
+    assert fast_real > 1.5 * real[0].staleness_mean, summary
+    assert fast_sim == pytest.approx(fast_real, rel=0.3), summary
+    assert sim[0].staleness_mean == pytest.approx(real[0].staleness_mean, rel=0.35), summary
+    for r, s in zip(real, sim, strict=True):
+        assert s.updates_received == pytest.approx(r.updates_received, rel=0.1), summary
+        assert s.staleness_max == pytest.approx(r.staleness_max, abs=4), summary
