@@ -59,5 +59,14 @@ for target in "$@"; do
   "${B[@]}" bud --quiet --isolation chroot "${ca[@]}" --build-arg "BASE=$base" "${stage[@]}" \
     -f "$root/images/$file" -t "$tag" "$root" >&2
   echo "$tag built in $(( $(date +%s) - start ))s" >&2
+  if [ "$file" = trainer.Dockerfile ]; then
+    # The image's own user trains the quickstart with 4 gloo workers on this CPU.
+    echo "Checking $tag: dtj local examples/quickstart.yaml inside the image" >&2
+    ctr=$("${B[@]}" from --quiet "$tag")
+    "${B[@]}" run --isolation chroot -v "$root/examples:/examples:ro" "$ctr" -- \
+      dtj local /examples/quickstart.yaml | tail -1 >&2
+    "${B[@]}" rm "$ctr" >/dev/null
+  fi
   echo "$tag"
 done
+"${B[@]}" rmi --prune >/dev/null 2>&1 || true  # the previous builds' untagged layers
