@@ -328,6 +328,14 @@ CEL_RULES = [
         ),
     ),
     _Rule(
+        "!has(self.algorithm.name) || self.algorithm.name != 'teleportation'"
+        " || !has(self.optimizer.momentum) || double(self.optimizer.momentum) == 0.0",
+        "teleportation moves slot models between workers without their optimizer state: "
+        "set optimizer.momentum to 0 (plain SGD)",
+        "spec.optimizer.momentum",
+        lambda s: s.algorithm.name != "teleportation" or s.optimizer.momentum == 0,
+    ),
+    _Rule(
         "!(has(self.training.steps) && has(self.training.budget))",
         "set training.steps (rounds per worker) or training.budget (job-wide), not both",
         "spec.training.steps",

@@ -108,6 +108,10 @@ INVALID = [
     ({"replicas": 2, "algorithm": {"activeNodes": 3}}, "spec.algorithm.activeNodes"),
     ({"algorithm": {"activeNodes": "many"}}, "spec.algorithm.activeNodes"),
     ({"algorithm": {"gossipProbability": 1.5}}, "spec.algorithm.gossipProbability"),
+    (
+        {"algorithm": {"name": "teleportation"}, "optimizer": {"momentum": 0.9}},
+        "spec.optimizer.momentum",
+    ),
     ({"optimizer": {"lr": 0}}, "spec.optimizer.lr"),
     ({"runPolicy": {"backoffLimit": -2}}, "spec.runPolicy.backoffLimit"),
     ({"runPolicy": {"cleanPodPolicy": "Sometimes"}}, "spec.runPolicy.cleanPodPolicy"),

@@ -152,6 +152,45 @@ def test_teleportation_auto_search_picks_a_k_within_n():
     assert len({r.active_nodes for r in results}) == 1, "every worker found the same k"
 
 
+@pytest.mark.parametrize(("m", "budget"), [(2, 10), (4, 300), (5, 300), (7, 300), (9, 1000)])
+def test_successive_halving_doubles_the_rounds_and_stays_within_the_budget(m, budget):
+    rungs = loop.halving_rungs(m, budget)
+    alive, cost = m, 0
+    for rounds in rungs:
+        cost += alive * rounds
+        alive = (alive + 1) // 2
+    assert alive == 1 and cost <= budget
+    assert all(b == 2 * a for a, b in zip(rungs, rungs[1:], strict=False))
+    assert cost > budget // 2, "the budget is mostly used"
+    assert loop.halving_rungs(1, budget) == []
+
+
+def test_the_k_search_scores_the_slot_models_themselves_within_its_budget():
+    cfg = config("teleportation", 8, algorithm={"activeNodes": "auto"})
+    _results, workers = simulator.simulate(cfg)
+    log = workers[0].search_log
+    assert [e["k"] for e in log[:4]] == [1, 2, 4, 8]  # every candidate in rung 0
+    assert sum(e["rounds"] for e in log) <= cfg.training.rounds  # 20 rounds in all
+    # rung 1 keeps the better half of rung 0, with twice the rounds
+    first = {e["k"]: e["val_loss"] for e in log[:4]}
+    kept = sorted(first, key=first.get)[:2]
+    assert sorted(e["k"] for e in log[4:6]) == sorted(kept)
+    assert {e["rounds"] for e in log[4:6]} == {2 * log[0]["rounds"]}
+    assert workers[0].search_log == workers[5].search_log, "every worker agrees"
+
+
+def test_teleportation_refuses_momentum():
+    with pytest.raises(ValueError, match="set optimizer.momentum to 0"):
+        TrainerConfig.model_validate(
+            {
+                "job": "x",
+                "replicas": 4,
+                "algorithm": {"name": "teleportation"},
+                "optimizer": {"momentum": 0.9},
+            }
+        )
+
+
 def test_dasgd_drops_gradients_beyond_the_staleness_bound():
     from dtj_trainer.config import AlgorithmSpec
 

@@ -101,7 +101,15 @@ class OptimizerSpec(Model):
 
     name: Literal["sgd"] = Field("sgd", description="Local optimizer.")
     lr: float = Field(0.05, gt=0, description="Step size.")
-    momentum: float = Field(0.0, ge=0, lt=1, description="Heavy-ball momentum (0 = plain SGD).")
+    momentum: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description=(
+            "Heavy-ball momentum (0 = plain SGD). teleportation requires 0: its slot models "
+            "move between workers without the optimizer state."
+        ),
+    )
     weight_decay: float = Field(0.0, ge=0, description="L2 penalty.")
 
 
@@ -258,5 +266,10 @@ class TrainerConfig(Model):
         if isinstance(k, int) and k > self.replicas:
             raise ValueError(
                 f"algorithm.activeNodes ({k}) must not exceed replicas ({self.replicas})"
+            )
+        if self.algorithm.name == "teleportation" and self.optimizer.momentum:
+            raise ValueError(
+                "teleportation moves slot models between workers without their optimizer "
+                "state: set optimizer.momentum to 0 (plain SGD)"
             )
         return self
