@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import pytest
 import torch
@@ -160,7 +161,7 @@ def test_successive_halving_doubles_the_rounds_and_stays_within_the_budget(m, bu
         cost += alive * rounds
         alive = (alive + 1) // 2
     assert alive == 1 and cost <= budget
-    assert all(b == 2 * a for a, b in zip(rungs, rungs[1:], strict=False))
+    assert all(b == 2 * a for a, b in itertools.pairwise(rungs))
     assert cost > budget // 2, "the budget is mostly used"
     assert loop.halving_rungs(1, budget) == []
 
@@ -180,7 +181,7 @@ def test_the_k_search_scores_the_slot_models_themselves_within_its_budget():
 
 
 def test_teleportation_refuses_momentum():
-    with pytest.raises(ValueError, match="set optimizer.momentum to 0"):
+    with pytest.raises(ValueError, match=r"set optimizer\.momentum to 0"):
         TrainerConfig.model_validate(
             {
                 "job": "x",
