@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml devcluster/pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: bench demo demo-cluster test install controlplane helm victoriametrics image-builder images lint typecheck unit trainer-test e2e crds cluster-up cluster-down clean
+.PHONY: bench demo demo-cluster test install controlplane helm prometheus image-builder images lint typecheck unit trainer-test e2e crds cluster-up cluster-down clean
 
 $(STAMP): pyproject.toml devcluster/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,10 +33,10 @@ controlplane:
 helm:
 	@bash hack/helm/build.sh >/dev/null
 
-## make victoriametrics: build (once) the pinned VictoriaMetrics from its Go module;
-## the dashboard test runs every Grafana query against it.
-victoriametrics:
-	@bash hack/victoriametrics/build.sh >/dev/null
+## make prometheus: build (once) the pinned Prometheus from its Go module (about 5
+## min cold); the dashboard test runs every Grafana query against it.
+prometheus:
+	@bash hack/prometheus/build.sh >/dev/null
 
 ## make image-builder: what the image tests build with: hack/images/build.sh installs
 ## buildah and debootstrap from Debian's packages (apt-get) when missing, and builds
@@ -63,18 +63,18 @@ unit: install
 trainer-test: install
 	$(PY) -m pytest tests/trainer -q
 
-e2e: install controlplane helm victoriametrics image-builder
+e2e: install controlplane helm prometheus image-builder
 	$(PY) -m pytest tests/e2e -q
 
 ## make test: lint, type check, unit, real-process trainer tests, e2e on a real control plane.
 ## Two pytest workers: the e2e tests in one (they share the control plane), the rest in the other.
-test: install controlplane helm victoriametrics image-builder lint typecheck
+test: install controlplane helm prometheus image-builder lint typecheck
 	$(PY) -m pytest -q -ra --durations=15 -n 2 --dist loadgroup; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 ## make bench: the measurements (not run by make test); JSON and PNG in bench/results/.
 ## Quick settings by default; `make bench FULL=1` runs every seed (about an hour).
-bench: install controlplane victoriametrics
+bench: install controlplane prometheus
 	$(PY) bench/heterogeneity.py $(if $(FULL),--full)
 	$(PY) bench/preemption.py
 	$(PY) bench/teleportation_scaling.py

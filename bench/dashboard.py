@@ -1,7 +1,7 @@
 """What the chart's Grafana dashboard shows for a real run, drawn without Grafana.
 
 A job of 4 workers trains on the local cluster's executing nodes under the
-operator; a real VictoriaMetrics (PromQL, built from its Go module) scrapes
+operator; a real Prometheus (built from its Go module) scrapes
 the workers' `metrics` ports and the operator's endpoint every second, as the
 chart's PodMonitors would. Midway one worker is preempted (its pod deleted):
 membership and the operator's loss counter move, the replacement joins. Then
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import subprocess
 import tempfile
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from dtj_devcluster import controlplane
+from dtj_devcluster import controlplane, prometheus
 from dtj_operator import dashboard, render
 from dtj_operator.cli import operator_command
 
@@ -72,42 +71,17 @@ def workers(cluster: controlplane.LocalCluster) -> dict[str, tuple[str, str]]:
     }
 
 
-def scrape_config(ips: list[str], operator: str) -> str:
-    return yaml.safe_dump(
-        {
-            "global": {"scrape_interval": "1s"},
-            "scrape_configs": [
-                {
-                    "job_name": "workers",
-                    "static_configs": [
-                        {
-                            "targets": [f"{ip}:{render.METRICS_PORT}" for ip in sorted(ips)],
-                            "labels": {"namespace": "default"},
-                        }
-                    ],
-                },
-                {"job_name": "operator", "static_configs": [{"targets": [operator]}]},
-            ],
-        }
-    )
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=60, help="training before and after")
     args = parser.parse_args()
-    vm = subprocess.run(
-        ["bash", str(ROOT / "hack" / "victoriametrics" / "build.sh")],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
     with tempfile.TemporaryDirectory(prefix="dtj-dashboard-") as tmp:
         work = Path(tmp)
         cluster = controlplane.LocalCluster(work / "cluster", controlplane.build())
         print("starting the local cluster (2 executing nodes) ...", flush=True)
         cluster.start(fake_nodes=False)
         procs: list[subprocess.Popen[bytes]] = []
+        server: prometheus.Prometheus | None = None
         try:
             cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
             cluster.kubectl(
@@ -132,24 +106,14 @@ def main() -> None:
             cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(job()))
             ips = wait("4 running workers", lambda: len(workers(cluster)) == 4 and workers(cluster))
             config = work / "scrape.yaml"
-            config.write_text(scrape_config([ip for _, ip in ips.values()], f"127.0.0.1:{port}"))
-            vm_port = controlplane.free_port()
-            url = f"http://127.0.0.1:{vm_port}"
-            with open(work / "vm.log", "wb") as out:
-                procs.append(
-                    subprocess.Popen(
-                        [
-                            vm,
-                            f"-httpListenAddr=127.0.0.1:{vm_port}",
-                            f"-storageDataPath={work / 'vm-data'}",
-                            f"-promscrape.config={config}",
-                            "-search.latencyOffset=0s",
-                            "-search.disableCache",
-                        ],
-                        stdout=out,
-                        stderr=subprocess.STDOUT,
-                    )
-                )
+            operator = f"127.0.0.1:{port}"
+
+            def targets(pods: dict[str, tuple[str, str]]) -> list[str]:
+                return [f"{ip}:{render.METRICS_PORT}" for _, ip in pods.values()]
+
+            config.write_text(prometheus.scrape_config(targets(ips), operator, "default"))
+            server = prometheus.Prometheus(config, work)
+            url = server.url
             start = time.time()
             print(f"4 workers training, scraped every second; {args.seconds:.0f} s", flush=True)
             time.sleep(args.seconds)
@@ -161,8 +125,8 @@ def main() -> None:
                 "the replacement running",
                 lambda: len(w := workers(cluster)) == 4 and w[victim][0] != ips[victim][0] and w,
             )
-            config.write_text(scrape_config([ip for _, ip in after.values()], f"127.0.0.1:{port}"))
-            procs[-1].send_signal(signal.SIGHUP)  # VictoriaMetrics re-reads its scrape config
+            config.write_text(prometheus.scrape_config(targets(after), operator, "default"))
+            server.reload()
             print(f"replacement running; {args.seconds:.0f} s more", flush=True)
             time.sleep(args.seconds)
             end = time.time()
@@ -183,6 +147,8 @@ def main() -> None:
             print(json.dumps(drawn, indent=2))
             print(f"wrote {RESULTS / 'dashboard.png'} and dashboard.json", flush=True)
         finally:
+            if server is not None:
+                server.stop()
             for proc in reversed(procs):
                 proc.terminate()
                 proc.wait(timeout=30)

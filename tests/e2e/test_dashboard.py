@@ -1,73 +1,31 @@
 """The chart's Grafana dashboard works: every query answers with real worker metrics.
 
-A real job trains on the executing nodes; a real VictoriaMetrics server
-(PromQL; built from its Go module by hack/victoriametrics/build.sh) scrapes
-the workers' `metrics` ports on their loopback pod IPs, as a PodMonitor would
-(adding the `namespace` label), and the operator's metrics endpoint; then
-every query of the dashboard runs with the namespace and job variables set.
+A real job trains on the executing nodes; a real Prometheus (built from its Go
+module by hack/prometheus/build.sh) scrapes the workers' `metrics` ports on
+their loopback pod IPs, as a PodMonitor would (adding the `namespace` label),
+and the operator's metrics endpoint; then every query of the dashboard runs
+with the namespace and job variables set, and the panels are drawn to a PNG
+from range queries (what bench/dashboard.py writes to bench/results/).
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 import urllib.parse
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
-from dtj_devcluster import controlplane as devcluster
+from dtj_devcluster import prometheus
 from dtj_operator import dashboard, render
 
 from tests.e2e.jobs import manifest, pods
-from tests.e2e.kube import ROOT, Kube, wait_for
+from tests.e2e.kube import Kube, wait_for
 
 pytestmark = pytest.mark.e2e
 # Panels that may be empty in a short synchronous run without losses.
 MAY_BE_EMPTY = ("Staleness (dasgd)", "Workers lost (all jobs)")
-
-
-@pytest.fixture(scope="session")
-def victoria_metrics() -> str:
-    out = subprocess.run(
-        ["bash", str(ROOT / "hack" / "victoriametrics" / "build.sh")],
-        capture_output=True,
-        text=True,
-    )
-    assert out.returncode == 0, out.stderr
-    return out.stdout.strip()
-
-
-def _serve(binary: str, config: Path, data: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    port = devcluster.free_port()
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [
-                binary,
-                f"-httpListenAddr=127.0.0.1:{port}",
-                f"-storageDataPath={data}",
-                f"-promscrape.config={config}",
-                "-search.latencyOffset=0s",
-                "-search.disableCache",
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                return resp.status == 200
-        except OSError:
-            assert proc.poll() is None, log.read_text()[-2000:]
-            return False
-
-    wait_for("VictoriaMetrics answering", healthy, timeout=60)
-    return proc, url
 
 
 def _query(url: str, expr: str) -> list[dict[str, Any]]:
@@ -79,7 +37,7 @@ def _query(url: str, expr: str) -> list[dict[str, Any]]:
 
 
 def test_every_dashboard_query_answers_from_real_workers(
-    kube: Kube, local, operator, operator_metrics, namespace, victoria_metrics, tmp_path
+    kube: Kube, local, operator, operator_metrics, namespace, tmp_path
 ):
     name = "dash"
     body = manifest(
@@ -103,25 +61,12 @@ def test_every_dashboard_query_answers_from_real_workers(
 
     ips = wait_for("3 running workers with pod IPs", worker_ips, timeout=120)
     operator_target = operator_metrics.split("//")[1].split("/")[0]
-    config = {
-        "global": {"scrape_interval": "1s"},
-        "scrape_configs": [
-            {
-                "job_name": "workers",
-                "static_configs": [
-                    {
-                        "targets": [f"{ip}:{render.METRICS_PORT}" for ip in ips],
-                        "labels": {"namespace": namespace},
-                    }
-                ],
-            },
-            {"job_name": "operator", "static_configs": [{"targets": [operator_target]}]},
-        ],
-    }
-    (tmp_path / "scrape.yaml").write_text(yaml.safe_dump(config))
-    proc, url = _serve(
-        victoria_metrics, tmp_path / "scrape.yaml", tmp_path / "data", tmp_path / "vm.log"
+    targets = [f"{ip}:{render.METRICS_PORT}" for ip in ips]
+    (tmp_path / "scrape.yaml").write_text(
+        prometheus.scrape_config(targets, operator_target, namespace)
     )
+    server = prometheus.Prometheus(tmp_path / "scrape.yaml", tmp_path)
+    url = server.url
     try:
         selected = {"namespace": namespace, "job": name, "__rate_interval": "20s"}
         start = time.time()
@@ -155,7 +100,6 @@ def test_every_dashboard_query_answers_from_real_workers(
         assert drawn["Throughput per worker"] == 3, drawn
         assert all(drawn[t] for t in answered if t not in MAY_BE_EMPTY), drawn
     finally:
-        proc.terminate()
-        proc.wait(timeout=20)
+        server.stop()
         kube.run("delete", "dtj", name, "-n", namespace, "--wait=false")
     assert len(answered) >= 10, answered

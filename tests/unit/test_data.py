@@ -29,5 +29,17 @@ def test_small_alpha_skews_labels():
 
 
 def test_unknown_dataset_says_what_to_write():
-    with pytest.raises(ValueError, match="use one of digits, synthetic or an importable factory"):
+    with pytest.raises(
+        ValueError, match="use one of clusters, digits, synthetic or an importable factory"
+    ):
         data.load("imagenet", seed=0)
+
+
+def test_the_clusters_task_is_deterministic_balanced_and_standardised():
+    a, b = data.load("clusters", seed=0), data.load("clusters", seed=0)
+    assert a.x_train.shape == (40_000, 40) and a.x_test.shape == (4_000, 40)
+    assert a.num_classes == 10 and a.num_features == 40
+    assert bool((a.x_train == b.x_train).all())
+    counts = np.bincount(a.y_train.numpy(), minlength=10)
+    assert counts.min() > 0.9 * counts.max()
+    assert abs(float(a.x_train.mean())) < 0.05 and abs(float(a.x_train.std()) - 1) < 0.05

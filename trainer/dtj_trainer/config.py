@@ -203,8 +203,8 @@ class TrainingSpec(Model):
         "digits",
         min_length=1,
         description=(
-            "Built-in offline data set (digits, synthetic) or an importable factory "
-            "'module:function'."
+            "Built-in offline data set (digits; synthetic: a Gaussian mixture; clusters: "
+            "harder, needs the mlp) or an importable factory 'module:function'."
         ),
     )
     steps: int | None = Field(
