@@ -195,6 +195,20 @@ def run_trainer(
         "time_to_target": time_to_target(records, start, n),
         "time_to_late_target": time_to_target(records, start, n, LATE_TARGET),
         "batches": {str(r["rank"]): r["batch"] for r in records if r.get("batch") is not None},
+        **staleness(list(results.values())),
+    }
+
+
+def staleness(results: list[Any]) -> dict[str, Any]:
+    """dasgd: staleness (in updates) of the gradients the workers received, over the run."""
+    received = sum(r.updates_received for r in results)
+    total = sum((r.staleness_mean or 0.0) * r.updates_received for r in results)
+    maxima = [r.staleness_max for r in results if r.staleness_max is not None]
+    return {
+        "updates_received": received,
+        "updates_dropped": sum(r.updates_dropped for r in results),
+        "staleness_mean": total / received if received else None,
+        "staleness_max": max(maxima) if maxima else None,
     }
 
 
