@@ -47,14 +47,15 @@ class AlgorithmSpec(Model):
         description=(
             "Training method: allreduce (DDP baseline), dpsgd (synchronous gossip), "
             "gosgd (asynchronous sum-weight gossip), dasgd (asynchronous decentralized "
-            "SGD), teleportation (k active slots that move between workers)."
+            "SGD: every gradient to all peers, each applied by everyone, so scale lr by "
+            "~1/n), teleportation (k active slots that move between workers)."
         ),
     )
     topology: TopologyName = Field(
         "ring",
         description=(
-            "Communication graph for dpsgd (and for dasgd with fanout=neighbours, and "
-            "among teleportation's active workers): ring, torus (2-D), exponential, "
+            "Communication graph for dpsgd (and among teleportation's active workers): "
+            "ring, torus (2-D), exponential, "
             "one-peer-exponential (time-varying, one peer per step) or complete."
         ),
     )
@@ -83,15 +84,6 @@ class AlgorithmSpec(Model):
             "this many rounds of the other workers' updates (bound x (n-1) updates; "
             "0 = apply only fresh gradients). Drops are counted in "
             "dtj_worker_dropped_updates_total."
-        ),
-    )
-    fanout: Literal["all", "neighbours"] = Field(
-        "all",
-        description=(
-            "dasgd: send each gradient to all peers (the paper: models stay close) or only "
-            "to the topology's neighbours of that round (cheaper; only gradients travel, no "
-            "model averaging, so models drift further apart). Every gradient, own or "
-            "received, goes through the optimizer: n workers apply ~n a round, so scale lr."
         ),
     )
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from .. import topology
 from ..config import AlgorithmSpec
 from ..transport import Transport
 from .base import Local, RoundStats
@@ -25,9 +24,13 @@ class DASGD:
     clocks. A gradient is dropped when it misses more than `stalenessBound`
     rounds of the others' updates (stalenessBound x (n - 1) updates: with n
     workers each round of delay adds n - 1), the truncation the analysis
-    motivates; drops are counted (dtj_worker_dropped_updates_total). Fan-out
-    is all peers (the reference code) or the topology's neighbours at that
-    step (time-varying graphs change peers every round).
+    motivates; drops are counted (dtj_worker_dropped_updates_total). Every
+    gradient goes to all peers, as in the reference code: that is what keeps
+    the models together, since no parameters travel. (A neighbours-only
+    fan-out was removed: with gradients alone and no model mixing, the
+    workers' models drift apart without bound.) Every gradient, own or
+    received, goes through the optimizer: n workers apply ~n a round, so
+    scale lr by ~1/n.
     """
 
     def __init__(self, transport: Transport, spec: AlgorithmSpec, *, seed: int) -> None:
@@ -37,10 +40,8 @@ class DASGD:
         self.seen = torch.zeros(transport.size)  # gradients of each worker applied here
         self.dropped = 0
 
-    def peers(self, step: int) -> list[int]:
-        if self.spec.fanout == "all":
-            return [r for r in range(self.t.size) if r != self.t.rank]
-        return topology.neighbours(self.spec.topology, self.t.size, self.t.rank, step)
+    def peers(self) -> list[int]:
+        return [r for r in range(self.t.size) if r != self.t.rank]
 
     async def setup(self, local: Local) -> None:
         await self.t.open_inbox(local.params().numel() + self.t.size)
@@ -55,7 +56,7 @@ class DASGD:
         local.step()
         self.seen[self.t.rank] += 1
         payload = torch.cat([g, version])
-        for peer in self.peers(step):
+        for peer in self.peers():
             self.t.post(payload, peer)
         mean = sum(stale) / len(stale) if stale else None
         return RoundStats(loss, local.batch, mean, tuple(stale), self.dropped - dropped)
