@@ -7,16 +7,16 @@ import threading
 
 import torch
 import torch.distributed as dist
-from dtj_trainer.transport import MAX_IN_FLIGHT, DistTransport
+from dtj_trainer.transport import MAX_IN_FLIGHT, DistTransport, slots
 
 
-def _pair(timeout: float = 10.0) -> list[DistTransport]:
+def _pair(timeout: float = 10.0, numel: int = 4) -> list[DistTransport]:
     store = dist.HashStore()
     out: list[DistTransport | None] = [None, None]
 
     def make(rank: int) -> None:
         t = DistTransport(store, generation=0, rank=rank, size=2, timeout=timeout, host="127.0.0.1")
-        asyncio.run(t.open_inbox(4))
+        asyncio.run(t.open_inbox(numel))
         out[rank] = t
 
     threads = [threading.Thread(target=make, args=(r,)) for r in (0, 1)]
@@ -73,3 +73,38 @@ def test_pushes_to_a_peer_that_is_gone_fail_instead_of_waiting():
     threading.Thread(target=push_and_drain, daemon=True).start()
     assert done.wait(timeout=30), "pushes to a peer that is gone still wait"
     assert err, "pushes to a peer that is gone looked delivered"
+
+
+def test_a_receiver_that_does_not_take_holds_its_senders_back_with_bounded_memory():
+    numel = 1 << 14  # 64 KiB payloads
+    a, b = _pair(numel=numel)
+    box = b._mailbox
+    assert box is not None
+    total = box.limit + box.depth + box.limit_in_flight + 50
+    sent = [0]
+
+    def push() -> None:
+        for i in range(total):
+            a.post(torch.full((numel,), float(i)), 1)
+            sent[0] += 1
+
+    pusher = threading.Thread(target=push, daemon=True)
+    pusher.start()
+    pusher.join(timeout=5)
+    assert pusher.is_alive(), "the sender never felt the receiver's full queue"
+    assert box.queued() <= box.limit, "the receive queue grew past its bound"
+    assert sent[0] < total
+    got: list[float] = []
+    for _ in range(20_000):
+        got += [float(m[0]) for _, m in b.inbox()]
+        if len(got) == total:
+            break
+        threading.Event().wait(0.001)
+    pusher.join(timeout=10)
+    assert got == [float(i) for i in range(total)], "lost or reordered under back-pressure"
+
+
+def test_buffers_are_bounded_by_bytes_for_large_models():
+    assert slots(4, 64) == 64  # small models: the count bounds
+    assert slots(100_000_000, 64) == 2  # 400 MB payloads: never more than two
+    assert slots(8_000_000, 256) == 8  # 32 MB payloads within 256 MiB

@@ -117,9 +117,19 @@ def _group(
     return dist.ProcessGroupGloo(prefixed, rank, size, gloo_opts)
 
 
-# Pushes a worker keeps in flight before it waits for the oldest (memory: that many
-# payloads, not every push of the run).
+# Memory of the asynchronous path is bounded by count and by bytes: pushes kept in
+# flight before the oldest is waited for, receive buffers posted, and received
+# messages queued for the training loop, each at most BUFFER_BYTES of payload (so a
+# large model keeps a few, never fewer than 2; a small one up to the count).
 MAX_IN_FLIGHT = 64
+MAX_POSTED = 16
+MAX_QUEUED = 256
+BUFFER_BYTES = 256 * 2**20
+
+
+def slots(numel: int, most: int) -> int:
+    """How many payloads of `numel` float32 values fit the byte budget (2..most)."""
+    return max(2, min(most, BUFFER_BYTES // max(1, 4 * (numel + 2))))
 
 
 class _Mailbox:
@@ -127,19 +137,25 @@ class _Mailbox:
 
     Messages are flat tensors of a fixed length; the last two elements are the
     sender's rank (gloo's Work.source_rank is deprecated) and a kind flag
-    (0 = payload, 1 = stop). The thread keeps DEPTH receive-from-any-
+    (0 = payload, 1 = stop). The thread keeps `depth` receive-from-any-
     source buffers posted, so gloo's own threads accept pushes even while
     this Python thread waits for the GIL; it re-posts after every payload and
-    not after a stop, so it ends once DEPTH stops have arrived (see `drain`).
+    not after a stop, so it ends once `depth` stops have arrived (see `drain`).
     gloo completes a receive only inside `wait()`, so polling cannot replace
-    the thread.
+    the thread. The queue for the training loop is bounded (`limit`): when it
+    is full the thread stops re-posting until the loop takes, so senders'
+    pushes stay in flight and their own bound holds them back (back-pressure),
+    except while draining.
     """
-
-    DEPTH = 16
 
     def __init__(self, pg: Any, numel: int) -> None:
         self._pg, self.numel = pg, numel
+        self.depth = slots(numel, MAX_POSTED)
+        self.limit = slots(numel, MAX_QUEUED)
+        self.limit_in_flight = slots(numel, MAX_IN_FLIGHT)
+        self.draining = False
         self._queue: collections.deque[Message] = collections.deque()
+        self._room = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="dtj-mailbox", daemon=True)
         self._thread.start()
 
@@ -149,22 +165,35 @@ class _Mailbox:
 
     def _run(self) -> None:
         try:
-            posted = collections.deque(self._post() for _ in range(self.DEPTH))
+            posted = collections.deque(self._post() for _ in range(self.depth))
             while posted:
                 buf, work = posted.popleft()
                 work.wait()
                 if buf[-1].item() == 1.0:
                     continue
-                self._queue.append((int(buf[-2].item()), buf[:-2]))
+                with self._room:
+                    self._queue.append((int(buf[-2].item()), buf[:-2]))
+                    while len(self._queue) >= self.limit and not self.draining:
+                        self._room.wait(0.1)
                 posted.append(self._post())
         except RuntimeError:  # the generation was abandoned: its pushes are void
             return
 
     def take(self) -> list[Message]:
-        out = []
-        while self._queue:
-            out.append(self._queue.popleft())
+        with self._room:
+            out = list(self._queue)
+            self._queue.clear()
+            self._room.notify()
         return out
+
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def drain_mode(self) -> None:
+        """From now on the queue takes everything: drain must not wait on itself."""
+        with self._room:
+            self.draining = True
+            self._room.notify()
 
     def join(self) -> None:
         self._thread.join()
@@ -281,7 +310,7 @@ class DistTransport:
         # only inside wait(): keep the latest MAX_IN_FLIGHT, waiting for the oldest
         # (long landed, unless its peer stopped taking: then this is backpressure,
         # bounded by the group timeout).
-        while len(self._sends) >= MAX_IN_FLIGHT:
+        while len(self._sends) >= self._mailbox.limit_in_flight:
             self._sends.popleft().wait(self._timeout)
         self._sends.append(self._msg_pg.send([payload], peer, 1))
         self.counters.add(sent=payload.numel() * payload.element_size(), received=0)
@@ -303,6 +332,7 @@ class DistTransport:
         box = self._mailbox
         if box is None:
             return []
+        box.drain_mode()
         with self.counters.waiting():
             for w in self._sends:  # completes as peers' receivers take them
                 # Bounded: a dead peer fails the drain (and the elastic loop regroups)
@@ -313,7 +343,7 @@ class DistTransport:
             stop = torch.zeros(box.numel + 2)
             stop[-1] = 1.0
             peer = (self.rank + 1) % self.size
-            for w in [self._msg_pg.send([stop], peer, 1) for _ in range(box.DEPTH)]:
+            for w in [self._msg_pg.send([stop], peer, 1) for _ in range(box.depth)]:
                 w.wait()
             box.join()
         return self.inbox()
