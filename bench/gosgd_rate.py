@@ -32,7 +32,7 @@ from dtj_trainer.config import TrainerConfig
 
 N = 8
 ROUNDS = 600
-LRS = (0.05, 0.1, 0.2)
+LRS = (0.1, 0.2, 0.4)
 PS = (0.01, 0.03, 0.1, 0.3, 1.0)
 
 
