@@ -78,6 +78,8 @@ bench: install controlplane prometheus
 	$(PY) bench/heterogeneity.py $(if $(FULL),--full)
 	$(PY) bench/preemption.py
 	$(PY) bench/teleportation_scaling.py
+	$(PY) bench/gosgd_rate.py
+	$(PY) bench/dasgd_heterogeneity.py
 	$(PY) bench/many_jobs.py
 	$(PY) bench/dashboard.py
 
