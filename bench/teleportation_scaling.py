@@ -146,6 +146,26 @@ def summary(runs: list[dict[str, Any]], key: str = "rounds_to_target") -> dict[s
     }
 
 
+def summarize(report: dict[str, Any], n: int) -> None:
+    """Medians over seeds, the best fixed k and the search's picks, from report["runs"]."""
+    runs = report["runs"][str(n)]
+    ks = [int(m.split("-k")[1]) for m in runs if m.startswith("teleportation-k")]
+    report["ks"][str(n)] = ks
+    report["summary"][str(n)] = {
+        m: {
+            "lr": rs[0]["lr"],
+            "rounds": summary(rs),
+            "search": summary(rs, "k_search_rounds"),
+            "bytes_to_target": summary(rs, "bytes_per_worker_to_target"),
+            "bytes_per_round": statistics.median(r["bytes_per_worker_per_round"] for r in rs),
+            "k_picked": [r["k"] for r in rs] if rs[0]["k"] else None,  # per seed
+        }
+        for m, rs in runs.items()
+    }
+    fixed = {k: report["summary"][str(n)][f"teleportation-k{k}"]["rounds"] for k in ks}
+    report["best_k"][str(n)] = min(ks, key=lambda k: fixed[k]["median"] or math.inf)
+
+
 def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -165,10 +185,18 @@ def plot(report: dict[str, Any], path: Path) -> None:
         hi = s["max"] if s["max"] is not None else float("nan")
         return lo, hi
 
+    def capped(n: int, method: str) -> list[int]:
+        """Each seed's rounds, a seed that never reached the target counted at the cap."""
+        runs = report["runs"][str(n)][method]
+        return [r["rounds_to_target"] or report["max_rounds"] for r in runs]
+
     def draw(axis: Any, method: str, label: str, **kw: Any) -> None:
-        ys = [med(n, method) for n in sizes]
-        lows = [ys[i] - band(n, method)[0] for i, n in enumerate(sizes)]
-        highs = [band(n, method)[1] - ys[i] for i, n in enumerate(sizes)]
+        values = [capped(n, method) for n in sizes]
+        ys = [statistics.median(v) for v in values]
+        lows = [y - min(v) for y, v in zip(ys, values, strict=True)]
+        highs = [max(v) - y for y, v in zip(ys, values, strict=True)]
+        if any(not r["rounds_to_target"] for n in sizes for r in report["runs"][str(n)][method]):
+            label += f" (a seed missed: counted at {report['max_rounds']})"
         axis.errorbar(sizes, ys, yerr=[lows, highs], marker="o", capsize=3, label=label, **kw)
 
     for method in BASELINES:
@@ -196,19 +224,19 @@ def plot(report: dict[str, Any], path: Path) -> None:
     for n in sizes:
         ks = [k for k in report["ks"][str(n)]]
         bx.plot(ks, [med(n, f"teleportation-k{k}") for k in ks], marker="o", label=f"n={n}")
-        picked = report["summary"][str(n)]["teleportation-auto"]["k_picked"]
-        bx.scatter(
-            [picked],
-            [med(n, f"teleportation-k{picked}")],
-            s=120,
-            facecolors="none",
-            edgecolors="black",
-        )
+        for picked in report["summary"][str(n)]["teleportation-auto"]["k_picked"]:
+            bx.scatter(
+                [picked],
+                [med(n, f"teleportation-k{picked}")],
+                s=140,
+                facecolors="none",
+                edgecolors="black",
+            )
     bx.set_xscale("log", base=2)
     bx.set_yscale("log")
     bx.set_xlabel("active workers k (fixed)")
     bx.set_ylabel("rounds to target (median over seeds)")
-    bx.set_title("Teleportation's fixed-k sweep (circle: the search's pick)")
+    bx.set_title("Teleportation's fixed-k sweep (circles: the search's pick per seed)")
     bx.legend(fontsize=8)
 
     names = [*BASELINES, "teleportation-best-k", "teleportation-auto"]
@@ -240,7 +268,19 @@ def main() -> int:
     parser.add_argument("--max-rounds", type=int, default=1000)
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--out", default="bench/results/teleportation_scaling.json")
+    parser.add_argument(
+        "--replot", action="store_true", help="summarise and plot the runs already in --out"
+    )
     args = parser.parse_args()
+    out = Path(args.out)
+    if args.replot:
+        stored = json.loads(out.read_text())
+        for n in stored["sizes"]:
+            summarize(stored, n)
+        out.write_text(json.dumps(stored, indent=1))
+        plot(stored, out.with_suffix(".png"))
+        print(f"wrote {out} and {out.with_suffix('.png')}")
+        return 0
     report: dict[str, Any] = {
         "machine": {"cores": torch.get_num_threads(), "python": platform.python_version()},
         "torch": torch.__version__,
@@ -271,23 +311,8 @@ def main() -> int:
                 f"[{sum(r['seconds'] for r in tuning + runs[method][1:]):.0f}s]",
                 flush=True,
             )
-        ks = [int(m.split("-k")[1]) for m in runs if m.startswith("teleportation-k")]
-        report["ks"][str(n)] = ks
         report["runs"][str(n)] = runs
-        report["summary"][str(n)] = {
-            m: {
-                "lr": rs[0]["lr"],
-                "rounds": summary(rs),
-                "search": summary(rs, "k_search_rounds"),
-                "bytes_to_target": summary(rs, "bytes_per_worker_to_target"),
-                "bytes_per_round": statistics.median(r["bytes_per_worker_per_round"] for r in rs),
-                "k_picked": statistics.mode(r["k"] for r in rs) if rs[0]["k"] else None,
-            }
-            for m, rs in runs.items()
-        }
-        fixed = {k: report["summary"][str(n)][f"teleportation-k{k}"]["rounds"] for k in ks}
-        report["best_k"][str(n)] = min(ks, key=lambda k: fixed[k]["median"] or math.inf)
-    out = Path(args.out)
+        summarize(report, n)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     plot(report, out.with_suffix(".png"))

@@ -36,6 +36,12 @@ WORKER_LOSSES = Counter(
     ["kind"],
 )
 JOBS = Gauge("dtj_operator_jobs", "Jobs this operator reconciles, by phase.", ["phase"])
+# Every label value is exported from the start, at 0: Prometheus's rate() and increase()
+# cannot count the first increment of a series that appears already at 1.
+for _kind in ("preemption", "failure"):
+    WORKER_LOSSES.labels(kind=_kind)
+for _result in ("ok", "error"):
+    RECONCILES.labels(result=_result)
 
 _phases: dict[tuple[str, str], str] = {}
 _lock = threading.Lock()

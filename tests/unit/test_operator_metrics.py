@@ -46,3 +46,17 @@ def test_the_liveness_endpoint_is_passed_to_kopf():
         None, "http://0.0.0.0:8081/healthz"
     )
     assert not any(a.startswith("--liveness") for a in operator_command("ns"))
+
+
+def test_every_loss_kind_is_exported_at_zero_before_the_first_loss():
+    """Prometheus's increase() misses the first loss of a series born at 1."""
+    import subprocess
+    import sys
+
+    probe = (
+        "from dtj_operator import metrics; from prometheus_client import REGISTRY as R; "
+        "print([R.get_sample_value('dtj_operator_worker_losses_total', {'kind': k}) "
+        "for k in ('preemption', 'failure')])"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[0.0, 0.0]"
