@@ -285,7 +285,7 @@ def _get(url: str, path: str, params: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def query_range(url: str, expr: str, start: float, end: float, step: float) -> list[dict[str, Any]]:
-    """A Prometheus-API range query (Prometheus, VictoriaMetrics)."""
+    """A range query over the Prometheus HTTP API."""
     return _get(
         url, "/api/v1/query_range", {"query": expr, "start": start, "end": end, "step": step}
     )

@@ -208,7 +208,22 @@ def test_dasgd_drops_gradients_beyond_the_staleness_bound():
     assert staleness == [0, 2, 4]  # each message's staleness, dropped ones included
     assert algo.dropped == 1
     assert total is not None and total.tolist() == [3.0, 3.0]
-    assert algo.seen.tolist() == [5.0, 6.0, 6.0]
+    assert algo.seen.tolist() == [5.0, 6.0, 7.0]  # processed, the dropped one too
+
+
+def test_dasgd_drops_do_not_cascade_with_a_much_slower_worker():
+    """Staleness measures delay. When dropped gradients did not count as processed, a 5x
+    slower worker's gradients were dropped by the others, then everything they sent
+    looked staler and staler to it (max 251 updates here) and it dropped 268 of 450."""
+    cfg = config("dasgd", 4, steps=150, model="mlp")
+    cfg = cfg.model_copy(update={"optimizer": cfg.optimizer.model_copy(update={"lr": 0.025})})
+    results, _ = simulator.simulate(cfg, slowdowns={0: 5.0})
+    slow, fast = results[0], results[1:]
+    assert slow.updates_dropped == 0 and slow.staleness_max is not None
+    assert slow.staleness_max <= 12, "the slow worker's view is current"
+    for r in fast:  # the slow worker's gradients (~15-19 updates late) exceed the bound
+        assert r.staleness_max is not None and r.staleness_max < 30
+        assert 0 < r.updates_dropped < 0.2 * r.updates_received
 
 
 def test_dasgd_puts_a_peers_gradient_through_the_same_momentum_as_its_own():

@@ -17,11 +17,13 @@ class DASGD:
     treat a peer's gradient exactly like one's own (as the paper's nodes apply
     each gradient they hold with the same rule); then it sends its gradient.
 
-    Staleness of a received gradient = the updates this worker had applied
-    that the sender's model had not seen when it computed the gradient. Each
+    Staleness of a received gradient = the updates this worker had processed
+    that the sender had not processed when it computed the gradient. Each
     gradient carries its sender's version vector (how many gradients of each
-    worker its model contained), so the count is exact, not a guess from
-    clocks. A gradient is dropped when it misses more than `stalenessBound`
+    worker it had processed, applied or dropped), so the count is exact, not
+    a guess from clocks, and it measures delay: a dropped gradient counts as
+    processed, so drops do not make every later message look staler. A
+    gradient is dropped when it misses more than `stalenessBound`
     rounds of the others' updates (stalenessBound x (n - 1) updates: with n
     workers each round of delay adds n - 1), the truncation the analysis
     motivates; drops are counted (dtj_worker_dropped_updates_total). Every
@@ -79,9 +81,12 @@ class DASGD:
             g, version = m[:-n], m[-n:]
             stale = int((now - version).clamp(min=0).sum())
             staleness.append(stale)
+            # Processed, applied or not: a dropped gradient must not count as an update
+            # the others "have not seen yet" forever, or every later message from this
+            # worker looks staler and staler and drops cascade (seen with a 5x slower one).
+            self.seen[sender] += 1
             if stale > self.bound:
                 self.dropped += 1
                 continue
             total = g if total is None else total + g
-            self.seen[sender] += 1
         return total, staleness
