@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from tests.e2e.kube import ROOT, Kube
+from tests.e2e.kube import ROOT, Kube, wait_for
 
 EXECUTING_POOL = {
     "name": "local",
@@ -37,6 +37,26 @@ def manifest(name: str, **spec: Any) -> str:
 
 def job_status(kube: Kube, ns: str, name: str) -> dict[str, Any]:
     return dict(kube.json("get", "dtj", name, "-n", ns).get("status") or {})
+
+
+def succeeded(
+    kube: Kube, ns: str, name: str, *, timeout: float = 420, check: Any = None
+) -> dict[str, Any]:
+    """Wait for the job to end, assert it Succeeded, and return its status once the
+    coordinator has written status.result (moments later). `check()` runs every poll
+    (e.g. to fail at once when the operator under test died)."""
+
+    def ended() -> dict[str, Any] | None:
+        if check is not None:
+            check()
+        st = job_status(kube, ns, name)
+        return st if st.get("phase") in ("Succeeded", "Failed") else None
+
+    st = wait_for(f"{name} to finish", ended, timeout=timeout, every=1.0)
+    assert st["phase"] == "Succeeded", st
+    return dict(
+        wait_for("status.result", lambda: (s := job_status(kube, ns, name)).get("result") and s)
+    )
 
 
 def pods(kube: Kube, ns: str, name: str) -> dict[str, dict[str, Any]]:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.jobs import manifest
-from tests.e2e.kube import ROOT, Kube, new_namespace, wait_for
+from tests.e2e.jobs import manifest, succeeded
+from tests.e2e.kube import ROOT, Kube, new_namespace
 
 pytestmark = pytest.mark.e2e
 BUILDAH = ["bash", str(ROOT / "hack" / "images" / "buildah.sh")]
@@ -106,20 +106,11 @@ def test_the_operator_image_reconciles_a_job_to_succeeded(
             "apply", "-n", ns, "-f", "-", input=manifest("img", replicas=2, training={"steps": 60})
         )
 
-        def status() -> dict:
+        def alive() -> None:
             if proc.poll() is not None:
                 raise RuntimeError(f"the operator exited: {log.read_text()[-3000:]}")
-            return kube.json("get", "dtj", "img", "-n", ns).get("status") or {}
 
-        st = wait_for(
-            "the job reconciled by the image's operator to Succeeded",
-            lambda: (
-                (s := status()).get("phase") in ("Succeeded", "Failed") and s.get("result") and s
-            ),
-            timeout=240,
-            every=1,
-        )
-        assert st["phase"] == "Succeeded", st
+        succeeded(kube, ns, "img", timeout=240, check=alive)
     finally:
         proc.terminate()
         try:

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from dtj_devcluster import controlplane as devcluster
 
+from tests.e2e.jobs import succeeded
 from tests.e2e.kube import ROOT, Kube, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -66,18 +67,7 @@ def test_the_readme_install_section_works_as_written(helm: str, tmp_path: Path):
         for p in operators():
             assert p["spec"]["serviceAccountName"] == "dtj-dtj-operator"
 
-        def status() -> dict:
-            return kube.json("get", "dtj", "quickstart").get("status") or {}
-
-        st = wait_for(
-            "the quickstart job Succeeded with a result",
-            lambda: (
-                (s := status()).get("phase") in ("Succeeded", "Failed") and s.get("result") and s
-            ),
-            timeout=420,
-            every=2,
-        )
-        assert st["phase"] == "Succeeded", st
+        st = succeeded(kube, "default", "quickstart")
         assert float(st["result"]["testAccuracy"]) > 0.8, st["result"]
         logs = kube.run("logs", f"pod/{holder}").stdout
         assert "Forbidden" not in logs, logs[-3000:]
