@@ -254,7 +254,7 @@ class Worker:
                 stats = await algo.round(self.local, step)
                 if self.balancer is not None:
                     self.balancer.observe(self.local.compute_seconds - compute, stats.samples)
-                await t.tick(self.slowdown)
+                await t.tick()
                 done = step + 1
                 distance = None
                 last = done == steps

@@ -167,9 +167,9 @@ class SimTransport:
             self.counters.add(sent=0, received=t.numel() * t.element_size())
         return out
 
-    async def tick(self, cost: float) -> None:
-        """End of a round: advance this worker's clock by the round's cost (the world's
-        costs, drawn per round; `cost` is the worker's nominal slowdown, the same)."""
+    async def tick(self) -> None:
+        """End of a round: advance this worker's clock by the round's cost (its slowdown,
+        jittered), then wait until no other worker is behind."""
         if not self.virtual_time:
             await asyncio.sleep(0)
             return

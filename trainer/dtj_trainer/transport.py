@@ -69,8 +69,9 @@ class Transport(Protocol):
         """Everything pushed to this worker since the last call, as (sender, tensor)."""
         ...
 
-    async def tick(self, cost: float) -> None:
-        """A point where other workers may run; `cost` is this step's compute time."""
+    async def tick(self) -> None:
+        """End of a round: a point where other workers may run (the simulator advances
+        this worker's virtual clock by the round's cost here)."""
         ...
 
     async def drain(self) -> list[Message]:
@@ -324,7 +325,7 @@ class DistTransport:
             self.counters.add(sent=0, received=t.numel() * t.element_size())
         return msgs
 
-    async def tick(self, cost: float) -> None:
+    async def tick(self) -> None:
         return None
 
     async def drain(self) -> list[Message]:
