@@ -33,8 +33,8 @@ controlplane:
 helm:
 	@bash hack/helm/build.sh >/dev/null
 
-## make prometheus: build (once) the pinned Prometheus from its Go module (about 5
-## min cold); the dashboard test runs every Grafana query against it.
+## make prometheus: build (once) the pinned Prometheus from its Go module (a few
+## minutes cold, downloads included); the dashboard test runs every Grafana query against it.
 prometheus:
 	@bash hack/prometheus/build.sh >/dev/null
 
