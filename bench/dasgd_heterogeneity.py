@@ -18,13 +18,13 @@ factor 3, seed 0. Writes JSON and a PNG.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
+import report as report_file  # bench/report.py
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -150,10 +150,7 @@ def main() -> int:
             flush=True,
         )
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
-    plot(report, out.with_suffix(".png"))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    report_file.write(report, out, plot)
     return 0
 
 

@@ -19,13 +19,13 @@ accuracy). Writes JSON and a PNG.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
+import report as report_file  # bench/report.py
 import torch
 from dtj_trainer import simulator
 from dtj_trainer.config import TrainerConfig
@@ -171,10 +171,7 @@ def main() -> int:
             flush=True,
         )
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
-    plot(report, out.with_suffix(".png"))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    report_file.write(report, out, plot)
     return 0
 
 

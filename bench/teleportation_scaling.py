@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import report as report_file  # bench/report.py
 import torch
 from dtj_trainer import loop, simulator
 from dtj_trainer.algorithms.teleportation import active_set
@@ -277,9 +278,7 @@ def main() -> int:
         stored = json.loads(out.read_text())
         for n in stored["sizes"]:
             summarize(stored, n)
-        out.write_text(json.dumps(stored, indent=1))
-        plot(stored, out.with_suffix(".png"))
-        print(f"wrote {out} and {out.with_suffix('.png')}")
+        report_file.write(stored, out, plot)
         return 0
     report: dict[str, Any] = {
         "machine": {"cores": torch.get_num_threads(), "python": platform.python_version()},
@@ -313,10 +312,7 @@ def main() -> int:
             )
         report["runs"][str(n)] = runs
         summarize(report, n)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
-    plot(report, out.with_suffix(".png"))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    report_file.write(report, out, plot)
     return 0
 
 
