@@ -19,8 +19,8 @@ pytestmark = pytest.mark.procs
 SETTINGS = {
     "allreduce": {"optimizer": {"lr": 0.1, "momentum": 0.9}},
     "dpsgd": {"optimizer": {"lr": 0.1, "momentum": 0.9}},
-    # every gradient, own or received, goes through momentum: 4 workers apply ~4 a round
-    "dasgd": {"optimizer": {"lr": 0.025, "momentum": 0.9}},
+    # every gradient, own or received, goes through momentum, scaled by 1/n (the default)
+    "dasgd": {"optimizer": {"lr": 0.1, "momentum": 0.9}},
     "gosgd": {"optimizer": {"lr": 0.1}},
     # slot models travel without the worker's momentum buffer
     "teleportation": {"optimizer": {"lr": 0.1}, "algorithm": {"activeNodes": 2}},
@@ -62,6 +62,26 @@ def test_simulator_and_torch_distributed_agree(algorithm, tmp_path):
         real = checkpoint.load(tmp_path, w.transport.rank)
         assert real["step"] == 40
         assert torch.allclose(real["params"], w.local.params(), atol=1e-4), w.transport.rank
+
+
+@pytest.mark.parametrize("algorithm", ["dasgd", "teleportation"])
+def test_every_method_trains_with_its_defaults_on_real_processes(algorithm):
+    """Finding 0 of issue 18: teleportation's default (activeNodes auto) crashed every
+    real worker; dasgd's default diverged with the quickstart's optimizer. Only the
+    method is set here (and momentum 0 where teleportation requires it)."""
+    optimizer = {"lr": 0.1, "momentum": 0.0 if algorithm == "teleportation" else 0.9}
+    cfg = TrainerConfig.model_validate(
+        {
+            "job": f"defaults-{algorithm}",
+            "replicas": 4,
+            "algorithm": {"name": algorithm},
+            "optimizer": optimizer,
+            "training": {"steps": 150, "evalEvery": 50},
+        }
+    )
+    out = io.StringIO()
+    result = launcher.run(cfg, out=out)
+    assert result.averaged_accuracy >= 0.90, out.getvalue()
 
 
 def test_a_failing_worker_fails_the_run_with_its_rank():

@@ -8,9 +8,11 @@ results out of a run.
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -37,4 +39,17 @@ def save(directory: str | Path, rank: int, *, step: int, params: torch.Tensor) -
 
 def load(directory: str | Path, rank: int) -> dict[str, object]:
     state: dict[str, object] = torch.load(path_for(directory, rank), weights_only=True)
+    return state
+
+
+def to_bytes(state: dict[str, Any]) -> torch.Tensor:
+    """`state` (tensors, numbers, nested dicts and lists) as a uint8 tensor, to send."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+
+
+def from_bytes(blob: torch.Tensor) -> dict[str, Any]:
+    """The inverse of `to_bytes`; loads tensors and plain data only (weights_only)."""
+    state: dict[str, Any] = torch.load(io.BytesIO(blob.numpy().tobytes()), weights_only=True)
     return state

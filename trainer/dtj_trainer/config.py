@@ -47,8 +47,8 @@ class AlgorithmSpec(Model):
         description=(
             "Training method: allreduce (DDP baseline), dpsgd (synchronous gossip), "
             "gosgd (asynchronous sum-weight gossip), dasgd (asynchronous decentralized "
-            "SGD: every gradient to all peers, each applied by everyone, so scale lr by "
-            "~1/n), teleportation (k active slots that move between workers)."
+            "SGD: every gradient to all peers, each applied by everyone, scaled by 1/n: "
+            "see scaleGradients), teleportation (k active slots that move between workers)."
         ),
     )
     topology: TopologyName = Field(
@@ -84,6 +84,15 @@ class AlgorithmSpec(Model):
             "this many rounds of the other workers' updates (bound x (n-1) updates; "
             "0 = apply only fresh gradients). Drops are counted in "
             "dtj_worker_dropped_updates_total."
+        ),
+    )
+    scale_gradients: bool = Field(
+        True,
+        description=(
+            "dasgd: scale every applied gradient, own or received, by 1/n: each worker "
+            "applies ~n gradients a round, so the job's step stays optimizer.lr (as a "
+            "single worker's). false applies each at lr, as in the paper: then divide "
+            "lr by ~n yourself or training diverges."
         ),
     )
 

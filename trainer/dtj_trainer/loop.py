@@ -41,6 +41,7 @@ from .transport import Transport
 Reporter = Callable[[Progress], None]
 VALIDATION_FRACTION = 0.1
 DEFAULT_SEARCH_ROUNDS = 300  # teleportation's k search under a budget
+COORDINATOR_PATIENCE = 10  # x timeoutSeconds a worker waits for a coordinator that is away
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -98,6 +99,7 @@ class Elastic:
     changed: threading.Event = field(default_factory=threading.Event)
     leaving: threading.Event = field(default_factory=threading.Event)
     synced: tuple[str, ...] = ()  # the members of the last generation that synced
+    synced_at: int = -1  # the number of that generation
 
     def handoff_key(self, member: str) -> str:
         return f"handoff/{member}"
@@ -211,10 +213,12 @@ class Worker:
         )
 
     def reset(self) -> None:
-        """Back to x0 with a fresh optimizer state (the k search restarts from x0)."""
+        """Back to x0 with a fresh optimizer state (the k search restarts from x0); the
+        samples trained so far are the search's cost, not part of the job's budget."""
         self.current_step = 0
         self.local.set_params(self.x0)
         self.local.optimizer.state.clear()
+        self.pace.consumed = self.pace.unreported = 0
 
     async def run(
         self, steps: int | None, *, k: int | None = None, report: Reporter | None = None
@@ -227,7 +231,7 @@ class Worker:
         """
         cfg = self.cfg
         self.k = k
-        algo = algorithms.make(cfg.algorithm, self.transport, seed=cfg.training.seed, k=k)
+        algo = self.make_algorithm(self.transport.size)
         self.algo = algo
         await algo.setup(self.local)
         window_start, window_samples = time.perf_counter(), 0
@@ -259,12 +263,11 @@ class Worker:
                 distance = None
                 last = done == steps
                 wants_report = report and (done % cfg.training.eval_every == 0 or last)
-                if wants_report and cfg.algorithm.name == "allreduce":
-                    distance = 0.0  # every worker applies the same update: one model
-                elif wants_report and cfg.algorithm.name not in ASYNC_ALGORITHMS:
+                if wants_report and cfg.algorithm.name not in ASYNC_ALGORITHMS:
                     # Synchronous methods reach this step together: two small
-                    # all-reduces give the live consensus distance.
-                    weight = float(getattr(algo, "holding", True))
+                    # all-reduces give the live consensus distance (measured for
+                    # allreduce too: replicas that drifted apart must show).
+                    weight = algo.state_weight()
                     _, distance = await weighted_average(self.local.params(), weight, t)
             except RuntimeError as e:  # a peer vanished mid-round, or we were told to move on
                 if el is None:
@@ -369,7 +372,7 @@ class Worker:
         plan = bal.replan(speeds)
         self.local.batch = plan[rank]
         # allreduce weights the gradients by batch itself; the others average equally.
-        weighs_itself = getattr(self.algo, "weights_batches", False)
+        weighs_itself = self.algo is not None and self.algo.weights_batches
         self.local.grad_scale = 1.0 if weighs_itself else gradient_scales(plan)[rank]
 
     def count_samples(self, new: int) -> int:
@@ -396,65 +399,113 @@ class Worker:
     # -- membership changes (elastic runs) ------------------------------------------
 
     def model_weight(self) -> float:
-        """This model's weight in a state sync: GoSGD's sum-weight, else 1; 0 before
-        the first step (a joiner brings nothing yet)."""
-        if self.current_step == 0:
+        """This model's weight in a state sync: what the method says it holds (GoSGD's
+        sum-weight, teleportation's 0 for an idle worker, else 1); 0 before the first
+        step (a joiner brings nothing yet)."""
+        if self.current_step == 0 or self.algo is None:
             return 0.0
-        return float(getattr(self.algo, "a", 1.0))
+        return self.algo.state_weight()
 
     async def sync_state(self, departed: list[str]) -> None:
-        """One collective on a new generation: every member takes the weighted average of
-        the members' models and of the hand-offs of members that left, and a step:
-        synchronous methods the members' latest (a round cut short by the change is
-        skipped, so everyone is in step again), asynchronous ones keep their own,
-        and a joiner takes the members' mean: a warm start, not step 0."""
+        """One sync on a new generation: every member takes the weighted average of the
+        members' models (parameters and buffers) and of the hand-offs of members that
+        left, and a step: synchronous methods the members' latest (a round cut short
+        by the change is skipped, so everyone is in step again), asynchronous ones keep
+        their own, and a joiner takes the members' mean: a warm start, not step 0.
+
+        Weights: `model_weight()`, and 0 for a member that missed generations (it was
+        frozen or cut off: its model is stale). A method whose members are replicas
+        (allreduce) then copies one member's whole state, optimizer included, to all;
+        otherwise a joiner copies the optimizer state of that member."""
         el, t = self.elastic, self.transport
         assert el is not None
-        w = self.model_weight()
-        x = self.local.params()
+        n, rank = t.size, t.rank
+        info = torch.zeros(3 * n, dtype=torch.float64)
+        info[rank], info[n + rank] = self.current_step, self.pace.consumed
+        info[2 * n + rank] = el.synced_at + 1  # 0: never synced
+        info = (await t.all_reduce_mean(info)) * n
+        member_steps = [round(float(v)) for v in info[:n]]
+        synced_at = [round(float(v)) - 1 for v in info[2 * n :]]
+        current = max(synced_at)
+        w = self.model_weight() if el.synced_at == current else 0.0
+        if el.synced_at != current and self.current_step > 0:
+            el.say(
+                f"this worker missed generations (last in generation {el.synced_at}): "
+                "it takes the members' model"
+            )
+        x = self.local.state_vector()
         contrib, weight = x * w, w
-        if t.rank == 0:  # the hand-offs count once
+        handoffs = []
+        if rank == 0:  # the hand-offs count once
             for member in departed:
                 key = el.handoff_key(member)
                 if el.store.check([key]):
                     handed = torch.frombuffer(bytearray(el.store.get(key)), dtype=torch.float32)
-                    contrib = contrib + handed[:-1] * handed[-1]
-                    weight += float(handed[-1])
-        steps = torch.zeros(2 * t.size)
-        steps[t.rank] = self.current_step
-        steps[t.size + t.rank] = self.pace.consumed
-        packed = await t.all_reduce_mean(torch.cat([contrib, torch.tensor([weight]), steps]))
-        n = t.size
-        total_w = float(packed[-2 * n - 1]) * n
+                    if handed.numel() == x.numel() + 1:
+                        contrib = contrib + handed[:-1] * handed[-1]
+                        weight += float(handed[-1])
+                    handoffs.append(key)
+        packed = await t.all_reduce_mean(torch.cat([contrib, torch.tensor([weight])]))
+        total_w = float(packed[-1]) * n
         if total_w > 0:
-            self.local.set_params(packed[: -2 * n - 1] * n / total_w)
-        member_steps = [round(float(v) * n) for v in packed[-2 * n : -n]]
-        self.pace.consumed = max(round(float(v) * n) for v in packed[-n:])
+            self.local.set_state_vector(packed[:-1] * n / total_w)
+        self.pace.consumed = max(round(float(v)) for v in info[n : 2 * n])
         if self.balancer is not None:
             self.balancer.shares = []  # re-planned from the new members' hints and speeds
         trained = [s for s in member_steps if s > 0]
+        if trained:
+            source = min(
+                (r for r in range(n) if member_steps[r] > 0 and synced_at[r] == current),
+                key=lambda r: (-member_steps[r], r),
+            )
+            await self._copy_state(source, member_steps)
+        for key in handoffs:  # taken: the store keeps no model once it is in the average
+            el.store.delete_key(key)
         if not trained:
             return
         if self.cfg.algorithm.name not in ASYNC_ALGORITHMS:
             self.current_step = max(trained)
         elif self.current_step == 0:
             self.current_step = round(sum(trained) / len(trained))
-        if member_steps[t.rank] == 0:
+        if member_steps[rank] == 0:
             el.say(f"warm start from the members' average model at step {self.current_step}")
+
+    async def _copy_state(self, source: int, member_steps: list[int]) -> None:
+        """Copy `source`'s optimizer state (and, for replicas, its buffers and
+        parameters) to the members that need it: all members for a method whose
+        members are replicas, else the joiners. One broadcast, only when needed."""
+        t = self.transport
+        replicas = algorithms.replicates(self.cfg.algorithm)
+        takers = [r for r in range(t.size) if replicas or member_steps[r] == 0]
+        if not takers or takers == [source]:
+            return
+        blob = torch.zeros(0, dtype=torch.uint8)
+        if t.rank == source:
+            blob = checkpoint.to_bytes(self.local.full_state(with_model=replicas))
+        size = await t.broadcast(torch.tensor([blob.numel()], dtype=torch.int64), source)
+        if t.rank != source:
+            blob = torch.zeros(int(size[0]), dtype=torch.uint8)
+        blob = await t.broadcast(blob, source)
+        if t.rank in takers and t.rank != source:
+            self.local.load_full_state(checkpoint.from_bytes(blob))
 
     async def regroup(self) -> algorithms.Algorithm:
         """Move to the next generation this worker is in; returns the algorithm for it.
 
-        Retried until a state sync succeeds: another member may vanish meanwhile."""
+        Retried until a state sync succeeds: another member may vanish meanwhile.
+        A coordinator that is away (being replaced) is waited for, saying so, up to
+        COORDINATOR_PATIENCE x timeoutSeconds; then the worker gives up with an error."""
         el = self.elastic
         assert el is not None
+        patience = COORDINATOR_PATIENCE * el.timeout
+        away_since: float | None = None
         while True:
             self.transport.abandon()
             el.changed.clear()
-            newest = el.member.current()
-            if newest is None or newest.number <= el.generation.number:
-                el.member.request_reform()  # nothing changed that the registrar saw
             try:
+                newest = el.member.current()
+                if newest is None or newest.number <= el.generation.number:
+                    el.member.request_reform()  # nothing changed that the registrar saw
                 gen = el.member.wait_for(
                     el.generation.number, el.timeout, el.say, self._should_stop_waiting
                 )
@@ -462,6 +513,21 @@ class Worker:
                 if el.leaving.is_set():
                     await self.leave()
                 raise AlreadyDone() from None
+            except (TimeoutError, RuntimeError) as e:  # the coordinator is away
+                now = time.monotonic()
+                away_since = now if away_since is None else away_since
+                if now - away_since > patience:
+                    raise TimeoutError(
+                        f"the job's coordinator has not answered for {patience:.0f}s "
+                        f"({str(e).splitlines()[0][:120]}); giving up"
+                    ) from e
+                el.say(
+                    f"no generation yet ({str(e).splitlines()[0][:120]}); the coordinator may "
+                    f"be restarting: still waiting (up to {patience:.0f}s in all)"
+                )
+                time.sleep(min(1.0, el.timeout))
+                continue
+            away_since = None
             rank = gen.rank_of(el.member.id)
             assert rank is not None
             self.transport.close()
@@ -477,18 +543,27 @@ class Worker:
                 el.say(f"generation {gen.number} broke while forming ({str(e)[:100]}); again")
                 continue
             el.synced = gen.members
+            el.synced_at = gen.number
             # Members compare notes at the same rounds again (all are at this step).
             self.pace.next_check = self.pace.last_check = self.current_step
             break
         el.say(
             f"generation {gen.number}: rank {rank} of {len(gen.members)}, step {self.current_step}"
         )
-        k = None if self.k is None else min(self.k, len(gen.members))
-        self.algo = algorithms.make(
-            self.cfg.algorithm, self.transport, seed=self.cfg.training.seed, k=k
-        )
+        self.algo = self.make_algorithm(len(gen.members))
         await self.algo.setup(self.local)
         return self.algo
+
+    def make_algorithm(self, members: int) -> algorithms.Algorithm:
+        """The method for a generation of `members`. Teleportation with activeNodes auto
+        uses the k found by the search; before it has one (the first generation,
+        which the search then replaces), k = members."""
+        k = self.k
+        if k is None and self.cfg.algorithm.name == "teleportation":
+            spec_k = self.cfg.algorithm.active_nodes
+            k = spec_k if isinstance(spec_k, int) else members
+        k = None if k is None else min(k, members)
+        return algorithms.make(self.cfg.algorithm, self.transport, seed=self.cfg.training.seed, k=k)
 
     def _should_stop_waiting(self) -> bool:
         """SIGTERM, or the job's training is over (the others wrote their result)."""
@@ -501,7 +576,7 @@ class Worker:
         el = self.elastic
         assert el is not None
         w = max(self.model_weight(), 0.0)
-        payload = torch.cat([self.local.params().float(), torch.tensor([w])])
+        payload = torch.cat([self.local.state_vector().float(), torch.tensor([w])])
         el.store.set(el.handoff_key(el.member.id), payload.numpy().tobytes())
         el.member.leave()
         self.transport.abandon()
@@ -548,6 +623,11 @@ class Worker:
         k = None
         if cfg.algorithm.name == "teleportation" and cfg.algorithm.active_nodes == "auto":
             k = await self.search_k(cfg.training.rounds or DEFAULT_SEARCH_ROUNDS)
+            # The search is extra to the budget (the paper's T rounds of search before
+            # T of training): a time budget counts from here.
+            self.started = time.time()
+            if self.elastic is not None:
+                self.elastic.store.set(START_KEY, repr(self.started))
         weight, rate = await self.run(cfg.training.rounds, k=k, report=report)
         return await self.finish(weight, time.perf_counter() - start, k, rate)
 

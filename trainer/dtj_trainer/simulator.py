@@ -125,6 +125,14 @@ class SimTransport:
         self.counters.add(sent=0, received=t.numel() * t.element_size())
         return t
 
+    async def broadcast(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
+        if self.rank == src:
+            for p in range(self.size):
+                if p != src:
+                    self._send(p, 3, tensor)
+            return tensor.detach().clone()
+        return (await self._receive(src, 3)).clone()
+
     async def exchange(self, tensor: torch.Tensor, peers: list[int]) -> dict[int, torch.Tensor]:
         for p in peers:
             self._send(p, 0, tensor)

@@ -58,5 +58,8 @@ class StoreLink:
     def compare_set(self, key: str, expected: str, desired: str) -> bytes:
         return bytes(self.call(lambda s: s.compare_set(key, expected, desired)))
 
+    def delete_key(self, key: str) -> bool:
+        return bool(self.call(lambda s: s.delete_key(key)))
+
     def append(self, key: str, value: str) -> None:
         self.call(lambda s: s.append(key, value))

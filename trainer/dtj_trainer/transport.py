@@ -47,6 +47,10 @@ class Transport(Protocol):
         """The mean of `tensor` over all workers (every worker must call it)."""
         ...
 
+    async def broadcast(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
+        """`src`'s `tensor` on every worker, bit for bit (any dtype; same shape everywhere)."""
+        ...
+
     async def exchange(self, tensor: torch.Tensor, peers: list[int]) -> dict[int, torch.Tensor]:
         """Send `tensor` to every peer and receive theirs; peers must list each other."""
         ...
@@ -241,6 +245,7 @@ class DistTransport:
         self._mailbox: _Mailbox | None = None
         self._sends: collections.deque[Any] = collections.deque()  # the latest pushes
         self._timeout = timedelta(seconds=timeout)
+        self._abandoned = False
 
     async def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
         out = tensor.detach().to(self._device).clone()
@@ -251,6 +256,17 @@ class DistTransport:
             nbytes = int(2 * (self.size - 1) / self.size * out.numel() * out.element_size())
             self.counters.add(sent=nbytes, received=nbytes)
         return out.div_(self.size).to(tensor.device)
+
+    async def broadcast(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
+        out = tensor.detach().to(self._device).contiguous().clone()
+        if self.size > 1:
+            opts = dist.BroadcastOptions()
+            opts.rootRank = src
+            with self.counters.waiting():
+                self._pg.broadcast([out], opts).wait()
+            nbytes = out.numel() * out.element_size()
+            self.counters.add(sent=nbytes if self.rank == src else 0, received=nbytes)
+        return out.to(tensor.device)
 
     async def exchange(self, tensor: torch.Tensor, peers: list[int]) -> dict[int, torch.Tensor]:
         if not peers:
@@ -334,6 +350,7 @@ class DistTransport:
         if box is None:
             return []
         box.drain_mode()
+        self._arrive("drained")
         with self.counters.waiting():
             for w in self._sends:  # completes as peers' receivers take them
                 # Bounded: a dead peer fails the drain (and the elastic loop regroups)
@@ -349,6 +366,27 @@ class DistTransport:
             box.join()
         return self.inbox()
 
+    def _arrive(self, name: str) -> None:
+        """Wait on the store until every member reached this point: members finish
+        their rounds at different times (a step-counted asynchronous run), and a
+        wait on the store, unlike a collective, has no timeout to break the
+        generation. Abandoning the generation ends it (RuntimeError)."""
+        key = f"gen{self.generation}/{name}"
+        count = int(self._store.add(key, 1))
+        said = time.monotonic()
+        while count < self.size:
+            if self._abandoned:
+                raise RuntimeError(f"generation {self.generation} abandoned while waiting")
+            if time.monotonic() - said > 30:
+                print(
+                    f"dtj-trainer: {count} of {self.size} members have finished their rounds; "
+                    "waiting for the others",
+                    flush=True,
+                )
+                said = time.monotonic()
+            time.sleep(0.05)
+            count = int(self._store.add(key, 0))
+
     def abandon(self) -> None:
         """Leave this generation so that nobody waits on us: close every connection.
 
@@ -359,6 +397,7 @@ class DistTransport:
         generation move on within milliseconds. Safe to call from another
         thread, and more than once.
         """
+        self._abandoned = True
         for pg in (self._pg, self._msg_pg):
             if pg is None:
                 continue

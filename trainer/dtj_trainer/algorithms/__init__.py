@@ -28,8 +28,23 @@ __all__ = [
     "Teleportation",
     "flat_params",
     "make",
+    "replicates",
     "set_flat_params",
 ]
+
+
+CLASSES: dict[str, type] = {
+    "allreduce": AllReduce,
+    "dpsgd": DPSGD,
+    "gosgd": GoSGD,
+    "dasgd": DASGD,
+    "teleportation": Teleportation,
+}
+
+
+def replicates(spec: AlgorithmSpec) -> bool:
+    """Whether the method's members hold identical replicas (a sync copies one's state)."""
+    return bool(CLASSES[spec.name].replicates)
 
 
 def make(

@@ -18,9 +18,13 @@ class AllReduce:
     """
 
     weights_batches = True  # dynamic batching needs no gradient scaling here
+    replicates = True
 
     def __init__(self, transport: Transport) -> None:
         self.t = transport
+
+    def state_weight(self) -> float:
+        return 1.0
 
     async def setup(self, local: Local) -> None:
         return None

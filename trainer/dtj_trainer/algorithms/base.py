@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -80,6 +80,40 @@ class Local:
     def params(self) -> torch.Tensor:
         return flat_params(self.model)
 
+    def float_buffers(self) -> list[torch.Tensor]:
+        """The model's floating-point buffers (BatchNorm's running statistics)."""
+        return [b for b in self.model.buffers() if b.is_floating_point()]
+
+    def state_vector(self) -> torch.Tensor:
+        """Parameters then floating-point buffers, flat: what a state sync averages."""
+        buffers = self.float_buffers()
+        if not buffers:
+            return self.params()
+        flat = [b.detach().reshape(-1).to(torch.float32) for b in buffers]
+        return torch.cat([self.params(), *flat])
+
+    def set_state_vector(self, flat: torch.Tensor) -> None:
+        n = sum(p.numel() for p in self.model.parameters())
+        self.set_params(flat[:n])
+        offset = n
+        with torch.no_grad():
+            for b in self.float_buffers():
+                b.copy_(flat[offset : offset + b.numel()].view_as(b))
+                offset += b.numel()
+
+    def full_state(self, *, with_model: bool) -> dict[str, Any]:
+        """What moves with a worker: the optimizer state and, `with_model`, the model's
+        parameters and buffers (a replica's whole state)."""
+        state: dict[str, Any] = {"optimizer": self.optimizer.state_dict()}
+        if with_model:
+            state["model"] = self.model.state_dict()
+        return state
+
+    def load_full_state(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        if "model" in state:
+            self.model.load_state_dict(state["model"])
+
     def set_params(self, flat: torch.Tensor) -> None:
         set_flat_params(self.model, flat)
 
@@ -96,6 +130,21 @@ class RoundStats:
 
 
 class Algorithm(Protocol):
+    """A method's round contract and the capabilities the loop relies on.
+
+    `weights_batches`: the method weighs gradients by batch size itself (dynamic
+    batching then needs no gradient scale). `replicates`: every member holds the
+    same model, so a state sync copies one member's whole state (parameters,
+    buffers, optimizer state) to all, as DDP keeps replicas identical.
+    `state_weight()`: this model's weight in a state sync and in the consensus
+    distance (GoSGD's sum-weight; teleportation's 1 for a slot holder, 0 idle).
+    """
+
+    weights_batches: bool
+    replicates: bool
+
+    def state_weight(self) -> float: ...
+
     async def setup(self, local: Local) -> None:
         """Once, on every worker together, before the first round."""
         ...

@@ -12,10 +12,11 @@ from .base import Local, RoundStats
 class DASGD:
     """Every gradient, one's own and the peers' (stale), goes through one update rule.
 
-    A round takes what arrived, computes its own gradient on the current model,
-    and applies their sum in one optimizer step, so momentum and weight decay
-    treat a peer's gradient exactly like one's own (as the paper's nodes apply
-    each gradient they hold with the same rule); then it sends its gradient.
+    A round applies what arrived (their sum, in one optimizer step), then
+    computes its own gradient on the updated model and applies it, so momentum
+    and weight decay treat a peer's gradient exactly like one's own (as the
+    paper's nodes apply each gradient they hold with the same rule); then it
+    sends its gradient with the version vector read with the model.
 
     Staleness of a received gradient = the updates this worker had processed
     that the sender had not processed when it computed the gradient. Each
@@ -31,30 +32,44 @@ class DASGD:
     the models together, since no parameters travel. (A neighbours-only
     fan-out was removed: with gradients alone and no model mixing, the
     workers' models drift apart without bound.) Every gradient, own or
-    received, goes through the optimizer: n workers apply ~n a round, so
-    scale lr by ~1/n.
+    received, goes through the optimizer: n workers apply ~n a round, so each
+    is scaled by 1/n (`scaleGradients`, the default; off, scale lr yourself).
     """
+
+    weights_batches = False
+    replicates = False
 
     def __init__(self, transport: Transport, spec: AlgorithmSpec, *, seed: int) -> None:
         self.t = transport
         self.bound = spec.staleness_bound * max(transport.size - 1, 1)
         self.spec = spec
+        # Each worker applies ~n gradients a round: 1/n keeps the job's step at lr.
+        self.scale = 1.0 / transport.size if spec.scale_gradients else 1.0
         self.seen = torch.zeros(transport.size)  # gradients of each worker applied here
         self.dropped = 0
 
     def peers(self) -> list[int]:
         return [r for r in range(self.t.size) if r != self.t.rank]
 
+    def state_weight(self) -> float:
+        return 1.0
+
     async def setup(self, local: Local) -> None:
         await self.t.open_inbox(local.params().numel() + self.t.size)
 
     async def round(self, local: Local, step: int) -> RoundStats:
+        """ALGORITHMS.md's order: apply what arrived, then read the model (recording the
+        version vector at that moment), compute the own gradient on it and apply it."""
         dropped = self.dropped
         received, stale = self._fresh(self.t.inbox())
-        version = self.seen.clone()  # the model this round's gradient is computed on
+        if received is not None:
+            local.set_flat_grad(received * self.scale)
+            local.step()
+        version = self.seen.clone()  # what the model this gradient is computed on has seen
         loss = local.grad()
         g = local.flat_grad()
-        local.set_flat_grad(g + received if received is not None else g)
+        if self.scale != 1.0:
+            local.set_flat_grad(g * self.scale)
         local.step()
         self.seen[self.t.rank] += 1
         payload = torch.cat([g, version])
@@ -66,7 +81,7 @@ class DASGD:
     async def finish(self, local: Local) -> float:
         received, _ = self._fresh(await self.t.drain())
         if received is not None:
-            local.set_flat_grad(received)
+            local.set_flat_grad(received * self.scale)
             local.step()
         return 1.0
 

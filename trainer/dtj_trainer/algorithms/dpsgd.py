@@ -26,9 +26,15 @@ class DPSGD:
     Bytes per step per worker are model size x degree, independent of n.
     """
 
+    weights_batches = False
+    replicates = False
+
     def __init__(self, transport: Transport, topology_name: TopologyName) -> None:
         self.t = transport
         self.topology = topology_name
+
+    def state_weight(self) -> float:
+        return 1.0
 
     async def setup(self, local: Local) -> None:
         return None

@@ -19,24 +19,27 @@ def merge(x: torch.Tensor, a: float, msgs: list[Message]) -> tuple[torch.Tensor,
     return x, a
 
 
-def renormalise(weights: list[float]) -> list[float]:
-    """After a membership change the leavers' weight is gone: scale survivors to sum 1."""
-    total = sum(weights)
-    return [w / total for w in weights]
-
-
 class GoSGD:
     """Drain the inbox, take a local step, then with probability p push half the weight.
 
     Each worker keeps a scalar weight a_i (all start at 1/n, so sum a_i = 1
     is invariant: a push halves a_i and sends that half along with x_i). No
-    worker ever waits for another.
+    worker ever waits for another. A membership change syncs every member to
+    the sum-weight average of the models (the leavers' and in-flight weight
+    included through the hand-offs, or renormalised away), and the new
+    generation's GoSGD starts again at 1/n each: the sum is 1 again.
     """
+
+    weights_batches = False
+    replicates = False
 
     def __init__(self, transport: Transport, p: float, *, seed: int) -> None:
         self.t, self.p = transport, p
         self.a = 1.0 / transport.size
         self._rng = random.Random(seed * 7919 + transport.rank)
+
+    def state_weight(self) -> float:
+        return self.a
 
     async def setup(self, local: Local) -> None:
         await self.t.open_inbox(local.params().numel() + 1)

@@ -35,11 +35,17 @@ class Teleportation:
     optimizer state does not travel with the slot: use plain SGD (momentum 0).
     """
 
+    weights_batches = False
+    replicates = False
+
     def __init__(self, transport: Transport, *, k: int, topology: TopologyName, seed: int) -> None:
         if not 1 <= k <= transport.size:
             raise ValueError(f"teleportation needs 1 <= k <= n, got k={k}, n={transport.size}")
         self.t, self.k, self.topology, self.seed = transport, k, topology, seed
         self.holding = False  # does this worker hold a slot's current model?
+
+    def state_weight(self) -> float:
+        return 1.0 if self.holding else 0.0
 
     async def setup(self, local: Local) -> None:
         return None
