@@ -29,6 +29,10 @@ API_REQUESTS = Counter(
     ["method"],
 )
 WORKERS_CREATED = Counter("dtj_operator_workers_created", "Worker pods created.")
+COORDINATORS_REPLACED = Counter(
+    "dtj_operator_coordinators_replaced",
+    "Coordinator pods deleted for replacement after they ended (crash, OOM kill, eviction).",
+)
 WORKER_LOSSES = Counter(
     "dtj_operator_worker_losses",
     "Worker pods lost, by kind: preemption (deleted, drained, evicted, node lost) or "

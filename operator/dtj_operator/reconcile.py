@@ -88,6 +88,30 @@ def _invalid(body: dict[str, Any], err: pydantic.ValidationError) -> dict[str, A
     return {"phase": "Failed", "conditions": conds}
 
 
+def ended_coordinators(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The job's coordinator pods that have ended (phase Failed or Succeeded) and are
+    not yet being deleted: the pod's restartPolicy is Never, so only a new pod helps."""
+    return [
+        p
+        for p in pods
+        if p["metadata"].get("labels", {}).get(render.LABEL_COMPONENT) == render.COORDINATOR
+        and (p.get("status") or {}).get("phase") in ("Failed", "Succeeded")
+        and not p["metadata"].get("deletionTimestamp")
+    ]
+
+
+def coordinator_end(pod: dict[str, Any]) -> str:
+    """How a coordinator pod ended, in a few words (its reason, or its exit code)."""
+    st = pod.get("status") or {}
+    if st.get("reason"):
+        return str(st["reason"])
+    for cs in st.get("containerStatuses") or []:
+        term = (cs.get("state") or {}).get("terminated") or {}
+        if "exitCode" in term:
+            return f"exit code {term['exitCode']}"
+    return f"phase {st.get('phase')}"
+
+
 def reconcile(obs: Observed, cluster: Cluster) -> Pass:
     """Bring one job's children in line with its spec, from what the cache shows."""
     done = Pass()
@@ -137,6 +161,17 @@ def reconcile(obs: Observed, cluster: Cluster) -> Pass:
     for pod in verdict.failed + verdict.preempted:
         # Counted; the replacement comes on a later pass, once the old pod is gone.
         act.delete_pod(pod)
+    for pod in ended_coordinators(pods):
+        # Crashed, OOM-killed, evicted or exited: the job depends on it, so it is
+        # replaced (on a later pass, once the name is free). Workers wait for it.
+        log.warning(
+            "coordinator %s/%s ended (%s); replacing it",
+            ns,
+            pod["metadata"]["name"],
+            coordinator_end(pod),
+        )
+        if act.delete_pod(pod):
+            metrics.COORDINATORS_REPLACED.inc()
     if verdict.phase is not None:
         done.status = status.compute(
             job, body, pods, finished=(verdict.phase, verdict.reason, verdict.message)

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from dtj_trainer import algorithms, loop, simulator
+from dtj_trainer import loop, simulator
 from dtj_trainer.algorithms.dasgd import DASGD
 from dtj_trainer.config import TrainerConfig
 from dtj_trainer.membership import Generation
@@ -267,3 +267,27 @@ def test_dasgd_reported_staleness_is_the_true_staleness():
     assert len(reported) == len(truth) > 100
     assert reported == truth
     assert max(truth) > 3, "a 3x slower worker's gradients are stale"
+
+
+def test_a_new_coordinator_gets_the_jobs_counters_back_from_its_members():
+    """Finding 6: a replaced coordinator's empty store restarted the sample budget, the
+    time budget and a finished job. Every member re-seeds what it knows."""
+    cfg = config("gosgd", 2, steps=None, budget={"samples": 10_000})
+
+    async def body(workers: list[loop.Worker]) -> list[loop.Worker]:
+        return workers
+
+    a, b = run(cfg, body)
+    a.started, b.started = 100.0, 90.0
+    a.pace.consumed, a.pace.unreported = 5_000, 32
+    b.pace.consumed = 4_000
+    store = dist.HashStore()  # the new coordinator's
+    a.reseed(store)
+    b.reseed(store)
+    assert int(store.add(loop.SAMPLES_KEY, 0)) == 5_032
+    assert float(store.get(loop.START_KEY)) == 100.0, "the first start stands"
+    assert loop.Worker.job_start(store) == 100.0, "a later joiner reads it"
+    assert not store.check([loop.DONE_KEY])
+    b.finished_step = 321
+    b.reseed(store)
+    assert store.get(loop.DONE_KEY) == b"321"

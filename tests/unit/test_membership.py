@@ -259,3 +259,29 @@ def test_assembly_on_a_real_store_forms_or_gives_up_for_all_members_alike():
     for t in threads:
         t.join(10)
     assert outcomes == {"0.a": "given up", "1.b": "given up"}
+
+
+def test_a_scale_down_without_min_replicas_unpauses_the_job():
+    """Issue 18, finding 7: minReplicas defaults to replicas; after `kubectl scale` 4 -> 2
+    the registrar kept the old minimum and the job stayed paused for ever."""
+    store, clock = FakeStore(), Clock()
+    reg = started(store, clock)  # min 3 of 4 here; a quickstart has min = replicas
+    reg.resize(min_members=4, expected=4)
+    for m in ("3.d", "2.c"):  # the scaled-down slots' workers leave (SIGTERM)
+        request(store, leave=m)
+    gen = reg.step()
+    assert gen.members == ("0.a", "1.b") and gen.paused
+    assert reg.step() is None  # nothing changes by itself
+    reg.resize(min_members=2, expected=2)  # the coordinator read the new spec
+    gen = reg.step()
+    assert gen is not None and gen.members == ("0.a", "1.b") and not gen.paused
+    reg.resize(min_members=2, expected=2)
+    assert reg.step() is None, "an unchanged spec publishes nothing"
+
+
+def test_a_raised_minimum_pauses_a_training_generation():
+    store, clock = FakeStore(), Clock()
+    reg = started(store, clock)
+    reg.resize(min_members=5, expected=6)
+    gen = reg.step()
+    assert gen is not None and gen.paused and len(gen.members) == 4

@@ -74,3 +74,42 @@ def test_its_own_terminating_pod_is_counted_before_it_is_released():
     counted = next(args[2] for n, args in cluster.calls if n == "patch_status")
     assert counted["countedPods"] == [own["metadata"]["uid"]] and counted["preemptions"] == 1
     assert names.index("patch_status") < names.index("release"), "released before it was counted"
+
+
+def _coordinator(phase: str, owner: str, **status: Any) -> dict[str, Any]:
+    return observed.pod(
+        {
+            "metadata": {
+                "name": "demo-coordinator",
+                "namespace": "ns",
+                "uid": "coord-1",
+                "labels": {render.LABEL_JOB: "demo", render.LABEL_COMPONENT: render.COORDINATOR},
+                "ownerReferences": [{"uid": owner}],
+            },
+            "status": {"phase": phase, **status},
+        }
+    )
+
+
+def test_a_coordinator_that_ended_is_deleted_and_not_recreated_in_the_same_pass():
+    """Issue 18, finding 10: a Failed coordinator (restartPolicy Never) stayed Failed for
+    ever, since a pod whose name exists was skipped; every worker then timed out."""
+    body = job_body(SPEC) | {"status": {"phase": "Running"}}
+    ended = _coordinator(
+        "Failed",
+        body["metadata"]["uid"],
+        containerStatuses=[{"state": {"terminated": {"exitCode": 137}}}],
+    )
+    cluster = Recorder()
+    reconcile(observed.Observed(body=body, pods=[ended], children=[]), cluster)  # type: ignore[arg-type]
+    assert cluster.named("delete_pod") == [("ns", "demo-coordinator", "coord-1")]
+    pods = [a[0]["metadata"]["name"] for a in cluster.named("create") if a[0]["kind"] == "Pod"]
+    assert "demo-coordinator" not in pods, "its name is still taken until it is gone"
+
+
+def test_a_running_coordinator_is_left_alone():
+    body = job_body(SPEC) | {"status": {"phase": "Running"}}
+    live = _coordinator("Running", body["metadata"]["uid"])
+    cluster = Recorder()
+    reconcile(observed.Observed(body=body, pods=[live], children=[]), cluster)  # type: ignore[arg-type]
+    assert cluster.named("delete_pod") == []

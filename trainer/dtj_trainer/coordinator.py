@@ -102,6 +102,20 @@ def start_registrar(
     return registrar
 
 
+def follow_spec(writer: progress.StatusWriter, registrar: membership.Registrar) -> None:
+    """Keep the registrar's sizes in line with the job's spec: `kubectl scale` (or an
+    HPA) changes replicas, and a job without minReplicas trains with all of them."""
+    try:
+        spec = writer.read_spec()
+    except OSError as e:  # the API server may be briefly away: next time
+        say(f"could not read the job's spec: {e}")
+        return
+    if "replicas" not in spec:
+        return
+    replicas = int(spec["replicas"])
+    registrar.resize(min_members=int(spec.get("minReplicas") or replicas), expected=replicas)
+
+
 def report_loop(
     store: dist.Store,
     registrar: membership.Registrar,
@@ -116,6 +130,7 @@ def report_loop(
     stopping = False
     while not stopping:
         stopping = stop.wait(interval)
+        follow_spec(writer, registrar)
         update: dict[str, Any] = {}
         live = sorted({membership.slot_of(m) for m in registrar.members})
         summary = progress.aggregate(progress.read_reports(store, live))

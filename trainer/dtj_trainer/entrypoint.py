@@ -162,7 +162,13 @@ def run(rt: Runtime) -> int:
         )
 
     member = Member(store, beat_store, rt.rank, on_newer)
-    beat_store.on_reconnect = member.rejoin
+
+    def on_reconnect() -> None:  # a new coordinator: register again, restore the counters
+        member.rejoin()
+        if (worker := holder.get("worker")) is not None:
+            worker.reseed(beat_store)
+
+    beat_store.on_reconnect = on_reconnect
     elastic = Elastic(member, store, connect, Generation(-1, ()), cfg.timeout_seconds, say)
 
     exporter = None

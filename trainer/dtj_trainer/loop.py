@@ -105,9 +105,13 @@ class Elastic:
         return f"handoff/{member}"
 
     def newer_exists(self) -> bool:
-        """Whether a generation newer than ours is published (the watchdog's hint, checked)."""
+        """Whether a generation newer than ours is published (the watchdog's hint, checked).
+        A coordinator that does not answer counts as yes: `regroup` waits for it."""
         self.changed.clear()
-        newest = self.member.current()
+        try:
+            newest = self.member.current()
+        except RuntimeError:
+            return True
         return newest is not None and newest.number > self.generation.number
 
 
@@ -151,6 +155,7 @@ class Worker:
     started: float = field(default_factory=time.time)
     tally: StalenessTally = field(default_factory=StalenessTally)  # dasgd, whole run
     search_log: list[dict[str, float]] = field(default_factory=list)  # teleportation's k search
+    finished_step: int | None = None  # set once this worker wrote the job's end
 
     @classmethod
     def build(
@@ -632,12 +637,27 @@ class Worker:
         return await self.finish(weight, time.perf_counter() - start, k, rate)
 
     @staticmethod
-    def job_start(store: Any) -> float:
+    def job_start(store: Any, now: float | None = None) -> float:
         """When the job started training: the first worker's clock, shared by the store
-        (the wall-clock budget counts from it, also for workers that join later)."""
-        if int(store.add(START_KEY + "/claims", 1)) == 1:
-            store.set(START_KEY, repr(time.time()))
+        (the wall-clock budget counts from it, also for workers that join later).
+        compare_set with an empty expected value sets the key only if it is absent."""
+        store.compare_set(START_KEY, "", repr(time.time() if now is None else now))
         return float(store.get(START_KEY))
+
+    def reseed(self, store: Any) -> None:
+        """A new coordinator (the old one was lost) starts with an empty store: put back
+        what this worker knows of the job's counters, so budgets are not counted again
+        from zero and a finished job stays finished. Each member does it; the largest
+        sample count wins, and the first start written stands (members share one)."""
+        self.job_start(store, self.started)
+        known = self.pace.consumed + self.pace.unreported
+        while known > 0:
+            have = int(store.add(SAMPLES_KEY, 0))
+            if have >= known:
+                break
+            store.compare_set(SAMPLES_KEY, str(have), str(known))
+        if self.finished_step is not None:
+            store.set(DONE_KEY, str(self.finished_step))
 
     async def finish(
         self, weight: float, seconds: float, k: int | None = None, rate: float = 0.0
@@ -658,6 +678,7 @@ class Worker:
         self.local.set_params(x_bar)
         avg = accuracy(self.local.model, ds.x_test, ds.y_test)
         self.local.set_params(x)
+        self.finished_step = self.current_step
         if self.elastic is not None:  # a replacement arriving from now on has nothing to do
             self.elastic.store.set(DONE_KEY, str(self.current_step))
         tally = self.tally

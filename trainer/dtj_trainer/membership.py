@@ -142,12 +142,27 @@ class Registrar:
     _waiting: list[str] = field(default_factory=list)
     _first_wait: float | None = None
     _reform_since: float | None = None
+    _resized: bool = False
+    _published_min: int = 0
     log: Callable[[str], None] = print
 
     @property
     def paused(self) -> bool:
         """Training waits: a generation exists but has fewer members than the minimum."""
         return self.generation >= 0 and len(self.members) < self.min_members
+
+    def resize(self, *, min_members: int, expected: int) -> None:
+        """Follow the job's spec (replicas, minReplicas changed by kubectl scale or an
+        HPA): the next step republishes the generation if it is paused only by the
+        old minimum, or could now train."""
+        if (min_members, expected) == (self.min_members, self.expected):
+            return
+        self.log(
+            f"the job now asks for {expected} workers, {min_members} to train "
+            f"(was {self.expected}, {self.min_members})"
+        )
+        self.min_members, self.expected = min_members, expected
+        self._resized = True
 
     def requests(self) -> list[dict[str, str]]:
         if not self.store.check([REQUESTS]):
@@ -208,6 +223,11 @@ class Registrar:
         reform = self._reform_since is not None and (
             self.clock() - self._reform_since >= self.dead_after
         )
+        if self._resized:
+            self._resized = False
+            # Paused before and not now (or the reverse): the members must be told.
+            was_paused = self.generation >= 0 and len(self.members) < self._published_min
+            changed = changed or was_paused != (len(members) < self.min_members)
         if not (changed or reform) and self.ever:
             return None
         if not members:
@@ -229,6 +249,7 @@ class Registrar:
 
     def publish(self, members: list[str]) -> Generation:
         self.members = members
+        self._published_min = self.min_members
         self.ever.update(members)
         self._reform_since = None
         self.generation += 1

@@ -107,6 +107,18 @@ class StatusWriter:
         ctx = ssl.create_default_context(cafile=str(SA_DIR / "ca.crt"))
         return cls(f"https://{host}:{port}", (SA_DIR / "token").read_text(), namespace, job, ctx)
 
+    def read_spec(self) -> dict[str, Any]:
+        """The job's spec, read through its status subresource (the coordinator's Role
+        may get and patch that, and nothing else)."""
+        url = (
+            f"{self.server}/apis/{GROUP}/{VERSION}/namespaces/{self.namespace}/"
+            f"{PLURAL}/{self.job}/status"
+        )
+        req = urllib.request.Request(url, headers={"Authorization": f"Bearer {self.token}"})
+        with urllib.request.urlopen(req, context=self.context, timeout=10) as resp:
+            spec: dict[str, Any] = json.loads(resp.read()).get("spec") or {}
+        return spec
+
     def write(self, status: dict[str, Any]) -> None:
         """Merge-patch these status fields (progress, result)."""
         url = (

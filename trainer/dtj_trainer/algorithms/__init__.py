@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 
-CLASSES: dict[str, type] = {
+CLASSES: dict[str, type[AllReduce | DPSGD | GoSGD | DASGD | Teleportation]] = {
     "allreduce": AllReduce,
     "dpsgd": DPSGD,
     "gosgd": GoSGD,
