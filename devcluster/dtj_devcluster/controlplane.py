@@ -47,8 +47,55 @@ GPU = "nvidia.com/gpu"
 SPOT_TAINT = {"key": "pool", "value": "spot", "effect": "NoSchedule"}
 # (pool, count, gpus per node, preemptible)
 NODE_POOLS = [("ondemand", 2, 8, False), ("spot", 4, 4, True)]
-# Executing nodes: name -> loopback pod CIDR.
-PROCESS_NODES = {"process-0": "127.100.0.0/24", "process-1": "127.101.0.0/24"}
+# Executing nodes: their names; each gets a loopback /24 claimed for its cluster
+# (`claim_pod_cidrs`), so clusters running side by side never share pod IPs.
+PROCESS_NODES = ("process-0", "process-1")
+# Second octets that loopback pod CIDRs are claimed from: 127.<o>.0.0/24.
+POD_OCTETS = range(100, 250)
+
+
+def claims_dir() -> Path:
+    """Where every local cluster on this machine claims its pod CIDRs (one file each)."""
+    return state_root().parent / "pod-cidrs"
+
+
+def claim_pod_cidrs(directory: Path, count: int) -> list[str]:
+    """`count` loopback /24s no other live cluster holds, claimed for the cluster in
+    `directory`. A claim is a file created exclusively (atomic) naming its cluster's
+    directory; a claim whose cluster directory is gone is stale and taken over."""
+    root = claims_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    mine: list[str] = []
+    for octet in POD_OCTETS:
+        if len(mine) == count:
+            break
+        claim = root / f"127.{octet}"
+        for _ in range(2):
+            try:
+                with open(claim, "x") as f:
+                    f.write(str(directory))
+                mine.append(f"127.{octet}.0.0/24")
+                break
+            except FileExistsError:
+                owner = Path(claim.read_text().strip() or "/nonexistent")
+                if owner == directory or not owner.is_dir():
+                    claim.unlink(missing_ok=True)  # stale (or our own from a crash)
+                    continue
+                break
+    if len(mine) < count:
+        release_pod_cidrs(directory)
+        raise RuntimeError(f"no free loopback pod CIDRs left in {root}: stop other clusters")
+    return mine
+
+
+def release_pod_cidrs(directory: Path) -> None:
+    root = claims_dir()
+    if not root.is_dir():
+        return
+    for claim in root.iterdir():
+        with contextlib.suppress(OSError):
+            if claim.read_text().strip() == str(directory):
+                claim.unlink()
 
 
 def state_root() -> Path:
@@ -271,7 +318,8 @@ class LocalCluster:
         }
         if not fake_nodes:
             del commands["kwok"]
-        executing = dict(list(PROCESS_NODES.items())[:process_nodes])
+        names = PROCESS_NODES[:process_nodes]
+        executing = dict(zip(names, claim_pod_cidrs(d, len(names)), strict=True))
         if executing:
             commands["node-agent"] = [
                 sys.executable,
@@ -404,10 +452,21 @@ class LocalCluster:
         for pid in leftover_processes(self.directory):  # pods outliving a killed agent
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        release_pod_cidrs(self.directory)
         if keep_logs:
             print(f"control plane logs kept in {self.directory / 'logs'}", file=sys.stderr)
         elif self.directory.exists():
             subprocess.run(["rm", "-rf", str(self.directory)], check=False)
+
+
+def start_records(directory: Path, namespace: str | None = None) -> list[dict[str, Any]]:
+    """Every container process the executing nodes started (namespace, pod, uid,
+    container, pid, time), oldest first; kept after the pods are gone."""
+    path = directory / nodeagent.START_RECORDS
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if namespace is None or r["namespace"] == namespace]
 
 
 def leftover_processes(directory: Path, namespace: str | None = None) -> list[int]:

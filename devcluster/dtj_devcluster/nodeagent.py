@@ -64,6 +64,9 @@ SANDBOX = [
 PROCESS_TAINT = {"key": RUNTIME_LABEL, "value": "process", "effect": "NoSchedule"}
 
 
+START_RECORDS = "starts.jsonl"  # in the cluster's directory, one JSON line per process start
+
+
 def process_node(
     name: str, cidr: str, log_port: int, gpus: int, *, tainted: bool
 ) -> dict[str, Any]:
@@ -628,6 +631,12 @@ class NodeAgent:
         run.containers[name] = Container(
             name, proc, log_path, podspec.now(), c.get("terminationMessagePolicy", "File")
         )
+        # A record of every process start that outlives the pod (tests read who kept
+        # running through an event even after the job ended and its pods are gone).
+        record = {"namespace": run.namespace, "pod": run.name, "uid": run.uid}
+        record |= {"container": name, "pid": proc.pid, "time": time.time()}
+        with open(self.dir.parent / START_RECORDS, "a") as f:
+            f.write(json.dumps(record) + "\n")
 
         def wait() -> None:
             self.events.put(("exit", (run.uid, name, proc.wait())))

@@ -8,6 +8,8 @@ the replacement joins the running generation, and the job succeeds.
 
 from __future__ import annotations
 
+import os
+import signal
 from typing import Any
 
 import pytest
@@ -26,28 +28,45 @@ SAMPLE_SECONDS = 0.0005
 STEPS = 1000  # every job here, disturbed or not: so their accuracies compare
 
 
-def elastic_job(name: str, replicas: int = 4, sample_seconds: float = SAMPLE_SECONDS) -> str:
+def elastic_job(
+    name: str,
+    replicas: int = 4,
+    sample_seconds: float = SAMPLE_SECONDS,
+    algorithm: str = "dpsgd",
+) -> str:
     env = [{"name": "DTJ_SIMULATE_SAMPLE_SECONDS", "value": str(sample_seconds)}]
+    # An asynchronous method runs on a job-wide sample budget (the counter a replaced
+    # coordinator must get back), as many samples as the synchronous jobs' steps.
+    length: dict[str, Any] = (
+        {"steps": STEPS}
+        if algorithm == "dpsgd"
+        else {"steps": None, "budget": {"samples": STEPS * replicas * 32}}
+    )
     return manifest(
         name,
         replicas=replicas,
         minReplicas=3,
-        algorithm={"name": "dpsgd", "topology": "ring"},
-        training={"steps": STEPS, "evalEvery": 50},
+        algorithm={"name": algorithm, "topology": "ring"},
+        training={**length, "evalEvery": 50},
         template={"env": env},
     )
 
 
-def worker_pids(local: controlplane.LocalCluster, ns: str) -> dict[str, int]:
-    """pod name -> pid of its trainer process."""
-    out = {}
-    for pid in controlplane.leftover_processes(local.directory, ns):
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            env = f.read().split(b"\0")
-        pod = next(e for e in env if e.startswith(b"DTJ_LOCAL_POD=")).split(b"/")[-1]
-        if b"-worker-" in pod:
-            out[pod.decode()] = pid
+def worker_pids(local: controlplane.LocalCluster, ns: str) -> dict[str, list[int]]:
+    """pod name -> pids of every trainer process started for it (from the node agent's
+    start records: they outlive the job, so a check cannot race its end)."""
+    out: dict[str, list[int]] = {}
+    for r in controlplane.start_records(local.directory, ns):
+        if "-worker-" in r["pod"]:
+            out.setdefault(r["pod"], []).append(r["pid"])
     return out
+
+
+def assert_kept_running(local: controlplane.LocalCluster, ns: str, names: list[str]) -> None:
+    """Each of these pods ran one process the whole time: nothing restarted it."""
+    starts = worker_pids(local, ns)
+    for name in names:
+        assert len(starts[name]) == 1, f"{name} restarted: {starts[name]}"
 
 
 def training(kube: Kube, ns: str, name: str, replicas: int) -> dict[str, Any]:
@@ -112,7 +131,6 @@ def test_a_deleted_worker_is_a_preemption_and_its_replacement_joins(
     kube.run("apply", "-n", namespace, "-f", "-", input=elastic_job("keepgoing"))
     training(kube, namespace, "keepgoing", 4)
     before = pods(kube, namespace, "keepgoing")
-    pids = worker_pids(local, namespace)
     gen = job_status(kube, namespace, "keepgoing")["progress"]["generation"]
     kube.run("delete", "pod", "-n", namespace, "keepgoing-worker-2", "--wait=false")
     wait_for(
@@ -133,9 +151,8 @@ def test_a_deleted_worker_is_a_preemption_and_its_replacement_joins(
         pods(kube, namespace, "keepgoing")["keepgoing-worker-2"]["metadata"]["uid"]
         != (before["keepgoing-worker-2"]["metadata"]["uid"])
     )
-    after = worker_pids(local, namespace)
-    for pod_name in ("keepgoing-worker-0", "keepgoing-worker-1", "keepgoing-worker-3"):
-        assert after[pod_name] == pids[pod_name], f"{pod_name} restarted"
+    survivors = ["keepgoing-worker-0", "keepgoing-worker-1", "keepgoing-worker-3"]
+    assert_kept_running(local, namespace, survivors)
     wait_for(
         "the replacement's warm start",
         lambda: (
@@ -223,35 +240,47 @@ def test_scaling_up_and_down_while_training(kube, local, operator, namespace, un
     kube.run("apply", "-n", namespace, "-f", "-", input=slower)
     training(kube, namespace, "scaled", 4)
     before = pods(kube, namespace, "scaled")
-    pids = worker_pids(local, namespace)
     kube.run("scale", "dtj/scaled", "-n", namespace, "--replicas=6")
     training(kube, namespace, "scaled", 6)
     kube.run("scale", "dtj/scaled", "-n", namespace, "--replicas=3")
     training(kube, namespace, "scaled", 3)
-    after = worker_pids(local, namespace)
-    for slot in range(3):
-        pod_name = f"scaled-worker-{slot}"
-        assert after[pod_name] == pids[pod_name], f"{pod_name} restarted"
+    assert_kept_running(local, namespace, [f"scaled-worker-{slot}" for slot in range(3)])
     st = finish(kube, namespace, "scaled", undisturbed)
     assert not st.get("preemptions"), "a scale-down is not a preemption"
     assert st["result"]["workers"] == 3
     assert_survivors_untouched(kube, namespace, "scaled", before, {"scaled-worker-3"})
 
 
+@pytest.mark.parametrize(
+    ("how", "algorithm"), [("deleted", "dpsgd"), ("sigkill", "dpsgd"), ("sigkill", "gosgd")]
+)
 def test_the_coordinator_is_replaced_and_the_workers_stay(
-    kube, local, operator, namespace, undisturbed
+    kube, local, operator, namespace, undisturbed, how, algorithm
 ):
-    kube.run("apply", "-n", namespace, "-f", "-", input=elastic_job("recoord"))
-    training(kube, namespace, "recoord", 4)
-    before = pods(kube, namespace, "recoord")
-    pids = worker_pids(local, namespace)
-    gen = job_status(kube, namespace, "recoord")["progress"]["generation"]
-    old = before["recoord-coordinator"]["metadata"]["uid"]
-    kube.run("delete", "pod", "-n", namespace, "recoord-coordinator", "--wait=false")
+    """Deleted, or its process SIGKILLed (a crash or an OOM kill: the pod ends Failed):
+    a new coordinator comes, the workers register with it and keep their processes,
+    and the job succeeds with no failure counted (issue 18, finding 10). An
+    asynchronous job's sample budget is not counted again from zero (finding 6)."""
+    name = f"recoord-{how}-{algorithm}"
+    job = elastic_job(name, algorithm=algorithm)
+    kube.run("apply", "-n", namespace, "-f", "-", input=job)
+    training(kube, namespace, name, 4)
+    before = pods(kube, namespace, name)
+    gen = job_status(kube, namespace, name)["progress"]["generation"]
+    old = before[f"{name}-coordinator"]["metadata"]["uid"]
+    if how == "deleted":
+        kube.run("delete", "pod", "-n", namespace, f"{name}-coordinator", "--wait=false")
+    else:
+        coordinator = [
+            r["pid"]
+            for r in controlplane.start_records(local.directory, namespace)
+            if r["pod"] == f"{name}-coordinator"
+        ]
+        os.kill(coordinator[-1], signal.SIGKILL)
     wait_for(
         "a new coordinator",
         lambda: (
-            (c := pods(kube, namespace, "recoord").get("recoord-coordinator"))
+            (c := pods(kube, namespace, name).get(f"{name}-coordinator"))
             and c["metadata"]["uid"] != old
             and c["status"].get("phase") == "Running"
         ),
@@ -260,16 +289,18 @@ def test_the_coordinator_is_replaced_and_the_workers_stay(
     wait_for(
         "the workers registered with it, in a newer generation",
         lambda: (
-            (p := job_status(kube, namespace, "recoord").get("progress") or {})
+            (p := job_status(kube, namespace, name).get("progress") or {})
             and p.get("members") == 4
             and p.get("generation", -1) > gen
         ),
         timeout=120,
     )
-    assert worker_pids(local, namespace) == pids, "a worker restarted"
-    st = finish(kube, namespace, "recoord", undisturbed)
+    sync = algorithm == "dpsgd"
+    st = finish(kube, namespace, name, undisturbed if sync else None)
     assert not st.get("preemptions"), "losing the coordinator is not a worker preemption"
-    assert_survivors_untouched(kube, namespace, "recoord", before, set())
+    assert_kept_running(local, namespace, [f"{name}-worker-{s}" for s in range(4)])
+    if not sync:  # ~STEPS rounds each; a budget counted again would take up to twice
+        assert st["result"]["steps"] <= 1.25 * STEPS, st["result"]
 
 
 def test_a_deleted_node_takes_its_workers_and_they_come_back_elsewhere(

@@ -141,3 +141,21 @@ def test_paths_inside_the_pod_root_follow_symlinks_within_it(tmp_path):
     assert inside(root, "/var/run/secrets/token") == root / "run" / "secrets" / "token"
     assert inside(root, "/var/rel/x") == root / "run" / "x"
     assert inside(root, "/etc/dtj") == root / "etc" / "dtj"
+
+
+def test_local_clusters_claim_pod_cidrs_no_other_live_cluster_holds(tmp_path, monkeypatch):
+    """Issue 18, finding 12: every cluster gave its nodes 127.100/24 and 127.101/24."""
+    from dtj_devcluster import controlplane
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    one, two, gone = tmp_path / "one", tmp_path / "two", tmp_path / "gone"
+    for d in (one, two, gone):
+        d.mkdir()
+    first = controlplane.claim_pod_cidrs(one, 2)
+    second = controlplane.claim_pod_cidrs(two, 2)
+    assert len(set(first + second)) == 4, (first, second)
+    assert controlplane.claim_pod_cidrs(gone, 1)[0] not in first + second
+    gone.rmdir()  # a cluster whose directory is gone holds nothing
+    controlplane.release_pod_cidrs(two)
+    again = controlplane.claim_pod_cidrs(tmp_path / "three", 3)
+    assert not set(again) & set(first), "a live cluster's CIDRs are never handed out"
