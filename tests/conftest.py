@@ -44,3 +44,24 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture
 def quickstart() -> dict[str, Any]:
     return yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
+
+
+MATRIX_TOTALS = {"scenarios": 0, "checks": 0}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Add up the elastic invariant matrix's checks (reported by every xdist worker)."""
+    if report.when != "call" or not report.passed:
+        return
+    for key, value in report.user_properties:
+        if key == "elastic_invariant_checks":
+            MATRIX_TOTALS["scenarios"] += 1
+            MATRIX_TOTALS["checks"] += int(value)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if MATRIX_TOTALS["scenarios"]:
+        terminalreporter.write_line(
+            f"elastic invariant matrix: {MATRIX_TOTALS['scenarios']} (method x event) "
+            f"scenarios passed, {MATRIX_TOTALS['checks']} invariant checks"
+        )

@@ -633,7 +633,7 @@ class NodeAgent:
         )
         # A record of every process start that outlives the pod (tests read who kept
         # running through an event even after the job ended and its pods are gone).
-        record = {"namespace": run.namespace, "pod": run.name, "uid": run.uid}
+        record: dict[str, Any] = {"namespace": run.namespace, "pod": run.name, "uid": run.uid}
         record |= {"container": name, "pid": proc.pid, "time": time.time()}
         with open(self.dir.parent / START_RECORDS, "a") as f:
             f.write(json.dumps(record) + "\n")

@@ -284,7 +284,8 @@ def test_a_new_coordinator_gets_the_jobs_counters_back_from_its_members():
     store = dist.HashStore()  # the new coordinator's
     a.reseed(store)
     b.reseed(store)
-    assert int(store.add(loop.SAMPLES_KEY, 0)) == 5_032
+    # the count as the store had it; a's 32 uncounted samples are added by its next count
+    assert int(store.add(loop.SAMPLES_KEY, 0)) == 5_000
     assert float(store.get(loop.START_KEY)) == 100.0, "the first start stands"
     assert loop.Worker.job_start(store) == 100.0, "a later joiner reads it"
     assert not store.check([loop.DONE_KEY])

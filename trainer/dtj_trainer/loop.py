@@ -326,6 +326,10 @@ class Worker:
             if report and self.stop_after is not None and done >= self.stop_after:
                 break
         rate = run_samples / max(time.perf_counter() - run_start, 1e-9)
+        if cfg.algorithm.name in ASYNC_ALGORITHMS and pace.unreported:
+            # The last rounds count too: the job's count is what was trained.
+            pace.consumed = self.count_samples(pace.unreported)
+            pace.unreported = 0
         while True:
             try:
                 weight = await self.algo.finish(self.local)
@@ -445,10 +449,11 @@ class Worker:
             for member in departed:
                 key = el.handoff_key(member)
                 if el.store.check([key]):
-                    handed = torch.frombuffer(bytearray(el.store.get(key)), dtype=torch.float32)
-                    if handed.numel() == x.numel() + 1:
-                        contrib = contrib + handed[:-1] * handed[-1]
-                        weight += float(handed[-1])
+                    handed = torch.frombuffer(bytearray(el.store.get(key)), dtype=torch.float64)
+                    if handed.numel() == x.numel() + 2:  # state, weight, uncounted samples
+                        contrib = contrib + handed[:-2].float() * float(handed[-2])
+                        weight += float(handed[-2])
+                        self.pace.unreported += round(float(handed[-1]))  # counted by us now
                     handoffs.append(key)
         packed = await t.all_reduce_mean(torch.cat([contrib, torch.tensor([weight])]))
         total_w = float(packed[-1]) * n
@@ -581,7 +586,10 @@ class Worker:
         el = self.elastic
         assert el is not None
         w = max(self.model_weight(), 0.0)
-        payload = torch.cat([self.local.state_vector().float(), torch.tensor([w])])
+        # The samples trained since this worker last counted them travel too, so the
+        # job's count loses nothing to a leave (float64: exact for any count).
+        tail = torch.tensor([w, float(self.pace.unreported)], dtype=torch.float64)
+        payload = torch.cat([self.local.state_vector().double(), tail])
         el.store.set(el.handoff_key(el.member.id), payload.numpy().tobytes())
         el.member.leave()
         self.transport.abandon()
@@ -650,7 +658,7 @@ class Worker:
         from zero and a finished job stays finished. Each member does it; the largest
         sample count wins, and the first start written stands (members share one)."""
         self.job_start(store, self.started)
-        known = self.pace.consumed + self.pace.unreported
+        known = self.pace.consumed  # the count as of its last add; unreported comes later
         while known > 0:
             have = int(store.add(SAMPLES_KEY, 0))
             if have >= known:

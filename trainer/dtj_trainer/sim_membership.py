@@ -1,0 +1,238 @@
+"""Membership events on the simulator: who trains together changes between rounds.
+
+The real elastic path is a store-backed registrar, heartbeats and gloo groups
+rebuilt per generation (membership.py, `Worker.regroup`); what a generation
+change does to the *training state* is `Worker.sync_state`, and that is what
+this module drives: each event ends a generation, hands the members the
+endpoints of a new `SimWorld` and runs every member's real state sync, with
+an in-process store for the hand-offs. Deterministic and in seconds, so every
+method can be played through every event (tests/unit/test_elastic_matrix.py).
+
+Events: `leave` (SIGTERM: hand-off), `crash` (SIGKILL: nothing handed off),
+`freeze`/`thaw` (dropped while stalled, back later with a stale model),
+`join` (a replacement: x0, step 0), `scale_up`/`scale_down` (several joins or
+leaves at once), `coordinator` (a new, empty store, re-seeded by the members).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+
+from .config import ASYNC_ALGORITHMS, TrainerConfig
+from .loop import SAMPLES_KEY, Elastic, Left, Worker
+from .membership import Generation
+from .simulator import SimWorld
+
+EventKind = Literal[
+    "leave", "crash", "freeze", "thaw", "join", "scale_up", "scale_down", "coordinator"
+]
+EVENTS: tuple[EventKind, ...] = (
+    "leave",
+    "crash",
+    "freeze",
+    "thaw",
+    "join",
+    "scale_up",
+    "scale_down",
+    "coordinator",
+)
+
+
+@dataclass
+class _Member:
+    """The membership side a worker's leave() calls: an id, nothing else to do here."""
+
+    id: str
+
+    def leave(self) -> None:
+        return None
+
+
+@dataclass
+class Sync:
+    """What one generation change did: who synced, and what the sync should give."""
+
+    event: str
+    members: list[Worker]
+    expected: torch.Tensor | None  # the weighted average of what the members held
+
+
+@dataclass
+class MembershipSim:
+    """A job of virtual workers whose membership changes between training phases."""
+
+    cfg: TrainerConfig
+    say: Callable[[str], None] = lambda _m: None
+    store: Any = field(default_factory=dist.HashStore)
+    members: list[Worker] = field(default_factory=list)
+    frozen: list[Worker] = field(default_factory=list)
+    departed: list[Worker] = field(default_factory=list)  # left or crashed, for good
+    generation: int = -1
+    trained: dict[int, int] = field(default_factory=dict)  # id(worker) -> samples computed
+    lost: int = 0  # samples a crash took with it (trained, never counted)
+    _incarnation: int = 0
+
+    @property
+    def asynchronous(self) -> bool:
+        return self.cfg.algorithm.name in ASYNC_ALGORITHMS
+
+    def _new_worker(self, slot: int, world: SimWorld, rank: int) -> Worker:
+        self._incarnation += 1
+        el = Elastic(
+            member=_Member(f"{slot}.{self._incarnation}"),  # type: ignore[arg-type]
+            store=self.store,
+            connect=None,  # type: ignore[arg-type]  # the harness hands out endpoints
+            generation=Generation(-1, ()),
+            timeout=5.0,
+            say=self.say,
+        )
+        w = Worker.build(self.cfg, world.endpoints[rank], slot=slot, elastic=el)
+        self.trained[id(w)] = 0
+        grad = w.local.grad
+
+        def counted() -> float:  # ground truth: every sample any worker computed on
+            self.trained[id(w)] += w.local.batch
+            return grad()
+
+        w.local.grad = counted  # type: ignore[method-assign]
+        return w
+
+    def _world(self, n: int) -> SimWorld:
+        return SimWorld(n, virtual_time=self.asynchronous, seed=self.cfg.training.seed)
+
+    async def start(self, n: int | None = None) -> Sync:
+        n = self.cfg.replicas if n is None else n
+        world = self._world(n)
+        self.members = [self._new_worker(s, world, s) for s in range(n)]
+        return await self._regenerate("start", world, departed=[])
+
+    async def train(self, rounds: int) -> None:
+        """Every member trains `rounds` more rounds (its own count: asynchronous
+        members may be at different steps)."""
+        self._fresh_clocks()
+        await asyncio.gather(*(w.run(w.current_step + rounds) for w in self.members))
+
+    async def train_to_budget(self) -> None:
+        """Every member trains until the job's budget is spent (cfg.training.budget)."""
+        self._fresh_clocks()
+        await asyncio.gather(*(w.run(None) for w in self.members))
+
+    def _fresh_clocks(self) -> None:
+        """A phase of an asynchronous method ends in a drain that retires its world's
+        clocks: the next phase runs on a new one (same members, nothing in flight)."""
+        if self.asynchronous:
+            world = self._world(len(self.members))
+            for rank, w in enumerate(self.members):
+                w.transport = world.endpoints[rank]
+
+    def expected_average(self, handoffs: list[Worker]) -> torch.Tensor | None:
+        """What a correct sync gives, computed here from the members' own states: the
+        average of the current members' and the hand-offs' models weighted by what the
+        method says each holds; joiners and stale returners weigh 0."""
+        current = max(w.elastic.synced_at for w in self.members)  # type: ignore[union-attr]
+        total, acc = 0.0, None
+        for w in self.members + handoffs:
+            el = w.elastic
+            assert el is not None
+            if w.current_step == 0 or w.algo is None or el.synced_at != current:
+                continue
+            weight = w.algo.state_weight()
+            x = w.local.state_vector() * weight
+            acc = x if acc is None else acc + x
+            total += weight
+        return None if acc is None or total == 0 else acc / total
+
+    async def event(self, kind: EventKind, slot: int | None = None) -> Sync:
+        """Play one event; returns the sync it caused (the members after it)."""
+        leavers: list[Worker] = []
+        if kind in ("leave", "scale_down"):
+            count = 1 if kind == "leave" else 2
+            chosen = [w for w in self.members if slot is None or w.slot == slot][-count:]
+            for w in chosen:
+                with _expect(Left):
+                    await w.leave()  # the real hand-off: its state into the store
+                self.members.remove(w)
+                self.departed.append(w)
+                leavers.append(w)
+        elif kind == "crash":
+            w = next(w for w in reversed(self.members) if slot is None or w.slot == slot)
+            self.members.remove(w)
+            self.departed.append(w)
+            self.lost += w.pace.unreported  # trained since it last counted: gone with it
+        elif kind == "freeze":
+            w = next(w for w in reversed(self.members) if slot is None or w.slot == slot)
+            self.members.remove(w)
+            self.frozen.append(w)
+        elif kind == "thaw":
+            w = self.frozen.pop(0)
+            self.members.append(w)
+        elif kind in ("join", "scale_up"):
+            used = {w.slot for w in self.members + self.frozen}
+            free = [s for s in range(self.cfg.replicas + 2) if s not in used]
+            for s in free[: 1 if kind == "join" else 2]:
+                joiner = self._new_worker(s, self._world(1), 0)
+                self.members.append(joiner)
+        elif kind == "coordinator":
+            self.store = dist.HashStore()  # the replacement's store is empty
+            for w in self.members + self.frozen:
+                assert w.elastic is not None
+                w.elastic.store = self.store
+                w.reseed(self.store)
+        self.members.sort(key=lambda w: w.slot)
+        expected = self.expected_average(leavers)
+        departed = [w.elastic.member.id for w in leavers]  # type: ignore[union-attr]
+        return await self._regenerate(kind, self._world(len(self.members)), departed, expected)
+
+    async def _regenerate(
+        self,
+        event: str,
+        world: SimWorld,
+        departed: list[str],
+        expected: torch.Tensor | None = None,
+    ) -> Sync:
+        self.generation += 1
+        ids = tuple(w.elastic.member.id for w in self.members)  # type: ignore[union-attr]
+        for rank, w in enumerate(self.members):
+            w.transport = world.endpoints[rank]
+        await asyncio.gather(*(w.sync_state(departed) for w in self.members))
+        for w in self.members:
+            el = w.elastic
+            assert el is not None
+            el.generation = Generation(self.generation, ids)
+            el.synced, el.synced_at = ids, self.generation
+            w.algo = w.make_algorithm(len(self.members))
+        self.say(
+            f"{event}: generation {self.generation} with slots {[w.slot for w in self.members]}"
+        )
+        return Sync(event, list(self.members), expected)
+
+    def job_count(self) -> int:
+        """The job's sample count: synchronous members agree on it in their notes;
+        asynchronous ones keep it in the coordinator's store."""
+        if self.asynchronous:
+            return int(self.store.add(SAMPLES_KEY, 0))
+        return max(w.pace.consumed for w in self.members)
+
+    def samples_trained(self) -> int:
+        return sum(self.trained.values())
+
+
+class _expect:
+    """`with _expect(Left):` the exception a hand-off ends with, and only that."""
+
+    def __init__(self, kind: type[BaseException]) -> None:
+        self.kind = kind
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, *_: Any) -> bool:
+        if kind is None:
+            raise AssertionError(f"expected {self.kind.__name__}")
+        return issubclass(kind, self.kind)
