@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml devcluster/pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: bench demo demo-cluster test install controlplane helm prometheus image-builder images lint typecheck unit trainer-test e2e crds cluster-up cluster-down clean
+.PHONY: bench demo demo-cluster test test-fast install deps controlplane helm prometheus image-builder images lint typecheck unit trainer-test e2e crds cluster-up cluster-down clean
 
 $(STAMP): pyproject.toml devcluster/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,12 @@ helm:
 prometheus:
 	@bash hack/prometheus/build.sh >/dev/null
 
+## make deps: every pinned binary and image tool the tests need, built side by side
+## (cold, each build leaves a core idle while it downloads or links: together they
+## take about the time of the longest). Cached: instant once built.
+deps:
+	@$(MAKE) --no-print-directory -j4 controlplane helm prometheus image-builder
+
 ## make image-builder: what the image tests build with: hack/images/build.sh installs
 ## buildah and debootstrap from Debian's packages (apt-get) when missing, and builds
 ## once a Debian python3 stand-in for the Dockerfiles' base (Docker Hub is out of reach).
@@ -63,12 +69,17 @@ unit: install
 trainer-test: install
 	$(PY) -m pytest tests/trainer -q
 
-e2e: install controlplane helm prometheus image-builder
+e2e: install deps
 	$(PY) -m pytest tests/e2e -q
+
+## make test-fast: lint, types and the in-process tests (unit, the elastic invariant
+## matrix): a few minutes, no control plane, no worker processes.
+test-fast: install lint typecheck
+	$(PY) -m pytest tests/unit -q -n 2
 
 ## make test: lint, type check, unit, real-process trainer tests, e2e on a real control plane.
 ## Two pytest workers: the e2e tests in one (they share the control plane), the rest in the other.
-test: install controlplane helm prometheus image-builder lint typecheck
+test: install lint typecheck deps
 	$(PY) -m pytest -q -ra --durations=15 -n 2 --dist loadgroup; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
