@@ -60,7 +60,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "dpsgd+balancer": {"lr": 0.2, "momentum": 0.9, "dynamic": True, "topology": EXPONENTIAL},
     "dpsgd+balancer/ring": {"lr": 0.2, "momentum": 0.9, "dynamic": True, "topology": "ring"},
     "gosgd": {"lr": 0.2, "momentum": 0.0},
-    "dasgd": {"lr": 0.05, "momentum": 0.9},
+    "dasgd": {"lr": 0.2, "momentum": 0.9},  # every applied gradient is scaled by 1/n
 }
 GRID = (0.5, 1.0, 2.0)
 

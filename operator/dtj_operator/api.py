@@ -248,14 +248,18 @@ class JobSpec(Model):
     )
     batching: BatchingSpec = Field(
         default_factory=BatchingSpec,
-        description="Per-worker batch sizes and dynamic rebalancing.",
+        description=(
+            "Per-worker batch sizes and dynamic rebalancing. Immutable: the members plan "
+            "their batches together."
+        ),
         json_schema_extra=nested_default(),
     )
     training: TrainingSpec = Field(
         default_factory=TrainingSpec,
         description=(
-            "Model, data set, length and checkpoints. model, dataset, seed and dataSplit "
-            "are immutable (workers that join warm-start from the others' model and shard)."
+            "Model, data set, length and checkpoints. Immutable: every worker, replacements "
+            "included, must train the same model on the same data for the same length "
+            "(workers read it once). replicas and minReplicas may change while it runs."
         ),
         json_schema_extra=nested_default(),
     )

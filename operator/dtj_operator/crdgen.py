@@ -94,13 +94,19 @@ def spec_schema() -> dict[str, Any]:
     ]
     schema["x-kubernetes-validations"] += [
         {
-            "rule": "self.training.model == oldSelf.training.model"
-            " && self.training.dataset == oldSelf.training.dataset"
-            " && self.training.seed == oldSelf.training.seed"
-            " && self.training.dataSplit == oldSelf.training.dataSplit",
-            "message": "training.model, dataset, seed and dataSplit are immutable; "
-            "create a new job",
+            # Every member must agree on these (a worker reads them once, at start):
+            # a change would split old and new workers. Length, budget and batching
+            # included; replicas and minReplicas are followed live by the coordinator.
+            "rule": "self.training == oldSelf.training",
+            "message": "training is immutable while the job exists (every worker must train "
+            "the same model, data and length); create a new job",
             "fieldPath": ".training",
+        },
+        {
+            "rule": "self.batching == oldSelf.batching",
+            "message": "batching is immutable (the members plan their batches together); "
+            "create a new job",
+            "fieldPath": ".batching",
         },
         {
             "rule": "self.algorithm == oldSelf.algorithm",

@@ -177,6 +177,9 @@ def test_long_names_and_immutable_fields_are_rejected(crds: Kube, namespace):
         ({"algorithm": {"name": "gosgd"}}, "spec.algorithm"),
         ({"optimizer": {"lr": 0.5}}, "spec.optimizer"),
         ({"training": {"seed": 7}}, "spec.training"),
+        # members must agree on the length and the batch plan (issue 18, finding 7)
+        ({"training": {"steps": 999}}, "spec.training"),
+        ({"batching": {"perWorker": 8}}, "spec.batching"),
     ]:
         proc = crds.run("apply", "-f", "-", input=json.dumps({**ok, "spec": change}), check=False)
         assert proc.returncode != 0 and field in proc.stderr and "immutable" in proc.stderr

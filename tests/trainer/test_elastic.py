@@ -259,3 +259,27 @@ def test_a_worker_lost_before_its_first_generation_forms_does_not_stall_the_othe
         assert job.result().averaged_accuracy > 0.9
     finally:
         job.close()
+
+
+def test_a_step_counted_asynchronous_run_with_a_slow_worker_ends_without_a_regroup(tmp_path):
+    """Issue 18, finding 8: the fast workers finished their steps first and waited for
+    the slow one in drain()'s all-reduce, which timed out (timeoutSeconds 4), broke the
+    generation and forced an unplanned regroup (or exited 1). They now wait on the
+    store, which has no timeout to break, and end together."""
+    cfg = config("gosgd").model_copy(update={"timeout_seconds": 4.0})
+    cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"steps": 150})})
+    env = {str(s): {"DTJ_SIMULATE_SAMPLE_SECONDS": SAMPLE_SECONDS} for s in range(4)}
+    env["3"]["DTJ_SIMULATE_SLOWDOWN"] = "3"  # ~14 s behind the others at the end
+    logs = tmp_path / "slow-async"
+    job = LocalJob(cfg, logs=logs, extra_env=env)
+    try:
+        for slot in range(4):
+            job.start_worker(slot)
+        wait("the end of training", lambda: not job.running(), timeout=300)
+        assert {s: p.returncode for s, p in job.procs.items()} == dict.fromkeys(range(4), 0)
+        for slot in range(4):
+            log = (logs / f"worker-{slot}.log").read_text()
+            assert "regrouping" not in log and "generation 1:" not in log, log[-2000:]
+        assert len(job.results()) == 4
+    finally:
+        job.close()
