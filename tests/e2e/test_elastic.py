@@ -286,15 +286,22 @@ def test_the_coordinator_is_replaced_and_the_workers_stay(
         ),
         timeout=120,
     )
-    wait_for(
-        "the workers registered with it, in a newer generation",
-        lambda: (
-            (p := job_status(kube, namespace, name).get("progress") or {})
-            and p.get("members") == 4
-            and p.get("generation", -1) > gen
-        ),
-        timeout=120,
-    )
+    try:
+        wait_for(
+            "the workers registered with it, in a newer generation",
+            lambda: (
+                (p := job_status(kube, namespace, name).get("progress") or {})
+                and p.get("members") == 4
+                and p.get("generation", -1) > gen
+            ),
+            timeout=120,
+        )
+    except AssertionError as e:  # say what the coordinator and a worker saw
+        logs = {
+            pod: kube.run("logs", "-n", namespace, pod, check=False).stdout[-3000:]
+            for pod in (f"{name}-coordinator", f"{name}-worker-0")
+        }
+        raise AssertionError(f"{e}\n{logs}") from e
     sync = algorithm == "dpsgd"
     st = finish(kube, namespace, name, undisturbed if sync else None)
     assert not st.get("preemptions"), "losing the coordinator is not a worker preemption"

@@ -39,7 +39,7 @@ def train_to_the_end(
     running = wait_for("workers and coordinator Running", all_running, timeout=120)
     for p in running.values():
         assert p["spec"]["nodeName"].startswith("process-"), p["metadata"]["name"]
-        assert p["status"]["podIP"].startswith("127.10"), p["status"]["podIP"]
+        assert p["status"]["podIP"].startswith("127."), p["status"]["podIP"]
     seen: dict[int, str] = {}
 
     def finished() -> dict[str, Any] | None:
@@ -114,6 +114,40 @@ def test_a_gosgd_job_applied_with_kubectl_trains_to_90_percent(kube, local, oper
     )
     st = train_to_the_end(kube, namespace, "gossip", body)
     assert_trained(kube, local, namespace, "gossip", st)
+
+
+METHODS = ("allreduce", "dpsgd", "gosgd", "dasgd", "teleportation")
+
+
+def test_every_method_trains_with_its_defaults_through_the_operator(
+    kube, local, operator, namespace
+):
+    """Issue 18, finding 0: teleportation's default (activeNodes auto) crashed every real
+    worker, and only the simulator had run it. Each method with nothing but its name set
+    (and momentum 0 for teleportation, which refuses it), all five jobs at once."""
+    for method in METHODS:
+        momentum = 0.0 if method == "teleportation" else 0.9
+        body = manifest(
+            f"default-{method}",
+            replicas=2,
+            algorithm={"name": method, "topology": None},
+            optimizer={"momentum": momentum},
+        )
+        kube.run("apply", "-n", namespace, "-f", "-", input=body)
+    for method in METHODS:
+        name = f"default-{method}"
+        wait_for(
+            f"{name} to finish",
+            lambda n=name: job_status(kube, namespace, n).get("phase") in ("Succeeded", "Failed"),
+            timeout=420,
+            every=1.0,
+        )
+        st = wait_for(
+            f"{name}'s result",
+            lambda n=name: (s := job_status(kube, namespace, n)).get("result") and s,
+        )
+        assert st["phase"] == "Succeeded" and not st.get("failures"), st
+        assert float(st["result"]["testAccuracy"]) >= 0.85, (method, st["result"])
 
 
 def test_a_worker_that_fails_on_its_own_says_why(kube, local, operator, namespace):

@@ -291,6 +291,8 @@ class Member:
         self._hb_store = heartbeat_store  # its own connection: used from another thread
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="dtj-heartbeat", daemon=True)
+        self._outbox: dict[str, str] = {}  # latest value per key, written by the heartbeat
+        self._outbox_lock = threading.Lock()
 
     def join(self) -> None:
         self._hb_store.add(f"hb/{self.id}", 1)
@@ -307,6 +309,24 @@ class Member:
         self.store.append(REQUESTS, json.dumps({"leave": self.id}) + "\n")
         self._stop.set()
 
+    def post(self, key: str, value: str) -> None:
+        """Write `key` from the heartbeat thread (the latest value wins): progress
+        reports never block training, and reach a replaced coordinator once the
+        heartbeat's connection has found it."""
+        with self._outbox_lock:
+            self._outbox[key] = value
+
+    def _flush(self) -> None:
+        with self._outbox_lock:
+            pending, self._outbox = self._outbox, {}
+        try:
+            for key, value in pending.items():
+                self._hb_store.set(key, value)
+        except Exception:
+            with self._outbox_lock:  # keep what was not written; newer values win
+                self._outbox = {**pending, **self._outbox}
+            raise
+
     def request_reform(self) -> None:
         """A collective failed but no generation changed: ask for a fresh one."""
         self.store.append(REQUESTS, json.dumps({"reform": self.id}) + "\n")
@@ -317,6 +337,7 @@ class Member:
         while not self._stop.wait(HEARTBEAT_SECONDS):
             try:
                 self._hb_store.add(f"hb/{self.id}", 1)
+                self._flush()
                 if self.on_newer is None or not self._hb_store.check([CURRENT]):
                     continue
                 newest = int(self._hb_store.get(CURRENT))
