@@ -125,7 +125,8 @@ def run(rt: Runtime) -> int:
     # queue up behind a fast training loop (default switch interval is 5 ms).
     sys.setswitchinterval(0.0002)
     cfg = rt.config
-    from .loop import AlreadyDone, Elastic, Left, Worker  # torch only once the contract is valid
+    # torch only once the contract is valid
+    from .loop import AlreadyDone, Elastic, Left, Worker, patiently
     from .membership import Generation, Member
     from .storelink import StoreLink
     from .transport import DistTransport, Unconnected, connect_store
@@ -219,7 +220,7 @@ def run(rt: Runtime) -> int:
         member.leave()
         return 0
     line = json.dumps(asdict(result))
-    store.set(f"result/{rt.rank}", line)
+    patiently(lambda: store.set(f"result/{rt.rank}", line), elastic, "this worker's result")
     print(line, flush=True)
     member.leave()  # done: the others need not wait for this worker any more
     worker.transport.close()

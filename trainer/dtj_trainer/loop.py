@@ -115,6 +115,26 @@ class Elastic:
         return newest is not None and newest.number > self.generation.number
 
 
+def patiently(op: Callable[[], Any], el: Elastic, what: str) -> Any:
+    """`op()` on the coordinator's store, waiting out a coordinator that is away (being
+    replaced) for up to COORDINATOR_PATIENCE x timeoutSeconds, saying so once."""
+    deadline = time.monotonic() + COORDINATOR_PATIENCE * el.timeout
+    told = False
+    while True:
+        try:
+            return op()
+        except (RuntimeError, TimeoutError) as e:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"could not write {what} to the job's coordinator: it has not answered "
+                    f"for {COORDINATOR_PATIENCE * el.timeout:.0f}s"
+                ) from e
+            if not told:
+                el.say(f"writing {what}: the coordinator may be restarting; still trying")
+                told = True
+            time.sleep(1.0)
+
+
 class Left(Exception):
     """This worker left the job (SIGTERM) after handing its model off."""
 
@@ -274,7 +294,8 @@ class Worker:
                     # allreduce too: replicas that drifted apart must show).
                     weight = algo.state_weight()
                     _, distance = await weighted_average(self.local.params(), weight, t)
-            except RuntimeError as e:  # a peer vanished mid-round, or we were told to move on
+            except (RuntimeError, TimeoutError) as e:  # a peer vanished, the coordinator is
+                # away (a store call timed out), or we were told to move on
                 if el is None:
                     raise
                 el.say(f"round {step} interrupted ({str(e).splitlines()[0][:120]}); regrouping")
@@ -334,7 +355,7 @@ class Worker:
             try:
                 weight = await self.algo.finish(self.local)
                 return weight, rate
-            except RuntimeError:
+            except (RuntimeError, TimeoutError):
                 if self.elastic is None:
                     raise
                 await self.regroup()
@@ -678,7 +699,7 @@ class Worker:
             try:
                 x_bar, dist = await weighted_average(x, weight, self.transport)
                 break
-            except RuntimeError:
+            except (RuntimeError, TimeoutError):
                 if self.elastic is None:
                     raise
                 await self.regroup()  # a member left during the final average: again
@@ -688,7 +709,8 @@ class Worker:
         self.local.set_params(x)
         self.finished_step = self.current_step
         if self.elastic is not None:  # a replacement arriving from now on has nothing to do
-            self.elastic.store.set(DONE_KEY, str(self.current_step))
+            el = self.elastic
+            patiently(lambda: el.store.set(DONE_KEY, str(self.current_step)), el, "the job's end")
         tally = self.tally
         return Result(
             self.current_step,
