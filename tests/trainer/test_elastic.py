@@ -283,3 +283,56 @@ def test_a_step_counted_asynchronous_run_with_a_slow_worker_ends_without_a_regro
         assert len(job.results()) == 4
     finally:
         job.close()
+
+
+def test_repeated_preemptions_of_a_large_model_leave_no_hand_off_in_the_store(tmp_path):
+    """Issue 18, finding 9: every leaver wrote its full fp32 model into the coordinator's
+    store and nothing deleted it (400 MB per preemption for a 100M-parameter model).
+    A ~40 MB model, preempted three times: each hand-off is deleted once the members
+    have taken it, so the store holds none at the end and never more than one."""
+    cfg = TrainerConfig.model_validate(
+        {
+            "job": "handoffs",
+            "replicas": 2,
+            "minReplicas": 2,  # each replacement is waited for: every hand-off is taken
+            "algorithm": {"name": "dpsgd"},
+            "optimizer": {"lr": 0.01},
+            "training": {"steps": 100_000, "evalEvery": 5, "model": "wide:build"},
+            "timeoutSeconds": 30,
+        }
+    )
+    path = str(Path(__file__).parent / "factories")
+    env = {str(s): {"PYTHONPATH": path} for s in range(2)}
+    job = LocalJob(cfg, logs=tmp_path / "handoffs", extra_env=env)
+    try:
+        for slot in range(2):
+            job.start_worker(slot)
+        gone: list[str] = []
+        for _ in range(3):
+            gen = wait(
+                "both workers training",
+                lambda: (g := job.generation()) and len(g.members) == 2 and not g.paused and g,
+                timeout=180,
+            )
+            leaver = next(m for m in gen.members if m.startswith("1."))
+            wait("a report from slot 1", lambda: job.reports().get(1, _none).step > 0, 180)
+            job.signal(1, signal.SIGTERM)
+            wait("slot 1 gone", lambda who=leaver: who not in job.generation().members)
+            gone.append(leaver)
+            job.start_worker(1)
+            wait(
+                "the replacement in",
+                lambda who=leaver: (
+                    (g := job.generation()) and len(g.members) == 2 and who not in g.members
+                ),
+                timeout=180,
+            )
+            wait(
+                "the hand-off taken and deleted",
+                lambda who=leaver: not job.store.check([f"handoff/{who}"]),
+                timeout=120,
+            )
+            held = [m for m in gone if job.store.check([f"handoff/{m}"])]
+            assert held == [], held
+    finally:
+        job.close()
