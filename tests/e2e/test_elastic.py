@@ -339,3 +339,29 @@ def test_a_deleted_node_takes_its_workers_and_they_come_back_elsewhere(
             timeout=120,
         )
         kube.run("wait", "--for=condition=Ready", "node", "-l", "dtj.io/runtime=process")
+
+
+def test_a_job_without_min_replicas_scaled_down_trains_on_and_succeeds(
+    kube, local, operator, namespace
+):
+    """Issue 18, finding 7: minReplicas defaults to replicas, and the coordinator read it
+    once: `kubectl scale` 4 -> 2 of the quickstart left it paused for ever. The
+    coordinator follows the spec: the two left train on and the job succeeds."""
+    env = [{"name": "DTJ_SIMULATE_SAMPLE_SECONDS", "value": str(SAMPLE_SECONDS)}]
+    body = manifest("shrink", training={"steps": STEPS, "evalEvery": 50}, template={"env": env})
+    assert "minReplicas" not in body
+    kube.run("apply", "-n", namespace, "-f", "-", input=body)
+    training(kube, namespace, "shrink", 4)
+    kube.run("scale", "dtj/shrink", "-n", namespace, "--replicas=2")
+    wait_for(
+        "2 members training, not paused",
+        lambda: (
+            (p := job_status(kube, namespace, "shrink").get("progress") or {})
+            and p.get("members") == 2
+            and p.get("paused") is False
+        ),
+        timeout=180,
+    )
+    st = finish(kube, namespace, "shrink")
+    assert st["result"]["workers"] == 2
+    assert_kept_running(local, namespace, ["shrink-worker-0", "shrink-worker-1"])
