@@ -485,8 +485,10 @@ class Worker:
             self.balancer.shares = []  # re-planned from the new members' hints and speeds
         trained = [s for s in member_steps if s > 0]
         if trained:
+            # The most advanced current member (any trained one if none is current).
+            candidates = [r for r in range(n) if member_steps[r] > 0 and synced_at[r] == current]
             source = min(
-                (r for r in range(n) if member_steps[r] > 0 and synced_at[r] == current),
+                candidates or [r for r in range(n) if member_steps[r] > 0],
                 key=lambda r: (-member_steps[r], r),
             )
             await self._copy_state(source, member_steps)
