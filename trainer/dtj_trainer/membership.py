@@ -24,6 +24,7 @@ stalling anyone.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import threading
@@ -306,8 +307,15 @@ class Member:
         self._hb_store.append(REQUESTS, json.dumps(request) + "\n")
 
     def leave(self) -> None:
+        self._last_words()
         self.store.append(REQUESTS, json.dumps({"leave": self.id}) + "\n")
         self._stop.set()
+
+    def _last_words(self) -> None:
+        """The last progress posted, written now (on this thread's own connection): the
+        heartbeat that would have sent it is about to stop."""
+        with contextlib.suppress(Exception):
+            self._flush(self.store)
 
     def post(self, key: str, value: str) -> None:
         """Write `key` from the heartbeat thread (the latest value wins): progress
@@ -316,12 +324,14 @@ class Member:
         with self._outbox_lock:
             self._outbox[key] = value
 
-    def _flush(self) -> None:
+    def _flush(self, store: Any = None) -> None:
+        """Write what was posted, on `store` (default: the heartbeat's connection)."""
+        store = self._hb_store if store is None else store
         with self._outbox_lock:
             pending, self._outbox = self._outbox, {}
         try:
             for key, value in pending.items():
-                self._hb_store.set(key, value)
+                store.set(key, value)
         except Exception:
             with self._outbox_lock:  # keep what was not written; newer values win
                 self._outbox = {**pending, **self._outbox}
@@ -411,4 +421,5 @@ class Member:
             time.sleep(0.1)
 
     def stop(self) -> None:
+        self._last_words()
         self._stop.set()
