@@ -259,8 +259,8 @@ def test_the_coordinator_is_replaced_and_the_workers_stay(
 ):
     """Deleted, or its process SIGKILLed (a crash or an OOM kill: the pod ends Failed):
     a new coordinator comes, the workers register with it and keep their processes,
-    and the job succeeds with no failure counted (issue 18, finding 10). An
-    asynchronous job's sample budget is not counted again from zero (finding 6)."""
+    and the job succeeds with no failure counted (issue 18, finding 10), also an
+    asynchronous job on a sample budget (finding 6)."""
     name = f"recoord-{how}-{algorithm}"
     job = elastic_job(name, algorithm=algorithm)
     kube.run("apply", "-n", namespace, "-f", "-", input=job)
@@ -306,8 +306,8 @@ def test_the_coordinator_is_replaced_and_the_workers_stay(
     st = finish(kube, namespace, name, undisturbed if sync else None)
     assert not st.get("preemptions"), "losing the coordinator is not a worker preemption"
     assert_kept_running(local, namespace, [f"{name}-worker-{s}" for s in range(4)])
-    if not sync:  # ~STEPS rounds each; a budget counted again would take up to twice
-        assert st["result"]["steps"] <= 1.25 * STEPS, st["result"]
+    # (That the budget is not counted again is checked exactly where every worker's
+    # rounds are known: tests/trainer/test_coordinator_outage.py and the matrix.)
 
 
 def test_a_deleted_node_takes_its_workers_and_they_come_back_elsewhere(
