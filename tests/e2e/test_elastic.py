@@ -8,6 +8,7 @@ the replacement joins the running generation, and the job succeeds.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from typing import Any
@@ -33,6 +34,7 @@ def elastic_job(
     replicas: int = 4,
     sample_seconds: float = SAMPLE_SECONDS,
     algorithm: str = "dpsgd",
+    min_replicas: int = 3,
 ) -> str:
     env = [{"name": "DTJ_SIMULATE_SAMPLE_SECONDS", "value": str(sample_seconds)}]
     # An asynchronous method runs on a job-wide sample budget (the counter a replaced
@@ -45,7 +47,7 @@ def elastic_job(
     return manifest(
         name,
         replicas=replicas,
-        minReplicas=3,
+        minReplicas=min_replicas,
         algorithm={"name": algorithm, "topology": "ring"},
         training={**length, "evalEvery": 50},
         template={"env": env},
@@ -114,6 +116,11 @@ def finish(kube: Kube, ns: str, name: str, baseline: float | None = None) -> dic
     return st
 
 
+def patch(kube: Kube, ns: str, name: str, spec: dict[str, Any]) -> None:
+    body = json.dumps({"spec": spec})
+    kube.run("patch", "dtj", name, "-n", ns, "--type=merge", "-p", body)
+
+
 def assert_survivors_untouched(
     kube: Kube, ns: str, name: str, before: dict[str, dict[str, Any]], gone: set[str]
 ) -> None:
@@ -128,7 +135,11 @@ def assert_survivors_untouched(
 def test_a_deleted_worker_is_a_preemption_and_its_replacement_joins(
     kube, local, operator, namespace, undisturbed
 ):
-    kube.run("apply", "-n", namespace, "-f", "-", input=elastic_job("keepgoing"))
+    # minReplicas 4: training waits for the replacement, however long its start takes
+    # (with 3 the job could end first on a loaded machine); going on short-handed is
+    # the scaling tests'.
+    job = elastic_job("keepgoing", min_replicas=4)
+    kube.run("apply", "-n", namespace, "-f", "-", input=job)
     training(kube, namespace, "keepgoing", 4)
     before = pods(kube, namespace, "keepgoing")
     gen = job_status(kube, namespace, "keepgoing")["progress"]["generation"]
@@ -196,7 +207,8 @@ def test_a_disrupted_node_loses_its_workers_as_preemptions(
     kube, local, operator, namespace, how, undisturbed
 ):
     name = f"moved-{how.split('-')[0]}"
-    kube.run("apply", "-n", namespace, "-f", "-", input=elastic_job(name))
+    # minReplicas 4: training waits until the moved workers run and join.
+    kube.run("apply", "-n", namespace, "-f", "-", input=elastic_job(name, min_replicas=4))
     training(kube, namespace, name, 4)
     before = pods(kube, namespace, name)
     victims = {
@@ -241,7 +253,10 @@ def test_scaling_up_and_down_while_training(kube, local, operator, namespace, un
     training(kube, namespace, "scaled", 4)
     before = pods(kube, namespace, "scaled")
     kube.run("scale", "dtj/scaled", "-n", namespace, "--replicas=6")
+    # Held until the new workers join (however long they take to start), then let go.
+    patch(kube, namespace, "scaled", {"minReplicas": 6})
     training(kube, namespace, "scaled", 6)
+    patch(kube, namespace, "scaled", {"minReplicas": 3})
     kube.run("scale", "dtj/scaled", "-n", namespace, "--replicas=3")
     training(kube, namespace, "scaled", 3)
     assert_kept_running(local, namespace, [f"scaled-worker-{slot}" for slot in range(3)])

@@ -4,9 +4,10 @@ Each run trains 4 workers through the local coordinator (store + registrar).
 Mid-run, slot 2's worker gets SIGTERM (it hands its model off and leaves) and
 a replacement starts; while that one is on its way, slot 3's worker gets
 SIGKILL (its heartbeat stops) and a replacement starts. Compared with an
-undisturbed run of the same seed. Steps take ~48 ms of modelled compute (as
-on real hardware, not a tiny model's ~1 ms), so the replacements, which take
-seconds to start, join well before the end.
+undisturbed run of the same seed. minReplicas is 4, so training waits for each
+replacement however long it takes to start. Steps take modelled compute (a
+sleep: it changes how long a step takes, never what it computes), as on real
+hardware rather than a tiny model's ~1 ms.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ class Outcome:
     accuracy: float
     detected_after: dict[int, float]  # signal -> seconds until a generation without it
     history: dict[int, list[list[Progress]]]  # slot -> per incarnation -> reports
+    warm_starts: dict[int, list[int]]  # slot -> the step each warm start began at
+    job_step: dict[int, int]  # victim's slot -> the least step its peers had reported then
     exit_codes: dict[int, int]
     survivors_kept_pid: bool
 
@@ -70,6 +73,12 @@ def history(logs: Path, slot: int) -> list[list[Progress]]:
         elif line.startswith("{") and '"loss"' in line:
             out[-1].append(Progress(**json.loads(line)))
     return out
+
+
+def warm_starts(logs: Path, slot: int) -> list[int]:
+    """The steps a worker's incarnations warm-started at (from its log)."""
+    text = (logs / f"worker-{slot}.log").read_text()
+    return [int(m) for m in re.findall(r"warm start from the members' .* at step (\d+)", text)]
 
 
 def wait(what: str, probe, timeout: float = 120.0):
@@ -90,6 +99,8 @@ class Event:
 
 EVENTS = [Event(2, signal.SIGTERM, 100), Event(3, signal.SIGKILL, 120)]
 SAMPLE_SECONDS = "0.0015"  # modelled compute per sample: ~48 ms a step of 32
+# The leave-and-join runs wait for their replacements (minReplicas 4): ~16 ms a step.
+JOIN_SAMPLE_SECONDS = "0.0005"
 
 
 def run(tmp_path: Path, algorithm: str, events: list[Event]) -> Outcome:
@@ -100,13 +111,14 @@ def run(tmp_path: Path, algorithm: str, events: list[Event]) -> Outcome:
     fixed-length job raced it on a loaded machine). Training on short-handed is the
     e2e tests' and the frozen-worker test's."""
     logs = tmp_path / algorithm
-    env = {str(s): {"DTJ_SIMULATE_SAMPLE_SECONDS": SAMPLE_SECONDS} for s in range(4)}
+    env = {str(s): {"DTJ_SIMULATE_SAMPLE_SECONDS": JOIN_SAMPLE_SECONDS} for s in range(4)}
     job = LocalJob(config(algorithm, min_replicas=4), logs=logs, extra_env=env)
     try:
         for slot in range(4):
             job.start_worker(slot)
         pids = {s: p.pid for s, p in job.procs.items()}
         detected: dict[int, float] = {}
+        job_step: dict[int, int] = {}
         for ev in events:
             wait(
                 f"slot {ev.slot} at step {ev.at_step}, training",
@@ -117,6 +129,7 @@ def run(tmp_path: Path, algorithm: str, events: list[Event]) -> Outcome:
             )
             t0 = time.monotonic()
             job.signal(ev.slot, ev.sig)
+            job_step[ev.slot] = min(r.step for s, r in job.reports().items() if s != ev.slot)
             victim = next(m for m in job.generation().members if m.startswith(f"{ev.slot}."))
             wait(
                 "a generation without the victim",
@@ -132,6 +145,8 @@ def run(tmp_path: Path, algorithm: str, events: list[Event]) -> Outcome:
             job.result().averaged_accuracy,
             detected,
             {s: history(logs, s) for s in range(4)},
+            {s: warm_starts(logs, s) for s in range(4)},
+            job_step,
             codes,
             kept,
         )
@@ -160,11 +175,15 @@ def assert_survivors_trained_on(out: Outcome, survivors: list[int], stop_at: int
         assert reports[-1].loss < sum(before) / len(before)
 
 
-def assert_joiner_warm_started(out: Outcome, slot: int, stopped_at: int) -> None:
+def assert_joiner_warm_started(out: Outcome, slot: int) -> None:
+    """The replacement starts where the job is (the members' step: synchronous methods
+    their latest, asynchronous ones their mean), never at step 0, on a trained model."""
     _, second_life = out.history[slot]
     assert second_life, f"the replacement of slot {slot} reported no progress"
+    (start,) = out.warm_starts[slot]  # the first incarnation started cold
+    assert start >= out.job_step[slot] > 0, (start, out.job_step[slot])
     joined = second_life[0]
-    assert joined.step > stopped_at, f"the replacement started from step {joined.step}"
+    assert joined.step >= start
     cold = out.history[0][0][0].loss  # a fresh model after its first 20 steps
     peers = [r.loss for r in out.history[0][0] if abs(r.step - joined.step) <= 40]
     # Close to the peers (its first window: a fresh optimizer on the averaged model),
@@ -179,9 +198,10 @@ def test_workers_leave_and_die_and_replacements_warm_start(tmp_path, algorithm, 
     assert out.detected_after[signal.SIGTERM] < 2.0, out.detected_after
     assert out.detected_after[signal.SIGKILL] < 10.0, out.detected_after
     assert_survivors_trained_on(out, [0, 1], EVENTS[0].at_step)
-    assert_joiner_warm_started(out, 2, EVENTS[0].at_step)
-    assert_joiner_warm_started(out, 3, EVENTS[1].at_step)
-    assert abs(out.accuracy - undisturbed[algorithm].accuracy) <= 0.01, (
+    assert_joiner_warm_started(out, 2)
+    assert_joiner_warm_started(out, 3)
+    # Losing two workers costs at most a point (a different trajectory may also gain one).
+    assert out.accuracy >= undisturbed[algorithm].accuracy - 0.01, (
         out.accuracy,
         undisturbed[algorithm].accuracy,
     )
