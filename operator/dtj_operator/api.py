@@ -11,6 +11,8 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from dtj_trainer.config import (
+    MOMENTUM_IS_SGDS,
+    TELEPORTATION_NEEDS_PLAIN_SGD,
     AlgorithmSpec,
     BatchingSpec,
     Model,
@@ -102,6 +104,26 @@ class WorkerTemplate(Model):
     image: str = Field(DEFAULT_IMAGE, min_length=1, description="Trainer container image.")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
         "IfNotPresent", description="Image pull policy."
+    )
+    command: list[str] = Field(
+        default_factory=list,
+        max_length=MAX_ITEMS,
+        description=(
+            "The worker container's entrypoint, to run your own training script in your "
+            "image (default: python -m dtj_trainer, the built-in trainer). It gets the "
+            "same rendered config and environment (DTJ_CONFIG, DTJ_RANK, DTJ_POD_NAME, "
+            "DTJ_POD_IP, DTJ_METRICS_PORT). The coordinator always runs "
+            "python -m dtj_trainer.coordinator from the same image."
+        ),
+    )
+    args: list[str] = Field(
+        default_factory=list,
+        max_length=MAX_ITEMS,
+        description="Arguments to template.command (which they need: the built-in "
+        "trainer takes none).",
+    )
+    working_dir: str | None = Field(
+        None, min_length=1, description="Working directory of the worker container."
     )
     resources: dict[str, Any] = Field(
         default_factory=dict,
@@ -333,11 +355,29 @@ CEL_RULES = [
     ),
     _Rule(
         "!has(self.algorithm.name) || self.algorithm.name != 'teleportation'"
+        " || ((!has(self.optimizer.name) || self.optimizer.name == 'sgd')"
+        " && (!has(self.optimizer.momentum) || double(self.optimizer.momentum) == 0.0))",
+        TELEPORTATION_NEEDS_PLAIN_SGD,
+        "spec.optimizer",
+        lambda s: (
+            s.algorithm.name != "teleportation"
+            or (s.optimizer.name == "sgd" and s.optimizer.momentum == 0)
+        ),
+    ),
+    _Rule(
+        "!has(self.optimizer.name) || self.optimizer.name == 'sgd'"
         " || !has(self.optimizer.momentum) || double(self.optimizer.momentum) == 0.0",
-        "teleportation moves slot models between workers without their optimizer state: "
-        "set optimizer.momentum to 0 (plain SGD)",
+        MOMENTUM_IS_SGDS,
         "spec.optimizer.momentum",
-        lambda s: s.algorithm.name != "teleportation" or s.optimizer.momentum == 0,
+        lambda s: s.optimizer.name == "sgd" or s.optimizer.momentum == 0,
+    ),
+    _Rule(
+        "!has(self.template.args) || size(self.template.args) == 0"
+        " || (has(self.template.command) && size(self.template.command) > 0)",
+        "template.args are arguments to template.command: set the command too (the "
+        "built-in trainer takes none)",
+        "spec.template.args",
+        lambda s: not s.template.args or bool(s.template.command),
     ),
     _Rule(
         "!(has(self.training.steps) && has(self.training.budget))",

@@ -42,6 +42,7 @@ DEFAULT_ANNOTATIONS = {
     COORDINATOR: {SAFE_TO_EVICT: "false", DO_NOT_DISRUPT: "true"},
 }
 # Workers and the coordinator listen on their pod's IP (gloo, store, metrics).
+TRAINER_COMMAND = ("python", "-m", "dtj_trainer")  # the built-in trainer
 POD_IP_ENV = {"name": "DTJ_POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
 
 
@@ -299,12 +300,17 @@ def worker_pod(
         name=worker_name(job.name, slot),
         hostname=f"{WORKER}-{slot}",
         component=WORKER,
-        command=["python", "-m", "dtj_trainer"],
+        command=list(job.spec.template.command) or list(TRAINER_COMMAND),
         env=env,
         resources=quantities(job.spec.template.resources),
         pool=pool,
         extra_labels={LABEL_SLOT: str(slot)},
     )
+    container = pod["spec"]["containers"][0]
+    if job.spec.template.args:
+        container["args"] = list(job.spec.template.args)
+    if job.spec.template.working_dir:
+        container["workingDir"] = job.spec.template.working_dir
     pod["metadata"]["finalizers"] = [TRACKING_FINALIZER]
     return pod
 

@@ -31,6 +31,10 @@ def parse(spec):
         ({"template": {"labels": {"training.dtj.io/slot": "1"}}}, "template.labels"),
         ({"template": {"annotations": {"training.dtj.io/x": "1"}}}, "template.annotations"),
         ({"template": {"serviceAccountName": "x-coordinator"}}, "serviceAccountName"),
+        ({"template": {"args": ["--fast"]}}, "spec.template.args"),
+        ({"optimizer": {"name": "adamw", "momentum": 0.9}}, "momentum is sgd's"),
+        ({"optimizer": {"schedule": {"warmup": 1}}}, "warmup"),
+        ({"training": {"precision": "fp8"}}, "precision"),
     ],
 )
 def test_invalid_specs_name_the_field(spec, field):

@@ -38,3 +38,18 @@ def test_the_spot_example_fills_on_demand_first_and_counts_spot_losses_as_preemp
     assert [p.preemptible for p in job.spec.node_pools] == [False, True]
     coordinator = render.coordinator_pod(job, render.owner_reference(body))
     assert coordinator["spec"]["nodeSelector"] == {"karpenter.sh/capacity-type": "on-demand"}
+
+
+def _readme_specs() -> list[dict]:
+    text = (ROOT / "README.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split("```yaml\n")[1:]]
+    docs = [d for b in blocks for d in yaml.safe_load_all(b)]
+    return [d["spec"] for d in docs if isinstance(d, dict) and set(d) == {"spec"}]
+
+
+@pytest.mark.parametrize("spec", _readme_specs(), ids=lambda s: ",".join(s))
+def test_every_spec_fragment_in_the_readme_is_valid(spec):
+    """The README's `spec:` snippets (algorithms, batching, optimizer, ...) validate."""
+    body = {"apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": {"name": "r"}}
+    job = api.DecentralizedTrainingJob.from_body({**body, "spec": spec})
+    assert render.trainer_config(job, store_host="127.0.0.1")

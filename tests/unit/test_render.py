@@ -77,6 +77,31 @@ def test_gpu_limit_selects_nccl_and_quantities_become_strings():
     assert render.trainer_config(job).backend == "nccl"
 
 
+def test_the_users_command_args_and_working_dir_run_in_the_workers_only():
+    _, objs = children(
+        {
+            "template": {
+                "command": ["python", "/scripts/train.py"],
+                "args": ["--epochs", "3"],
+                "workingDir": "/scripts",
+            }
+        }
+    )
+    coordinator, *workers = by_kind(objs, "Pod")
+    for pod in workers:
+        (c,) = pod["spec"]["containers"]
+        assert c["command"] == ["python", "/scripts/train.py"]
+        assert c["args"] == ["--epochs", "3"] and c["workingDir"] == "/scripts"
+        assert {e["name"] for e in c["env"]} >= {"DTJ_CONFIG", "DTJ_RANK", "DTJ_POD_IP"}
+    (c,) = coordinator["spec"]["containers"]
+    assert c["command"][:3] == ["python", "-m", "dtj_trainer.coordinator"]
+    assert "args" not in c and "workingDir" not in c
+    _, default = children()
+    assert by_kind(default, "Pod")[1]["spec"]["containers"][0]["command"] == list(
+        render.TRAINER_COMMAND
+    )
+
+
 def test_suspended_job_has_no_pods():
     _, objs = children({"runPolicy": {"suspend": True}})
     assert by_kind(objs, "Pod") == []

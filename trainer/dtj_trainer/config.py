@@ -8,6 +8,7 @@ module must never import torch or kopf.
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -97,21 +98,81 @@ class AlgorithmSpec(Model):
     )
 
 
+class ScheduleSpec(Model):
+    """How the step size moves over training, by the job's progress: its steps, or
+    the share of its budget spent (so it works the same with steps or a budget)."""
+
+    warmup: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Fraction of training over which lr rises linearly from 0 to optimizer.lr.",
+    )
+    decay: Literal["constant", "cosine"] = Field(
+        "constant",
+        description="After the warm-up: keep optimizer.lr, or follow a cosine down to "
+        "endFactor x optimizer.lr at the end.",
+    )
+    end_factor: float = Field(
+        0.0, ge=0, le=1, description="cosine: the final step size, as a fraction of lr."
+    )
+
+    def factor(self, progress: float) -> float:
+        """The multiplier on lr when `progress` (0-1) of training is done."""
+        progress = min(max(progress, 0.0), 1.0)
+        if progress < self.warmup:
+            return progress / self.warmup
+        if self.decay == "constant":
+            return 1.0
+        t = (progress - self.warmup) / (1.0 - self.warmup)
+        return self.end_factor + (1.0 - self.end_factor) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
 class OptimizerSpec(Model):
     """The local optimizer each worker applies to its own gradients."""
 
-    name: Literal["sgd"] = Field("sgd", description="Local optimizer.")
-    lr: float = Field(0.05, gt=0, description="Step size.")
+    name: Literal["sgd", "adamw"] = Field(
+        "sgd", description="Local optimizer: sgd (with optional momentum) or adamw."
+    )
+    lr: float = Field(0.05, gt=0, description="Step size (the peak one with a schedule).")
     momentum: float = Field(
         0.0,
         ge=0,
         lt=1,
         description=(
-            "Heavy-ball momentum (0 = plain SGD). teleportation requires 0: its slot models "
-            "move between workers without the optimizer state."
+            "sgd: heavy-ball momentum (0 = plain SGD; adamw uses beta1 instead). "
+            "teleportation requires 0: its slot models move between workers without the "
+            "optimizer state."
         ),
     )
-    weight_decay: float = Field(0.0, ge=0, description="L2 penalty.")
+    beta1: float = Field(0.9, ge=0, lt=1, description="adamw: first-moment decay.")
+    beta2: float = Field(0.999, ge=0, lt=1, description="adamw: second-moment decay.")
+    eps: float = Field(1e-8, gt=0, description="adamw: term added to the denominator.")
+    weight_decay: float = Field(
+        0.0, ge=0, description="sgd: L2 penalty; adamw: decoupled weight decay."
+    )
+    grad_clip_norm: float | None = Field(
+        None,
+        gt=0,
+        description="Clip every gradient before the optimizer applies it to this L2 norm "
+        "(unset: no clipping).",
+    )
+    schedule: ScheduleSpec = Field(
+        default_factory=ScheduleSpec,
+        description="Warm-up and decay of the step size.",
+        json_schema_extra=nested_default(),
+    )
+
+    @model_validator(mode="after")
+    def _momentum_is_sgds(self) -> OptimizerSpec:
+        if self.name != "sgd" and self.momentum:
+            raise ValueError(MOMENTUM_IS_SGDS)
+        return self
+
+
+MOMENTUM_IS_SGDS = (
+    "optimizer.momentum is sgd's; adamw keeps its own moments (beta1, beta2): remove momentum"
+)
 
 
 class BatchingSpec(Model):
@@ -190,6 +251,10 @@ class BudgetSpec(Model):
 
 
 DEFAULT_STEPS = 300
+TELEPORTATION_NEEDS_PLAIN_SGD = (
+    "teleportation moves slot models between workers without their optimizer state: "
+    "use optimizer.name sgd with momentum 0 (plain SGD)"
+)
 
 
 class TrainingSpec(Model):
@@ -229,6 +294,20 @@ class TrainingSpec(Model):
         json_schema_extra=nested_default(),
     )
     checkpoint: CheckpointSpec | None = Field(None, description="Optional checkpointing.")
+    loss: str = Field(
+        "cross_entropy",
+        min_length=1,
+        description=(
+            "Built-in loss (cross_entropy) or an importable factory 'module:function' "
+            "returning a callable (logits, targets) -> loss. A model whose output has a "
+            "non-None .loss (a transformers-style output object) is trained on that."
+        ),
+    )
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="bf16: forward and loss under torch.autocast in bfloat16 "
+        "(parameters, gradients and the exchanges stay fp32).",
+    )
 
     @model_validator(mode="after")
     def _steps_or_budget(self) -> TrainingSpec:
@@ -268,9 +347,7 @@ class TrainerConfig(Model):
             raise ValueError(
                 f"algorithm.activeNodes ({k}) must not exceed replicas ({self.replicas})"
             )
-        if self.algorithm.name == "teleportation" and self.optimizer.momentum:
-            raise ValueError(
-                "teleportation moves slot models between workers without their optimizer "
-                "state: set optimizer.momentum to 0 (plain SGD)"
-            )
+        plain = self.optimizer.name == "sgd" and not self.optimizer.momentum
+        if self.algorithm.name == "teleportation" and not plain:
+            raise ValueError(TELEPORTATION_NEEDS_PLAIN_SGD)
         return self

@@ -30,7 +30,7 @@ from typing import Any, NoReturn
 import torch
 from torch import nn
 
-from . import algorithms, checkpoint, data, models
+from . import algorithms, checkpoint, data, models, objective
 from .balancer import Balancer, gradient_scales
 from .config import ASYNC_ALGORITHMS, TrainerConfig
 from .membership import Cancelled, Generation, Member, Superseded, slot_of
@@ -45,8 +45,8 @@ COORDINATOR_PATIENCE = 10  # x timeoutSeconds a worker waits for a coordinator t
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    with torch.no_grad():
-        return float((model(x).argmax(dim=1) == y).float().mean().item())
+    with objective.evaluating(model):
+        return float((objective.logits_of(model(x)).argmax(dim=1) == y).float().mean().item())
 
 
 def halving_rungs(candidates: int, budget: int) -> list[int]:
@@ -65,9 +65,9 @@ def halving_rungs(candidates: int, budget: int) -> list[int]:
     return [base * m for m in mults]
 
 
-def loss_on(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    with torch.no_grad():
-        return float(nn.functional.cross_entropy(model(x), y).item())
+def loss_on(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: objective.LossFn) -> float:
+    with objective.evaluating(model):
+        return float(objective.loss_of(model(x), y, loss_fn).item())
 
 
 async def weighted_average(
@@ -202,12 +202,7 @@ class Worker:
         model = models.build(
             cfg.training.model, num_features=ds.num_features, num_classes=ds.num_classes
         )
-        opt = torch.optim.SGD(
-            model.parameters(),
-            lr=cfg.optimizer.lr,
-            momentum=cfg.optimizer.momentum,
-            weight_decay=cfg.optimizer.weight_decay,
-        )
+        opt = objective.build_optimizer(cfg.optimizer, model.parameters())
         sampler = data.Sampler(x_train[mine], y_train[mine], seed=seed * 100_003 + slot)
         local = algorithms.Local(
             model,
@@ -215,10 +210,12 @@ class Worker:
             sampler,
             cfg.batching.per_worker,
             cfg.optimizer.lr,
-            nn.CrossEntropyLoss(),
+            objective.build_loss(cfg.training.loss),
             sample_seconds,
             # In virtual time (the simulator's asynchronous mode) slowness is a clock tick.
             1.0 if transport.virtual_time else slowdown,
+            precision=cfg.training.precision,
+            clip_norm=cfg.optimizer.grad_clip_norm,
         )
         balancer = Balancer(cfg.batching) if cfg.batching.dynamic else None
         return cls(
@@ -276,6 +273,9 @@ class Worker:
                 algo = await self.regroup()
             step = self.current_step
             t = self.transport
+            objective.set_lr(
+                self.local.optimizer, cfg.optimizer, pace.fraction(step, time.time() - self.started)
+            )
             try:
                 if notes and step >= pace.next_check and await self.compare_notes(steps):
                     break
@@ -639,7 +639,9 @@ class Worker:
             for k in alive:
                 self.reset()
                 weight, _ = await self.run(rounds, k=k)
-                own = loss_on(self.local.model, self.x_val, self.y_val) if weight > 0 else 0.0
+                own = 0.0
+                if weight > 0:
+                    own = loss_on(self.local.model, self.x_val, self.y_val, self.local.loss_fn)
                 mean, _ = await weighted_average(torch.tensor([own]), weight, self.transport)
                 scores[k] = float(mean[0])
                 self.search_log.append({"k": k, "rounds": rounds, "val_loss": scores[k]})

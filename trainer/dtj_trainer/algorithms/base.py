@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from ..data import Sampler
+from ..objective import LossFn, autocast, loss_of
 
 
 def flat_params(model: nn.Module) -> torch.Tensor:
@@ -31,7 +32,7 @@ class Local:
     sampler: Sampler
     batch: int
     lr: float
-    loss_fn: nn.Module
+    loss_fn: LossFn
     # Benchmarks and tests only: modelled compute time per sample, and a factor on
     # all of this worker's compute, spent here before the worker communicates
     # (heterogeneous hardware; GPU-like steps where communication is small).
@@ -40,13 +41,16 @@ class Local:
     # Dynamic batching: n b_i / sum_j b_j, so equal-weight averages are sample-weighted.
     grad_scale: float = 1.0
     compute_seconds: float = 0.0  # this worker's compute time so far (never waiting)
+    precision: str = "fp32"  # training.precision
+    clip_norm: float | None = None  # optimizer.gradClipNorm
 
     def grad(self) -> float:
         """Forward and backward on a fresh local mini-batch; returns the loss."""
         t0 = time.perf_counter()
         x, y = self.sampler.next(self.batch)
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss_fn(self.model(x), y)
+        with autocast(self.model, self.precision):
+            loss = loss_of(self.model(x), y, self.loss_fn)
         loss.backward()
         if self.grad_scale != 1.0:
             for p in self.model.parameters():
@@ -75,6 +79,9 @@ class Local:
             offset += n
 
     def step(self) -> None:
+        """Apply the gradient in .grad (clipped to clip_norm first, when set)."""
+        if self.clip_norm is not None:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_norm)
         self.optimizer.step()
 
     def params(self) -> torch.Tensor:
