@@ -58,6 +58,7 @@ images:
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/hadolint images/*.Dockerfile
 
 typecheck: install
