@@ -57,7 +57,9 @@ def test_simulator_and_torch_distributed_agree(algorithm, tmp_path):
     """Same seed, same synchronous method: the same parameters, to float tolerance."""
     cfg = config(algorithm, steps=40, checkpoint={"path": str(tmp_path), "everySteps": 40})
     launcher.run(cfg, out=io.StringIO())
-    _, workers = simulator.simulate(cfg)
+    # The simulator from scratch (with the same checkpoint path it would resume at 40).
+    fresh = cfg.training.model_copy(update={"checkpoint": None})
+    _, workers = simulator.simulate(cfg.model_copy(update={"training": fresh}))
     for w in workers:
         real = checkpoint.load(tmp_path, w.transport.rank)
         assert real["step"] == 40

@@ -1,9 +1,10 @@
 """Atomic whole-job checkpoints, loadable with torch.load(weights_only=True).
 
 Write to a temporary file, fsync, rename: a worker killed mid-write leaves
-the previous checkpoint intact. Joining workers warm-start from a live
-neighbour instead; these files are for whole-job restarts and for reading
-results out of a run.
+the previous checkpoint intact. Joining workers warm-start from the live
+members instead; these files are for whole-job restarts (suspend and resume,
+every pod lost at once, a new job continuing an old one's directory) and for
+reading results out of a run.
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ def path_for(directory: str | Path, rank: int) -> Path:
     return Path(directory) / f"worker-{rank}.pt"
 
 
-def save(directory: str | Path, rank: int, *, step: int, params: torch.Tensor) -> Path:
+def save(directory: str | Path, rank: int, state: dict[str, Any]) -> Path:
+    """Write one worker's checkpoint (tensors, numbers, nested dicts) atomically."""
     target = path_for(directory, rank)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save({"step": step, "params": params.detach().cpu()}, f)
+            torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
@@ -37,9 +39,21 @@ def save(directory: str | Path, rank: int, *, step: int, params: torch.Tensor) -
     return target
 
 
-def load(directory: str | Path, rank: int) -> dict[str, object]:
-    state: dict[str, object] = torch.load(path_for(directory, rank), weights_only=True)
+def load(directory: str | Path, rank: int) -> dict[str, Any]:
+    state: dict[str, Any] = torch.load(path_for(directory, rank), weights_only=True)
     return state
+
+
+def latest(directory: str | Path, rank: int) -> dict[str, Any] | None:
+    """What a (re)starting worker in slot `rank` resumes from: its own slot's
+    checkpoint, else the most advanced one in the directory (a slot that never
+    wrote one, e.g. after a scale-up), else None."""
+    own = path_for(directory, rank)
+    if own.exists():
+        return load(directory, rank)
+    others = sorted(Path(directory).glob("worker-*.pt")) if Path(directory).is_dir() else []
+    states = [torch.load(p, weights_only=True) for p in others]
+    return max(states, key=lambda s: int(s["step"]), default=None)
 
 
 def to_bytes(state: dict[str, Any]) -> torch.Tensor:

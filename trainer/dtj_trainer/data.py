@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -160,3 +161,13 @@ class Sampler:
             take.append(chunk)
         idx = torch.cat(take)
         return self.x[idx], self.y[idx]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where this worker is in its data (checkpointed: a resume continues the order)."""
+        return {"rng": self._gen.get_state(), "order": self._order.clone(), "pos": self._pos}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state["order"]) != len(self.y):
+            return  # another shard (a different replicas count): start its order afresh
+        self._gen.set_state(state["rng"])
+        self._order, self._pos = state["order"].clone(), int(state["pos"])

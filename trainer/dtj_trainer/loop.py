@@ -234,6 +234,54 @@ class Worker:
             hint=hint,
         )
 
+    def snapshot(self) -> dict[str, Any]:
+        """What a checkpoint holds: everything this worker needs to go on from here
+        (its model with buffers, optimizer state, place in its data, step, the job's
+        sample count, teleportation's k). `params` is the flat parameter vector."""
+        state: dict[str, Any] = {
+            "step": self.current_step,
+            "samples": self.pace.consumed + self.pace.unreported,
+            "params": self.local.params(),
+            "model": self.local.model.state_dict(),
+            "optimizer": self.local.optimizer.state_dict(),
+            "sampler": self.local.sampler.state_dict(),
+        }
+        if self.k is not None:
+            state["k"] = self.k
+        return state
+
+    def resume(self) -> None:
+        """Start from the job's checkpoint when there is one (training.checkpoint): after
+        a suspension, after every worker was lost, or in a new job pointed at an old
+        one's directory. The first generation's state sync then proceeds as after any
+        membership change (a slot without a checkpoint of its own takes the most
+        advanced one; the members agree on the step)."""
+        ckpt = self.cfg.training.checkpoint
+        state = checkpoint.latest(ckpt.path, self.slot) if ckpt else None
+        if state is None:
+            return
+        if "model" not in state:
+            raise ValueError(
+                f"{ckpt.path if ckpt else ''}: a checkpoint of an older version (parameters "
+                "only) cannot be resumed from; point training.checkpoint.path elsewhere"
+            )
+        self.local.model.load_state_dict(state["model"])
+        self.local.optimizer.load_state_dict(state["optimizer"])
+        self.local.sampler.load_state_dict(state["sampler"])
+        self.current_step = int(state["step"])
+        self.pace.consumed = int(state["samples"])
+        self.k = state.get("k")
+        self.say(
+            f"resumed from the checkpoint at step {self.current_step} "
+            f"({self.pace.consumed} samples trained by the job)"
+        )
+
+    def say(self, message: str) -> None:
+        if self.elastic is not None:
+            self.elastic.say(message)
+        else:
+            print(message, flush=True)
+
     def reset(self) -> None:
         """Back to x0 with a fresh optimizer state (the k search restarts from x0); the
         samples trained so far are the search's cost, not part of the job's budget."""
@@ -314,7 +362,7 @@ class Worker:
             rounds, dropped = rounds + 1, dropped + stats.dropped
             ckpt = cfg.training.checkpoint
             if ckpt and report and (done % ckpt.every_steps == 0 or last):
-                checkpoint.save(ckpt.path, self.slot, step=done, params=self.local.params())
+                checkpoint.save(ckpt.path, self.slot, self.snapshot())
             if report and wants_report:
                 now = time.perf_counter()
                 report(
@@ -608,6 +656,9 @@ class Worker:
         """SIGTERM: hand the model (and its weight) to the members, announce, stop."""
         el = self.elastic
         assert el is not None
+        ckpt = self.cfg.training.checkpoint
+        if ckpt is not None and self.current_step > 0:  # a suspension loses no step
+            checkpoint.save(ckpt.path, self.slot, self.snapshot())
         w = max(self.model_weight(), 0.0)
         # The samples trained since this worker last counted them travel too, so the
         # job's count loses nothing to a leave (float64: exact for any count).
@@ -651,15 +702,19 @@ class Worker:
 
     async def train(self, report: Reporter | None = None) -> Result:
         cfg = self.cfg
+        self.resume()
         if self.elastic is not None:
+            if self.pace.consumed:
+                self.reseed(self.elastic.store)  # the job's count goes on from the checkpoint
             await self.regroup()  # the first generation; a joiner warm-starts here
             self.started = self.job_start(self.elastic.store)
         else:
             await self.transport.all_reduce_mean(torch.zeros(1))  # start together
             self.started = time.time()
         start = time.perf_counter()
-        k = None
-        if cfg.algorithm.name == "teleportation" and cfg.algorithm.active_nodes == "auto":
+        k = self.k  # resumed
+        auto = cfg.algorithm.name == "teleportation" and cfg.algorithm.active_nodes == "auto"
+        if auto and k is None:
             k = await self.search_k(cfg.training.rounds or DEFAULT_SEARCH_ROUNDS)
             # The search is extra to the budget (the paper's T rounds of search before
             # T of training): a time budget counts from here.
