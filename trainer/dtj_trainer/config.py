@@ -215,10 +215,18 @@ class DataSplitSpec(Model):
 
 
 class CheckpointSpec(Model):
-    """Whole-job checkpoints (joining workers warm-start from a neighbour instead)."""
+    """Whole-job checkpoints, read back when workers start: a suspended job resumes,
+    a job that lost every pod goes on (joiners of a running job still warm-start
+    from the members)."""
 
-    path: str = Field(description="Directory for atomic checkpoints (a mounted volume).")
-    every_steps: int = Field(100, ge=1, description="Steps between checkpoints.")
+    path: str = Field(
+        description="Directory for atomic per-worker checkpoints, on a volume that outlives "
+        "the pods; a worker starting with one there resumes from it (model, optimizer "
+        "state, data position, step). Point a new job at an old one's to continue it."
+    )
+    every_steps: int = Field(
+        100, ge=1, description="Steps between checkpoints (a stopped worker also writes one)."
+    )
 
 
 class BudgetSpec(Model):
