@@ -103,19 +103,6 @@ def test_a_dpsgd_job_applied_with_kubectl_trains_to_90_percent(kube, local, oper
     assert_trained(kube, local, namespace, "ring", st)
 
 
-def test_a_gosgd_job_applied_with_kubectl_trains_to_90_percent(kube, local, operator, namespace):
-    body = manifest(
-        "gossip",
-        replicas=4,
-        algorithm={"name": "gosgd", "gossipProbability": 0.1},
-        optimizer={"lr": 0.1, "momentum": 0.0},
-        training=LONGER,
-        template=SLOW,
-    )
-    st = train_to_the_end(kube, namespace, "gossip", body)
-    assert_trained(kube, local, namespace, "gossip", st)
-
-
 METHODS = ("allreduce", "dpsgd", "gosgd", "dasgd", "teleportation")
 
 

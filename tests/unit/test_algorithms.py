@@ -175,7 +175,7 @@ def test_the_k_search_scores_the_slot_models_themselves_within_its_budget():
 
 
 def test_teleportation_refuses_momentum():
-    with pytest.raises(ValueError, match=r"set optimizer\.momentum to 0"):
+    with pytest.raises(ValueError, match=r"optimizer\.name sgd with momentum 0"):
         TrainerConfig.model_validate(
             {
                 "job": "x",
