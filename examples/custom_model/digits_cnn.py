@@ -17,10 +17,13 @@ from torch import nn
 
 
 def build(num_features: int, num_classes: int) -> nn.Module:
-    """A small CNN over the 8x8 digit images (64 features -> 1x8x8)."""
+    """A small CNN over the 8x8 digit images (64 features -> 1x8x8). Its BatchNorm
+    running statistics are buffers: state syncs average them with the parameters,
+    and evaluation runs in eval() mode on them."""
     return nn.Sequential(
         nn.Unflatten(1, (1, 8, 8)),
         nn.Conv2d(1, 8, kernel_size=3, padding=1),
+        nn.BatchNorm2d(8),
         nn.ReLU(),
         nn.MaxPool2d(2),
         nn.Flatten(),

@@ -18,7 +18,12 @@ def test_custom_model_example_trains(monkeypatch):
     cfg = render.trainer_config(job, store_host="127.0.0.1")
     cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"steps": 150})})
     results, workers = simulator.simulate(cfg)
-    assert type(workers[0].local.model[1]).__name__ == "Conv2d"
+    model = workers[0].local.model
+    assert type(model[1]).__name__ == "Conv2d"
+    bn = model[2]
+    assert type(bn).__name__ == "BatchNorm2d"
+    assert int(bn.num_batches_tracked) == 150  # trained in train() mode: statistics moved
+    assert model.training  # and left in it after evaluation (which ran in eval())
     assert results[0].averaged_accuracy > 0.8
     sys.modules.pop("digits_cnn", None)
 
