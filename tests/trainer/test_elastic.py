@@ -25,6 +25,8 @@ from dtj_trainer.config import TrainerConfig
 from dtj_trainer.launcher import LocalJob
 from dtj_trainer.metrics import Progress
 
+from tests.trainer.waiting import wait
+
 pytestmark = pytest.mark.procs
 
 SETTINGS = {
@@ -79,15 +81,6 @@ def warm_starts(logs: Path, slot: int) -> list[int]:
     """The steps a worker's incarnations warm-started at (from its log)."""
     text = (logs / f"worker-{slot}.log").read_text()
     return [int(m) for m in re.findall(r"warm start from the members' .* at step (\d+)", text)]
-
-
-def wait(what: str, probe, timeout: float = 120.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := probe():
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @dataclass

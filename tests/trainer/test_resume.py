@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import re
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,8 @@ import torch
 from dtj_trainer.config import TrainerConfig
 from dtj_trainer.launcher import LocalJob
 from dtj_trainer.metrics import Progress
+
+from tests.trainer.waiting import wait
 
 pytestmark = pytest.mark.procs
 
@@ -32,15 +33,6 @@ def reports(log: Path) -> list[Progress]:
         for line in log.read_text().splitlines()
         if line.startswith("{") and '"loss"' in line
     ]
-
-
-def wait(what: str, probe, timeout: float = 120.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := probe():
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_a_suspended_job_resumes_from_where_every_worker_left(tmp_path: Path) -> None:
