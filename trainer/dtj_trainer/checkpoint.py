@@ -48,11 +48,11 @@ def latest(directory: str | Path, rank: int) -> dict[str, Any] | None:
     """What a (re)starting worker in slot `rank` resumes from: its own slot's
     checkpoint, else the most advanced one in the directory (a slot that never
     wrote one, e.g. after a scale-up), else None."""
-    own = path_for(directory, rank)
-    if own.exists():
+    if path_for(directory, rank).exists():
         return load(directory, rank)
     others = sorted(Path(directory).glob("worker-*.pt")) if Path(directory).is_dir() else []
-    states = [torch.load(p, weights_only=True) for p in others]
+    # Memory-mapped: comparing the steps reads no tensor data of the ones not taken.
+    states = [torch.load(p, weights_only=True, mmap=True) for p in others]
     return max(states, key=lambda s: int(s["step"]), default=None)
 
 

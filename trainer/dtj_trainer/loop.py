@@ -257,13 +257,12 @@ class Worker:
         membership change (a slot without a checkpoint of its own takes the most
         advanced one; the members agree on the step)."""
         ckpt = self.cfg.training.checkpoint
-        state = checkpoint.latest(ckpt.path, self.slot) if ckpt else None
-        if state is None:
+        if ckpt is None or (state := checkpoint.latest(ckpt.path, self.slot)) is None:
             return
         if "model" not in state:
             raise ValueError(
-                f"{ckpt.path if ckpt else ''}: a checkpoint of an older version (parameters "
-                "only) cannot be resumed from; point training.checkpoint.path elsewhere"
+                f"{ckpt.path}: a checkpoint of an older version (parameters only) cannot be "
+                "resumed from; point training.checkpoint.path elsewhere"
             )
         self.local.model.load_state_dict(state["model"])
         self.local.optimizer.load_state_dict(state["optimizer"])
