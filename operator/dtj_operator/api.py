@@ -534,6 +534,11 @@ class TrainingResult(Model):
     )
     steps: int | None = Field(None, description="Training steps each worker ran.")
     workers: int | None = Field(None, description="Workers that reported a result.")
+    metrics: dict[str, str] | None = Field(
+        None,
+        description="A user's own training loop: the mean over the workers of the numbers "
+        "each reported last with job.report() (decimal strings), e.g. validation loss.",
+    )
 
 
 class JobStatus(Model):

@@ -49,19 +49,45 @@ def cmd_local(args: argparse.Namespace) -> int:
     if args.replicas:
         cfg = cfg.model_copy(update={"replicas": args.replicas})
     print(f"job {cfg.job}: {args.file}", flush=True)
+    command, working_dir = local_command(job, Path(args.file))
     try:
-        result = launcher.run(cfg, extra_env=local_env(job, cfg.replicas, args))
+        result = launcher.run(
+            cfg,
+            extra_env=local_env(job, cfg.replicas, args),
+            command=command,
+            working_dir=working_dir,
+        )
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    how = f"{cfg.replicas} workers, {cfg.algorithm.name}, wall time {result.wall_seconds:.1f}s"
+    if result.averaged_accuracy is None:  # the user's loop: what it reported
+        numbers = ", ".join(f"{k} {v:.4g}" for k, v in (result.metrics or {}).items())
+        print(f"Result: {numbers or 'no numbers reported'} (workers' mean), {how}", flush=True)
+        return 0
     lo, hi = min(result.worker_accuracies), max(result.worker_accuracies)
     print(
         f"Result: test accuracy {100 * result.averaged_accuracy:.1f}% on {cfg.training.dataset} "
-        f"(averaged model; workers {100 * lo:.1f}-{100 * hi:.1f}%), "
-        f"{cfg.replicas} workers, {cfg.algorithm.name}, wall time {result.wall_seconds:.1f}s",
+        f"(averaged model; workers {100 * lo:.1f}-{100 * hi:.1f}%), {how}",
         flush=True,
     )
     return 0
+
+
+def local_command(
+    job: DecentralizedTrainingJob, manifest: Path
+) -> tuple[list[str] | None, Path | None]:
+    """What local workers run: the template's command and args (the user's script), with
+    `python` meaning this interpreter, in its workingDir taken relative to the
+    manifest's folder; (None, None) for the built-in trainer."""
+    template = job.spec.template
+    if not template.command:
+        return None, None
+    command = list(template.command) + list(template.args)
+    if command[0] in ("python", "python3"):
+        command[0] = sys.executable
+    where = manifest.parent / template.working_dir if template.working_dir else None
+    return command, where
 
 
 def local_env(

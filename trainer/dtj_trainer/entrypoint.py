@@ -23,20 +23,14 @@ what to change: the operator shows it as the failure's message.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import signal
 import sys
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any
 
 from .config import TrainerConfig
-from .metrics import Progress
-
-if TYPE_CHECKING:
-    from .transport import Transport
 
 DEFAULT_CONFIG_PATH = "/etc/dtj/config.json"
 
@@ -124,106 +118,30 @@ def run(rt: Runtime) -> int:
     # The push receiver is a Python thread: let it in often, so pushes do not
     # queue up behind a fast training loop (default switch interval is 5 ms).
     sys.setswitchinterval(0.0002)
-    cfg = rt.config
     # torch only once the contract is valid
-    from .loop import AlreadyDone, Elastic, Left, Worker, patiently
-    from .membership import Generation, Member
-    from .storelink import StoreLink
-    from .transport import DistTransport, Unconnected, connect_store
+    from .loop import Worker
+    from .session import open_session
 
-    pod_ip = os.environ.get("DTJ_POD_IP") or None
-    backend = backend_for(cfg.backend)
-
-    def reach() -> Any:
-        return connect_store(cfg.store_host, cfg.store_port, timeout=cfg.timeout_seconds)
-
-    # Two connections (the heartbeat thread has its own); both follow a replaced
-    # coordinator, and the heartbeat's registers this worker with it again.
-    store, beat_store = StoreLink(reach), StoreLink(reach)
-    holder: dict[str, Worker] = {}
-
-    def on_newer(g: int) -> None:  # from the heartbeat thread
-        worker = holder.get("worker")
-        if worker is None or worker.elastic is None or g <= worker.elastic.generation.number:
-            return
-        worker.elastic.changed.set()
-        if getattr(worker.transport, "generation", g) < g:
-            worker.transport.abandon()  # wakes the main thread if it waits on the old one
-
-    def connect(gen: Generation, rank: int) -> DistTransport:
-        return DistTransport(
-            store.store,
-            generation=gen.number,
-            rank=rank,
-            size=len(gen.members),
-            backend=backend,
-            timeout=cfg.timeout_seconds,
-            host=pod_ip,
-        )
-
-    member = Member(store, beat_store, rt.rank, on_newer)
-
-    def on_reconnect() -> None:  # a new coordinator: register again, restore the counters
-        member.rejoin()
-        if (worker := holder.get("worker")) is not None:
-            worker.reseed(beat_store)
-
-    beat_store.on_reconnect = on_reconnect
-    elastic = Elastic(member, store, connect, Generation(-1, ()), cfg.timeout_seconds, say)
-
-    exporter = None
-    if port := env_int("DTJ_METRICS_PORT"):
-        from .exporter import Exporter
-
-        exporter = Exporter(job=cfg.job, rank=rt.rank)
-        exporter.serve(port, pod_ip or "0.0.0.0")
-
-    def report(p: Progress) -> None:
-        if exporter:
-            exporter.update(p)
-        line = json.dumps(asdict(p))
-        print(line, flush=True)
-        member.post(f"progress/{rt.rank}", line)  # sent by the heartbeat thread
-
+    session = open_session(rt, backend_for(rt.config.backend))
     try:
-        # Not connected yet: train() joins the first generation.
-        unconnected = cast("Transport", Unconnected())
         worker = Worker.build(
-            cfg,
-            unconnected,
+            rt.config,
+            session.unconnected(),
             slowdown=rt.slowdown,
             slot=rt.rank,
-            elastic=elastic,
+            elastic=session.elastic,
             sample_seconds=rt.sample_seconds,
             hint=rt.speed_hint,
         )
     except (ValueError, TypeError) as e:
         raise ConfigError(e) from e
-    holder["worker"] = worker
-    # Register only now, ready to train: members that admit us wait for no data loading.
-    member.join()
-    say(f"joined as {member.id}; waiting for a generation")
-    signal.signal(signal.SIGTERM, lambda *_: elastic.leaving.set())
+    session.start(worker)
+    outcome: Any
     try:
-        result = asyncio.run(worker.train(report))
-    except Left:
-        member.stop()
-        return 0
-    except AlreadyDone:
-        if worker.current_step == 0:
-            say("the job's training had already finished when this worker joined: nothing to do")
-        else:
-            say(
-                f"the job's training finished while this worker was away (it had reached "
-                f"step {worker.current_step}); the others' result stands"
-            )
-        member.leave()
-        return 0
-    line = json.dumps(asdict(result))
-    patiently(lambda: store.set(f"result/{rt.rank}", line), elastic, "this worker's result")
-    print(line, flush=True)
-    member.leave()  # done: the others need not wait for this worker any more
-    worker.transport.close()
+        outcome = asyncio.run(worker.train(session.report))
+    except Exception as e:  # Left and AlreadyDone end a worker cleanly
+        outcome = e
+    session.conclude(outcome)
     return 0
 
 

@@ -29,11 +29,12 @@ from .metrics import Progress, Result
 
 @dataclass(frozen=True)
 class LocalResult:
-    averaged_accuracy: float
+    averaged_accuracy: float | None  # None for a user's loop: see metrics
     worker_accuracies: list[float]
     consensus_distance: float
     wall_seconds: float
     worker_samples_per_second: list[float]
+    metrics: dict[str, float] | None = None  # a user's loop: the workers' mean of job.report()
 
 
 def _read(store: Any, key: str) -> dict[str, Any] | None:
@@ -47,7 +48,7 @@ def progress_line(cfg: TrainerConfig, reports: list[Progress]) -> str:
     """One line summarising the workers' latest reports."""
     loss = sum(r.loss for r in reports) / len(reports)
     rate = sum(r.samples_per_second for r in reports)
-    accs = [r.test_accuracy or 0.0 for r in reports]
+    accs = [r.test_accuracy for r in reports if r.test_accuracy is not None]
     step = min(r.step for r in reports)
     rounds, budget = cfg.training.rounds, cfg.training.budget
     if rounds is not None:
@@ -59,10 +60,25 @@ def progress_line(cfg: TrainerConfig, reports: list[Progress]) -> str:
         )
     batches = [r.batch for r in sorted(reports, key=lambda r: r.rank) if r.batch is not None]
     plan = f"  batches {'/'.join(map(str, batches))}" if cfg.batching.dynamic else ""
-    return (
-        f"{where}  loss {loss:.3f}  "
-        f"test acc {100 * min(accs):.1f}-{100 * max(accs):.1f}%  {rate:,.0f} samples/s{plan}"
-    )
+    if accs:
+        quality = f"test acc {100 * min(accs):.1f}-{100 * max(accs):.1f}%"
+    else:  # a user's loop: what it reports besides the loss
+        quality = "  ".join(
+            f"{name} {value:.4g}"
+            for name, value in mean_metrics([r.metrics for r in reports]).items()
+            if name != "loss"
+        )
+    return f"{where}  loss {loss:.3f}  {quality}  {rate:,.0f} samples/s{plan}"
+
+
+def mean_metrics(reported: list[dict[str, float] | None]) -> dict[str, float]:
+    """The mean of each reported number over the workers that reported it."""
+    names = sorted({name for m in reported for name in m or {}})
+    return {
+        name: sum(vs) / len(vs)
+        for name in names
+        if (vs := [m[name] for m in reported if m and name in m])
+    }
 
 
 class LocalJob:
@@ -74,7 +90,11 @@ class LocalJob:
         *,
         extra_env: dict[str, dict[str, str]] | None = None,
         logs: Path | None = None,
+        command: list[str] | None = None,
+        working_dir: Path | None = None,
     ) -> None:
+        """`command`: what each worker runs (a user's training script), by default the
+        built-in trainer; `working_dir` is where it runs (default: here)."""
         from .coordinator import serve  # imports torch
 
         self.store = serve("127.0.0.1", 0)
@@ -83,6 +103,8 @@ class LocalJob:
         self._tmp = tempfile.TemporaryDirectory(prefix="dtj-local-")
         self.dir = Path(self._tmp.name)
         self.logs = logs
+        self.command = command or [sys.executable, "-m", "dtj_trainer"]
+        self.working_dir = working_dir
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self.stop = threading.Event()
         from .coordinator import start_registrar
@@ -111,8 +133,9 @@ class LocalJob:
             self.logs.mkdir(parents=True, exist_ok=True)
             out = open(self.logs / f"worker-{slot}.log", "ab")  # noqa: SIM115 - the child's
         self.procs[slot] = subprocess.Popen(
-            [sys.executable, "-m", "dtj_trainer"],
+            self.command,
             env=env,
+            cwd=self.working_dir,
             stdout=out,
             stderr=subprocess.STDOUT if self.logs is not None else None,
             start_new_session=True,
@@ -153,10 +176,11 @@ class LocalJob:
             raise RuntimeError("no worker reported a result")
         return LocalResult(
             averaged_accuracy=results[0].averaged_accuracy,
-            worker_accuracies=[r.worker_accuracy for r in results],
+            worker_accuracies=[r.worker_accuracy for r in results if r.worker_accuracy is not None],
             consensus_distance=results[0].consensus_distance,
             wall_seconds=time.perf_counter() - self.start_time,
             worker_samples_per_second=[r.samples_per_second for r in results],
+            metrics=mean_metrics([r.metrics for r in results]) or None,
         )
 
 
@@ -176,9 +200,12 @@ def run(
     out: TextIO = sys.stdout,
     extra_env: dict[str, dict[str, str]] | None = None,
     poll_seconds: float = 0.2,
+    command: list[str] | None = None,
+    working_dir: Path | None = None,
 ) -> LocalResult:
-    """Train `cfg` with cfg.replicas local processes; raise if a worker fails."""
-    job = LocalJob(cfg, extra_env=extra_env)
+    """Train `cfg` with cfg.replicas local processes running `command` (default: the
+    built-in trainer); raise if a worker fails."""
+    job = LocalJob(cfg, extra_env=extra_env, command=command, working_dir=working_dir)
     cfg = job.cfg
     try:
         for slot in range(cfg.replicas):

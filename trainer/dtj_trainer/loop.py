@@ -21,6 +21,7 @@ set.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -156,9 +157,9 @@ class Worker:
     cfg: TrainerConfig
     transport: Transport
     local: algorithms.Local
-    dataset: data.Dataset
-    x_val: torch.Tensor
-    y_val: torch.Tensor
+    dataset: data.Dataset | None  # the built-in data set; None in a user's own loop
+    x_val: torch.Tensor | None
+    y_val: torch.Tensor | None
     x0: torch.Tensor
     slowdown: float = 1.0
     algo: algorithms.Algorithm | None = None
@@ -234,6 +235,36 @@ class Worker:
             hint=hint,
         )
 
+    @classmethod
+    def for_loop(
+        cls,
+        cfg: TrainerConfig,
+        transport: Transport,
+        local: algorithms.Local,
+        *,
+        train_size: int,
+        slot: int,
+        elastic: Elastic | None,
+        hint: float = 1.0,
+    ) -> Worker:
+        """A worker whose gradients the user's own loop computes (`local.driver`): no
+        built-in data set, the user's model and optimizer in `local`."""
+        return cls(
+            cfg,
+            transport,
+            local,
+            None,
+            None,
+            None,
+            algorithms.flat_params(local.model),
+            local.slowdown,
+            elastic=elastic,
+            slot=slot,
+            pace=Pace.of(cfg.training, train_size),
+            balancer=Balancer(cfg.batching) if cfg.batching.dynamic else None,
+            hint=hint,
+        )
+
     def snapshot(self) -> dict[str, Any]:
         """What a checkpoint holds: everything this worker needs to go on from here
         (its model with buffers, optimizer state, place in its data, step, the job's
@@ -245,6 +276,7 @@ class Worker:
             "model": self.local.model.state_dict(),
             "optimizer": self.local.optimizer.state_dict(),
             "sampler": self.local.sampler.state_dict(),
+            **self.local.extras_state(),
         }
         if self.k is not None:
             state["k"] = self.k
@@ -267,6 +299,7 @@ class Worker:
         self.local.model.load_state_dict(state["model"])
         self.local.optimizer.load_state_dict(state["optimizer"])
         self.local.sampler.load_state_dict(state["sampler"])
+        self.local.load_extras(state)
         self.current_step = int(state["step"])
         self.pace.consumed = int(state["samples"])
         self.k = state.get("k")
@@ -313,6 +346,7 @@ class Worker:
         pace.next_check = pace.last_check = self.current_step
         notes = steps is None or self.balancer is not None  # sync points wanted
         while steps is None or self.current_step < steps:
+            self.local.round_over()
             el = self.elastic
             if el is not None and el.leaving.is_set():
                 await self.leave()
@@ -320,9 +354,12 @@ class Worker:
                 algo = await self.regroup()
             step = self.current_step
             t = self.transport
-            objective.set_lr(
-                self.local.optimizer, cfg.optimizer, pace.fraction(step, time.time() - self.started)
-            )
+            if self.local.driver is None:  # a user's loop sets its own learning rate
+                objective.set_lr(
+                    self.local.optimizer,
+                    cfg.optimizer,
+                    pace.fraction(step, time.time() - self.started),
+                )
             try:
                 if notes and step >= pace.next_check and await self.compare_notes(steps):
                     break
@@ -352,8 +389,8 @@ class Worker:
             pace.unreported += stats.samples
             window_samples += stats.samples
             run_samples += stats.samples
-            if stats.loss is not None:
-                losses.append(stats.loss)
+            if stats.loss is not None and not math.isnan(stats.loss):  # a user's loop: known
+                losses.append(stats.loss)  # from its second round on (it reports after)
             if stats.staleness is not None:
                 staleness.append(stats.staleness)
             stale.extend(stats.stale)
@@ -370,9 +407,8 @@ class Worker:
                         step=done,
                         loss=sum(losses) / len(losses) if losses else float("nan"),
                         samples_per_second=window_samples / max(now - window_start, 1e-9),
-                        test_accuracy=accuracy(
-                            self.local.model, self.dataset.x_test, self.dataset.y_test
-                        ),
+                        test_accuracy=self.test_accuracy(),
+                        metrics=self.reported(),
                         bytes_sent=t.counters.bytes_sent,
                         bytes_received=t.counters.bytes_received,
                         comm_wait_seconds=t.counters.wait_seconds,
@@ -393,6 +429,7 @@ class Worker:
                 window_start, window_samples, losses, staleness, stale = now, 0, [], [], []
             if report and self.stop_after is not None and done >= self.stop_after:
                 break
+        self.local.round_over()
         rate = run_samples / max(time.perf_counter() - run_start, 1e-9)
         if cfg.algorithm.name in ASYNC_ALGORITHMS and pace.unreported:
             # The last rounds count too: the job's count is what was trained.
@@ -406,6 +443,16 @@ class Worker:
                 if self.elastic is None:
                     raise
                 await self.regroup()
+
+    def test_accuracy(self) -> float | None:
+        """The built-in data set's test accuracy of this model (None in a user's loop)."""
+        ds = self.dataset
+        return None if ds is None else accuracy(self.local.model, ds.x_test, ds.y_test)
+
+    def reported(self) -> dict[str, float] | None:
+        """What a user's loop last reported (job.report), if any."""
+        driver = self.local.driver
+        return driver.reported() if driver is not None else None
 
     # -- the job-wide budget and the batch plan ---------------------------------------
 
@@ -691,6 +738,7 @@ class Worker:
                 weight, _ = await self.run(rounds, k=k)
                 own = 0.0
                 if weight > 0:
+                    assert self.x_val is not None and self.y_val is not None  # built-in data
                     own = loss_on(self.local.model, self.x_val, self.y_val, self.local.loss_fn)
                 mean, _ = await weighted_average(torch.tensor([own]), weight, self.transport)
                 scores[k] = float(mean[0])
@@ -749,9 +797,9 @@ class Worker:
     async def finish(
         self, weight: float, seconds: float, k: int | None = None, rate: float = 0.0
     ) -> Result:
-        """Evaluate this worker's model and the weighted average of all models."""
-        ds = self.dataset
-        own = accuracy(self.local.model, ds.x_test, ds.y_test)
+        """Evaluate this worker's model and the weighted average of all models. In a
+        user's loop the model holds the average afterwards: it is the job's result."""
+        own = self.test_accuracy()
         x = self.local.params()
         while True:
             try:
@@ -763,8 +811,9 @@ class Worker:
                 await self.regroup()  # a member left during the final average: again
                 x, weight = self.local.params(), 1.0
         self.local.set_params(x_bar)
-        avg = accuracy(self.local.model, ds.x_test, ds.y_test)
-        self.local.set_params(x)
+        avg = self.test_accuracy()
+        if self.dataset is not None:
+            self.local.set_params(x)
         self.finished_step = self.current_step
         if self.elastic is not None:  # a replacement arriving from now on has nothing to do
             el = self.elastic
@@ -782,4 +831,5 @@ class Worker:
             staleness_max=tally.max,
             updates_received=tally.count,
             updates_dropped=tally.dropped,
+            metrics=self.reported(),
         )

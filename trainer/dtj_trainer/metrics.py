@@ -79,6 +79,7 @@ class Progress:
     stale: list[int] | None = None  # staleness of each update received since the last report
     generation: int | None = None  # membership generation (elastic jobs)
     members: int | None = None  # members of that generation
+    metrics: dict[str, float] | None = None  # a user's loop: its own numbers (job.report)
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -89,8 +90,9 @@ class Result:
     """How training ended, as seen by one worker."""
 
     steps: int
-    worker_accuracy: float
-    averaged_accuracy: float
+    # Test accuracy on the built-in data set (None for a user's loop: see metrics).
+    worker_accuracy: float | None
+    averaged_accuracy: float | None
     consensus_distance: float
     seconds: float
     active_nodes: int | None = None  # teleportation's k (found by the search when 'auto')
@@ -100,6 +102,7 @@ class Result:
     staleness_max: int | None = None
     updates_received: int = 0
     updates_dropped: int = 0
+    metrics: dict[str, float] | None = None  # a user's loop: its last job.report()
 
 
 @dataclass

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import ssl
+import statistics
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,16 +77,23 @@ def _records(store: Any, kind: str, slots: list[int]) -> list[dict[str, Any]]:
 def summarize_results(results: list[Result]) -> dict[str, Any]:
     """status.result from the workers that finished: the averaged model's test accuracy
     (the same on every worker: they average together at the end) and the range of
-    their own. Workers that left early report no result."""
+    their own, or for a user's loop the mean of what the workers reported last.
+    Workers that left early report no result."""
     if not results:
         return {}
-    own = [r.worker_accuracy for r in results]
-    return {
-        "testAccuracy": f"{results[0].averaged_accuracy:.4f}",
-        "workerAccuracy": f"{min(own):.4f}-{max(own):.4f}",
-        "steps": max(r.steps for r in results),
-        "workers": len(results),
-    }
+    out: dict[str, Any] = {"steps": max(r.steps for r in results), "workers": len(results)}
+    own = [r.worker_accuracy for r in results if r.worker_accuracy is not None]
+    if own and results[0].averaged_accuracy is not None:
+        out["testAccuracy"] = f"{results[0].averaged_accuracy:.4f}"
+        out["workerAccuracy"] = f"{min(own):.4f}-{max(own):.4f}"
+    names = sorted({name for r in results for name in r.metrics or {}})
+    if names:
+        out["metrics"] = {
+            name: f"{statistics.mean(v):.6g}"
+            for name in names
+            if (v := [r.metrics[name] for r in results if r.metrics and name in r.metrics])
+        }
+    return out
 
 
 @dataclass(frozen=True)

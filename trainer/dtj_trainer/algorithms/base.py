@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -21,6 +21,23 @@ def flat_params(model: nn.Module) -> torch.Tensor:
 def set_flat_params(model: nn.Module, flat: torch.Tensor) -> None:
     with torch.no_grad():
         vector_to_parameters(flat, model.parameters())
+
+
+class Driver(Protocol):
+    """Who computes a worker's gradients when the loop is the user's: `compute` hands
+    the model to the user's code for one forward and backward (it returns when the
+    user calls the wrapped optimizer's `step()`) and returns the loss it reported;
+    `round_over` lets the user's code go on after the method's round, and waits until
+    it asks for the next batch, so the user's code and the method never touch the
+    model at the same time."""
+
+    def compute(self, local: Local) -> float: ...
+
+    def round_over(self) -> None: ...
+
+    def reported(self) -> dict[str, float]:
+        """The numbers the user's loop reported last (job.report)."""
+        ...
 
 
 @dataclass
@@ -43,15 +60,25 @@ class Local:
     compute_seconds: float = 0.0  # this worker's compute time so far (never waiting)
     precision: str = "fp32"  # training.precision
     clip_norm: float | None = None  # optimizer.gradClipNorm
+    # The user's own loop (dtj_trainer.init): it computes the gradients instead of
+    # the built-in forward and backward below.
+    driver: Driver | None = None
+    # What else moves with the worker (a user's LR scheduler, grad scaler, own state):
+    # objects with state_dict() and load_state_dict(), by name.
+    extras: dict[str, Any] = field(default_factory=dict)
 
     def grad(self) -> float:
         """Forward and backward on a fresh local mini-batch; returns the loss."""
         t0 = time.perf_counter()
-        x, y = self.sampler.next(self.batch)
-        self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.model, self.precision):
-            loss = loss_of(self.model(x), y, self.loss_fn)
-        loss.backward()
+        if self.driver is not None:
+            value = self.driver.compute(self)
+        else:
+            x, y = self.sampler.next(self.batch)
+            self.optimizer.zero_grad(set_to_none=True)
+            with autocast(self.model, self.precision):
+                loss = loss_of(self.model(x), y, self.loss_fn)
+            loss.backward()
+            value = float(loss.item())
         if self.grad_scale != 1.0:
             for p in self.model.parameters():
                 if p.grad is not None:
@@ -61,7 +88,12 @@ class Local:
         if modelled > 0:
             time.sleep(modelled)
         self.compute_seconds += real + modelled
-        return float(loss.item())
+        return value
+
+    def round_over(self) -> None:
+        """The loop is between rounds: a user's loop may go on (it waits meanwhile)."""
+        if self.driver is not None:
+            self.driver.round_over()
 
     def flat_grad(self) -> torch.Tensor:
         return torch.cat(
@@ -109,17 +141,28 @@ class Local:
                 offset += b.numel()
 
     def full_state(self, *, with_model: bool) -> dict[str, Any]:
-        """What moves with a worker: the optimizer state and, `with_model`, the model's
-        parameters and buffers (a replica's whole state)."""
+        """What moves with a worker: the optimizer state, the extras' state and, with
+        `with_model`, the model's parameters and buffers (a replica's whole state)."""
         state: dict[str, Any] = {"optimizer": self.optimizer.state_dict()}
         if with_model:
             state["model"] = self.model.state_dict()
-        return state
+        return state | self.extras_state()
 
     def load_full_state(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         if "model" in state:
             self.model.load_state_dict(state["model"])
+        self.load_extras(state)
+
+    def extras_state(self) -> dict[str, Any]:
+        if not self.extras:
+            return {}
+        return {"extras": {name: obj.state_dict() for name, obj in self.extras.items()}}
+
+    def load_extras(self, state: dict[str, Any]) -> None:
+        for name, value in state.get("extras", {}).items():
+            if name in self.extras:
+                self.extras[name].load_state_dict(value)
 
     def set_params(self, flat: torch.Tensor) -> None:
         set_flat_params(self.model, flat)

@@ -1,0 +1,96 @@
+"""A byte-level GPT on the Python standard library's own sources, trained by the job.
+
+Plain torch (AdamW, warmup + cosine, clipping, autocast) with the job's seven lines
+marked `# job`. Alone: `python examples/lm/train.py`; four local workers:
+`dtj local examples/lm/job.yaml`; a cluster: `kubectl apply` the same manifest.
+"""
+
+import math
+import os
+import sysconfig
+from pathlib import Path
+
+import dtj_trainer
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset, default_collate
+
+CONTEXT, DIM, LAYERS, HEADS = 64, int(os.environ.get("LM_DIM", 64)), 2, 4
+BF16 = os.environ.get("LM_BF16") == "1"  # bfloat16 autocast (fast on recent GPUs)
+
+
+def corpus(limit: int = 1_000_000) -> torch.Tensor:
+    """The interpreter's own standard library as bytes: a corpus with no download."""
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    text = b"".join(f.read_bytes() for f in files)[:limit]
+    return torch.frombuffer(bytearray(text), dtype=torch.uint8).long()
+
+
+class Windows(Dataset):
+    def __init__(self, tokens: torch.Tensor) -> None:
+        self.tokens = tokens
+
+    def __len__(self) -> int:
+        return (len(self.tokens) - 1) // CONTEXT
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        chunk = self.tokens[i * CONTEXT : (i + 1) * CONTEXT + 1]
+        return chunk[:-1], chunk[1:]
+
+
+class GPT(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.pos = nn.Embedding(256, DIM), nn.Parameter(torch.zeros(CONTEXT, DIM))
+        block = nn.TransformerEncoderLayer(DIM, HEADS, 4 * DIM, 0.0, batch_first=True)
+        self.blocks = nn.TransformerEncoder(block, LAYERS, enable_nested_tensor=False)
+        self.head = nn.Linear(DIM, 256)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1])
+        return self.head(self.blocks(self.embed(x) + self.pos, mask=mask, is_causal=True))
+
+
+def loss_on(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    with torch.autocast("cpu", torch.bfloat16, enabled=BF16):
+        return F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, val: Windows, n: int = 256) -> float:
+    model.eval()
+    x, y = default_collate([val[i] for i in range(min(n, len(val)))])
+    loss = float(loss_on(model, x, y))
+    model.train()
+    return loss
+
+
+def main() -> None:
+    job = dtj_trainer.init()  # job: before the model, so every worker starts alike
+    tokens = corpus()
+    train, val = Windows(tokens[len(tokens) // 20 :]), Windows(tokens[: len(tokens) // 20])
+    model = GPT()
+    opt = job.wrap(model, torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1))  # job
+
+    def warmup_cosine(_: int) -> float:  # over the job's progress: its budget, not our steps
+        return min(1.0, 20 * job.progress) * (0.55 + 0.45 * math.cos(math.pi * job.progress))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine)
+    job.track(schedule=schedule)  # job: the schedule moves with the worker too
+    for x, y in job.batches(train):  # job: this worker's shard until the budget is spent
+        loss = loss_on(model, x, y)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        schedule.step()
+        job.report(loss=loss.item())  # job
+        if job.step % job.config.training.eval_every == 0:
+            job.report(val_loss=(v := evaluate(model, val)), perplexity=math.exp(v))  # job
+    v = evaluate(model, val)  # the job's averaged model
+    job.finish(val_loss=v, perplexity=math.exp(v))  # job
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,362 @@
+"""The trainer as a library for the user's own training loop.
+
+    job = dtj_trainer.init()                      # before building the model
+    model = build_model()
+    opt = job.wrap(model, torch.optim.AdamW(model.parameters(), lr=3e-4))
+    for batch in job.batches(train_set):          # this worker's shard, the job's budget
+        loss = compute_loss(model, batch)
+        loss.backward()
+        opt.step()                                # the local step and the job's method
+        opt.zero_grad()
+        job.report(loss=loss.item())
+    job.finish(val_loss=evaluate(model))          # model: the job's averaged result
+
+The job's method (allreduce, dpsgd, gosgd, dasgd, teleportation), its budget,
+dynamic batch plan, membership changes, SIGTERM hand-off, warm start and
+checkpoints run inside, with the same code as the built-in trainer: its round
+runs on a training thread, and each time the method needs a gradient it hands
+the model to the user's code (the next batch of `batches()`) and waits for the
+wrapped optimizer's `step()`. The two threads never run at once, so the
+user's code sees the model only between the method's phases.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import math
+import os
+import queue
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.utils.data import default_collate
+
+from . import algorithms, data
+from .config import TrainerConfig
+from .entrypoint import Runtime, backend_for, load_runtime
+from .loop import AlreadyDone, Left, Worker
+from .metrics import Result
+from .session import Session, open_session
+
+__all__ = ["Job", "WrappedOptimizer", "init"]
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class _Handoff:
+    """The baton between the training thread (the method) and the user's thread."""
+
+    def __init__(self) -> None:
+        self.to_user: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self.to_engine: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self.owed = False  # the user's step() waits for the end of this round
+        self.last: dict[str, float] = {}
+
+    # the training thread's side (algorithms.base.Driver)
+    def compute(self, local: algorithms.Local) -> float:
+        self.to_user.put(("compute", local.batch))
+        self.to_engine.get()  # the user's step(): the gradients are in .grad
+        self.owed = True
+        return self.last.get("loss", math.nan)
+
+    def round_over(self) -> None:
+        if self.owed:
+            self.owed = False
+            self.to_user.put(("stepped", None))
+            self.to_engine.get()  # the user's code asks for its next batch
+
+    def reported(self) -> dict[str, float]:
+        return dict(self.last)
+
+
+class WrappedOptimizer(torch.optim.Optimizer):
+    """The user's optimizer, whose `step()` runs this worker's round of the job's method
+    (the local step included). Everything else is the user's optimizer's own, so LR
+    schedulers, `zero_grad()` and `state_dict()` work as before."""
+
+    def __init__(self, job: Job, inner: torch.optim.Optimizer) -> None:  # no super(): a view
+        self._job, self.inner = job, inner
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.inner.param_groups
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        return self.inner.state
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        return self.inner.defaults
+
+    def step(self, closure: Callable[[], float] | None = None) -> None:  # type: ignore[override]
+        if closure is not None:
+            raise TypeError("the job's optimizer takes no closure: call step() after backward()")
+        self._job._stepped()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.inner.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state_dict)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self.inner.add_param_group(param_group)
+
+    def __repr__(self) -> str:
+        return f"WrappedOptimizer({self.inner!r})"
+
+
+class Job:
+    """This worker's view of the job; make one with `init()`."""
+
+    def __init__(self, rt: Runtime, session: Session) -> None:
+        self.config: TrainerConfig = rt.config
+        self.rank: int = rt.rank  # this worker's slot (its data shard), 0..replicas-1
+        self._rt, self._session = rt, session
+        self._handoff = _Handoff()
+        self._model: nn.Module | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._extras: dict[str, Stateful] = {}
+        self._worker: Worker | None = None
+        self._pending = False  # a batch is out and its step() has not come
+        self._outcome: Any = None  # what the training thread ended with
+        self._result: Result | None = None
+        self._finished = False
+        self._thread: threading.Thread | None = None
+
+    # -- what the user's loop calls --------------------------------------------------
+
+    def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> WrappedOptimizer:
+        """Train `model` with `optimizer` (any torch.optim optimizer over its parameters)
+        by the job's method. Build the model after init(): every worker must start
+        from the same weights (init() seeds torch with training.seed)."""
+        if self._model is not None:
+            raise RuntimeError("wrap() takes the job's one model and optimizer; call it once")
+        algorithm = self.config.algorithm
+        if algorithm.name == "teleportation" and not _plain_sgd(optimizer):
+            raise ValueError(
+                "teleportation moves models between workers without their optimizer state: "
+                "use torch.optim.SGD without momentum, or another algorithm"
+            )
+        if algorithm.name == "teleportation" and not isinstance(algorithm.active_nodes, int):
+            raise ValueError(
+                "teleportation's activeNodes: auto searches k on the built-in data set: set "
+                "spec.algorithm.activeNodes to a number for your own training loop"
+            )
+        self._model, self._optimizer = model, optimizer
+        return WrappedOptimizer(self, optimizer)
+
+    def track(self, **objects: Stateful) -> None:
+        """Objects whose state moves with the worker (warm starts, checkpoints): an LR
+        scheduler, a grad scaler, the user's own (state_dict / load_state_dict)."""
+        self._extras.update(objects)
+
+    def batches(
+        self, dataset: Any, *, collate: Callable[[list[Any]], Any] = default_collate
+    ) -> Iterator[Any]:
+        """Mini-batches of this worker's shard of `dataset` (len() and [i]), as many and
+        as large as the job's method, budget and batch plan ask; ends when training is
+        over or this worker leaves (SIGTERM: its model has been handed off)."""
+        if self._model is None or self._optimizer is None:
+            raise RuntimeError("call job.wrap(model, optimizer) before job.batches()")
+        if self._worker is not None:
+            raise RuntimeError("job.batches() runs once per job")
+        shard = _shard(len(dataset), self.config, self.rank)
+        sampler = data.Sampler(shard, shard, seed=self.config.training.seed * 100_003 + self.rank)
+        self._start(sampler, len(dataset))
+        while True:
+            kind, value = self._handoff.to_user.get()
+            if kind == "done":
+                self._outcome = value
+                return
+            indices, _ = sampler.next(value)
+            self._pending = True
+            yield collate([dataset[int(i)] for i in indices])
+            if self._pending:
+                raise RuntimeError(
+                    "each batch of job.batches() ends with the wrapped optimizer's step(): "
+                    "call opt.step() (the optimizer job.wrap() returned) once per batch"
+                )
+            if self._outcome is not None:  # training ended during the step
+                return
+            self._handoff.to_engine.put(("ready", None))
+
+    def report(self, **metrics: float) -> None:
+        """This worker's numbers (loss, validation loss, perplexity, ...): progress, the
+        job's status and its result; a `loss` is the training loss shown everywhere."""
+        self._handoff.last.update({k: float(v) for k, v in metrics.items()})
+
+    def finish(self, **metrics: float) -> Result | None:
+        """After the loop: the job's result (with `metrics`, e.g. the averaged model's
+        validation loss), or None when this worker left or arrived after the end. The
+        model holds the weighted average of the workers' models from here on."""
+        if self._finished:
+            return self._result
+        if self._outcome is None:
+            raise RuntimeError("job.finish() comes after the loop over job.batches() has ended")
+        self._finished = True
+        self.report(**metrics)
+        self._handoff.to_engine.put(("final", self._handoff.reported()))
+        kind, value = self._handoff.to_user.get()
+        assert kind == "concluded"
+        assert self._thread is not None
+        self._thread.join()  # its transport is closed before the interpreter goes
+        if isinstance(value, BaseException):
+            raise value
+        self._result = value
+        return value
+
+    # -- what else a loop may read ---------------------------------------------------
+
+    @property
+    def step(self) -> int:
+        """This worker's step (it goes on from the members' after a warm start)."""
+        return self._worker.current_step if self._worker is not None else 0
+
+    @property
+    def progress(self) -> float:
+        """How much of the job's training is done, 0-1 (its steps, or its budget of
+        samples or time): what a learning-rate schedule follows."""
+        w = self._worker
+        return 0.0 if w is None else w.pace.fraction(w.current_step, time.time() - w.started)
+
+    @property
+    def batch_size(self) -> int:
+        """This worker's current batch size (the dynamic batch plan moves it)."""
+        if self._worker is not None:
+            return self._worker.local.batch
+        return self.config.batching.per_worker
+
+    # -- the training thread -------------------------------------------------------------
+
+    def _start(self, sampler: data.Sampler, train_size: int) -> None:
+        assert self._model is not None and self._optimizer is not None
+        cfg, rt = self.config, self._rt
+        local = algorithms.Local(
+            self._model,
+            self._optimizer,
+            sampler,
+            cfg.batching.per_worker,
+            cfg.optimizer.lr,
+            lambda out, y: out,  # unused: the user's code computes the loss
+            rt.sample_seconds,
+            rt.slowdown,
+            driver=self._handoff,
+            extras=dict(self._extras),
+        )
+        worker = Worker.for_loop(
+            cfg,
+            self._session.unconnected(),
+            local,
+            train_size=train_size,
+            slot=self.rank,
+            elastic=self._session.elastic,
+            hint=rt.speed_hint,
+        )
+        self._worker = worker
+        self._session.start(worker)
+        self._thread = threading.Thread(target=self._train, name="dtj-training", daemon=True)
+        self._thread.start()
+        atexit.register(self._at_exit)
+
+    def _at_exit(self) -> None:
+        """A script that ends its loop and forgets finish() still reports its result."""
+        if self._outcome is not None and not self._finished:
+            self.finish()
+
+    def _train(self) -> None:
+        assert self._worker is not None
+        outcome: Any
+        try:
+            outcome = asyncio.run(self._worker.train(self._session.report))
+        except BaseException as e:  # Left, AlreadyDone, or what broke
+            outcome = e
+        self._handoff.to_user.put(("done", outcome))
+        _, final = self._handoff.to_engine.get()  # finish(): the user's last numbers
+        if isinstance(outcome, Result) and final:
+            outcome = replace(outcome, metrics=final)
+        try:
+            value: Any = self._session.conclude(outcome)
+        except BaseException as e:
+            value = e
+        self._handoff.to_user.put(("concluded", value))
+
+    def _stepped(self) -> None:
+        """The wrapped optimizer's step(): hand the gradients to the method's round and
+        wait until it is over (the model is the user's again)."""
+        if not self._pending:
+            raise RuntimeError(
+                "opt.step() outside job.batches(): step once for each batch the job hands out"
+            )
+        self._pending = False
+        self._handoff.to_engine.put(("grad", None))
+        kind, value = self._handoff.to_user.get()
+        if kind == "done":  # training ended (or broke) in this round
+            self._outcome = value
+            if not isinstance(value, (Result, Left, AlreadyDone)):
+                raise value
+
+
+def _plain_sgd(optimizer: torch.optim.Optimizer) -> bool:
+    return type(optimizer) is torch.optim.SGD and not any(
+        g.get("momentum") for g in optimizer.param_groups
+    )
+
+
+def _shard(size: int, cfg: TrainerConfig, slot: int) -> torch.Tensor:
+    """This slot's part of a user's data set: a seeded permutation dealt round-robin
+    (the same on every worker; a slot beyond replicas, after a scale-up, gets its own)."""
+    if size == 0:
+        raise ValueError("job.batches() needs a non-empty data set")
+    parts = max(cfg.replicas, slot + 1)
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(cfg.training.seed))
+    mine = order[slot::parts]
+    return mine if len(mine) else order
+
+
+def init(env: Mapping[str, str] | None = None) -> Job:
+    """Join the job this process is a worker of: the config the operator (or `dtj
+    local`) rendered (DTJ_CONFIG, DTJ_RANK). Without one it trains standalone: one
+    worker with the default settings and a coordinator of its own on 127.0.0.1.
+    Seeds torch with training.seed, so every worker builds the same initial model."""
+    env = os.environ if env is None else env
+    sys.setswitchinterval(0.0002)  # the push receiver thread must get in (entrypoint.run)
+    if "DTJ_CONFIG" not in env:
+        env = _standalone(env)
+    rt = load_runtime(env)
+    torch.manual_seed(rt.config.training.seed)
+    return Job(rt, open_session(rt, backend_for(rt.config.backend)))
+
+
+def _standalone(env: Mapping[str, str]) -> dict[str, str]:
+    """A one-worker job on this machine: its coordinator in this process."""
+    import tempfile
+
+    from .coordinator import serve, start_registrar
+
+    store = serve("127.0.0.1", 0)
+    cfg = TrainerConfig(job="standalone", replicas=1, store_port=store.port)
+    start_registrar(cfg, "127.0.0.1", store.port, threading.Event())
+    _keep.append(store)
+    path = Path(tempfile.mkdtemp(prefix="dtj-standalone-")) / "config.json"
+    path.write_text(cfg.model_dump_json(by_alias=True))
+    return {**env, "DTJ_CONFIG": str(path), "DTJ_RANK": "0"}
+
+
+_keep: list[Any] = []  # the standalone coordinator lives as long as the process
