@@ -53,7 +53,7 @@ def incarnations(log: Path) -> list[list[Progress]]:
     for line in log.read_text().splitlines():
         if "joined as" in line:
             out.append([])
-        elif line.startswith("{") and '"loss"' in line:
+        elif line.startswith('{"rank"'):
             out[-1].append(Progress(**json.loads(line)))
     return out
 
@@ -65,7 +65,10 @@ def train(logs: Path, events: list[tuple[int, int, int]]) -> tuple[LocalJob, dic
             job.start_worker(slot)
         pids = {s: p.pid for s, p in job.procs.items()}
         for slot, sig, at in events:
-            wait(f"step {at}", lambda at=at: min(r.step for r in job.reports().values()) >= at)
+            wait(
+                f"step {at}",
+                lambda at=at: min((r.step for r in job.reports().values()), default=0) >= at,
+            )
             job.signal(slot, sig)
             wait(f"slot {slot} to stop", lambda slot=slot: job.procs[slot].poll() is not None)
             job.start_worker(slot)

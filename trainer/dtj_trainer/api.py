@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import gc
 import math
 import os
 import queue
@@ -295,6 +296,8 @@ class Job:
             value: Any = self._session.conclude(outcome)
         except BaseException as e:
             value = e
+        outcome = None
+        gc.collect()  # old generations' process groups go here, not at interpreter exit
         self._handoff.to_user.put(("concluded", value))
 
     def _stepped(self) -> None:

@@ -309,7 +309,14 @@ class Member:
     def leave(self) -> None:
         self._last_words()
         self.store.append(REQUESTS, json.dumps({"leave": self.id}) + "\n")
+        self._halt()
+
+    def _halt(self) -> None:
+        """Stop the heartbeat and wait for it: a thread still inside a store call while
+        the interpreter exits can abort the process (C++ threads torn down under it)."""
         self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=10 * HEARTBEAT_SECONDS + 5)
 
     def _last_words(self) -> None:
         """The last progress posted, written now (on this thread's own connection): the
@@ -422,4 +429,4 @@ class Member:
 
     def stop(self) -> None:
         self._last_words()
-        self._stop.set()
+        self._halt()

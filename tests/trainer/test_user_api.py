@@ -1,0 +1,71 @@
+"""The public API's contract on one real process, standalone (no operator, no launcher).
+
+`dtj_trainer.init()` without a rendered config trains alone with a coordinator in
+the process and the default settings (300 steps): the loop gets exactly one batch
+per step, each of the planned size, from the data set given; `finish()` returns
+the result with the numbers reported. Misuse gets an error that says what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytestmark = pytest.mark.procs
+
+PRELUDE = """
+import json, torch
+import dtj_trainer
+from torch.utils.data import TensorDataset
+job = dtj_trainer.init()
+model = torch.nn.Linear(4, 1)
+data = TensorDataset(torch.randn(1000, 4), torch.randn(1000, 1))
+opt = job.wrap(model, torch.optim.AdamW(model.parameters(), lr=1e-2))
+"""
+
+
+def run(body: str) -> subprocess.CompletedProcess[str]:
+    script = PRELUDE + textwrap.dedent(body)
+    env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env
+    )
+
+
+def test_standalone_the_loop_gets_one_planned_batch_per_step_and_finish_returns_the_result():
+    done = run(
+        """
+        sizes, steps = [], []
+        for x, y in job.batches(data):
+            sizes.append(len(x)); steps.append(job.step)
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward(); opt.step(); opt.zero_grad()
+            job.report(loss=loss.item())
+        result = job.finish(final=1.5)
+        print("OUT", json.dumps({"sizes": sorted(set(sizes)), "n": len(sizes), "steps": steps[:3],
+              "step": job.step, "result_steps": result.steps, "metrics": result.metrics}))
+        """
+    )
+    assert done.returncode == 0, done.stderr
+    out = next(line for line in done.stdout.splitlines() if line.startswith("OUT "))
+    got = json.loads(out[4:])
+    assert got["n"] == 300 and got["step"] == 300 and got["result_steps"] == 300
+    assert got["sizes"] == [32]  # batching.perWorker's default
+    assert got["steps"] == [0, 1, 2]  # job.step: the rounds done before this batch
+    assert got["metrics"]["final"] == 1.5 and "loss" in got["metrics"]
+
+
+def test_a_batch_without_a_step_is_an_error_that_says_to_call_step():
+    done = run(
+        """
+        for x, y in job.batches(data):
+            torch.nn.functional.mse_loss(model(x), y).backward()
+        """
+    )
+    assert done.returncode != 0
+    assert "call opt.step() (the optimizer job.wrap() returned) once per batch" in done.stderr
+
