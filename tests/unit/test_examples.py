@@ -8,7 +8,7 @@ from dtj_operator import api, render
 
 from tests.builders import ROOT
 
-EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+EXAMPLES = sorted((ROOT / "examples").glob("**/*.yaml"))
 
 
 def _job(path):
@@ -53,3 +53,20 @@ def test_every_spec_fragment_in_the_readme_is_valid(spec):
     body = {"apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": {"name": "r"}}
     job = api.DecentralizedTrainingJob.from_body({**body, "spec": spec})
     assert render.trainer_config(job, store_host="127.0.0.1")
+
+
+def test_dtj_local_runs_the_templates_command_with_this_python_in_its_working_dir():
+    import sys
+
+    from dtj_operator.cli import local_command
+
+    lm = ROOT / "examples" / "lm" / "job.yaml"
+    job, _ = _job(lm)
+    assert local_command(job, lm) == ([sys.executable, "examples/lm/train.py"], None)
+    template = job.spec.template.model_copy(
+        update={"command": ["torchrun-like"], "args": ["--x"], "working_dir": "sub"}
+    )
+    moved = job.model_copy(update={"spec": job.spec.model_copy(update={"template": template})})
+    assert local_command(moved, lm) == (["torchrun-like", "--x"], lm.parent / "sub")
+    builtin, _ = _job(ROOT / "examples" / "quickstart.yaml")
+    assert local_command(builtin, lm) == (None, None)
