@@ -68,4 +68,3 @@ def test_a_batch_without_a_step_is_an_error_that_says_to_call_step():
     )
     assert done.returncode != 0
     assert "call opt.step() (the optimizer job.wrap() returned) once per batch" in done.stderr
-
