@@ -17,8 +17,19 @@ def _progress(**kw) -> Progress:
 def test_progress_becomes_prometheus_metrics():
     ex = Exporter(job="j", rank=3)
     ex.update(_progress(step=10, rounds=10, samples=320, bytes_sent=1000, stale=[0, 3]))
-    ex.update(_progress(step=20, rounds=20, samples=640, bytes_sent=2500, stale=[40], dropped=1))
+    ex.update(
+        _progress(
+            step=20,
+            rounds=20,
+            samples=640,
+            bytes_sent=2500,
+            stale=[40],
+            dropped=1,
+            metrics={"val_loss": 2.5},
+        )
+    )
     text = generate_latest(ex.registry).decode()
+    assert 'dtj_worker_reported_value{job_name="j",name="val_loss",rank="3"} 2.5' in text
     assert 'dtj_worker_steps_total{job_name="j",rank="3"} 20.0' in text
     assert 'dtj_worker_samples_total{job_name="j",rank="3"} 640.0' in text
     assert 'dtj_worker_sent_bytes_total{job_name="j",rank="3"} 2500.0' in text

@@ -47,6 +47,13 @@ class Exporter:
         self.sent = counter("bytes_sent", "Bytes sent to peers.")
         self.received = counter("bytes_received", "Bytes received from peers.")
         self.wait = counter("comm_wait_seconds", "Seconds blocked waiting for peers.")
+        self.reported = Gauge(
+            METRIC_NAMES["reported"],
+            "A number the user's training loop reported (job.report), by name.",
+            [*names, "name"],
+            registry=self.registry,
+        )
+        self._labels = labels
         self._last = Progress(rank=rank, step=0, loss=0.0, samples_per_second=0.0)
 
     def update(self, p: Progress) -> None:
@@ -67,6 +74,8 @@ class Exporter:
             self.generation.set(p.generation)
         if p.members is not None:
             self.members.set(p.members)
+        for name, number in (p.metrics or {}).items():
+            self.reported.labels(**self._labels, name=name).set(number)
         self.sent.inc(max(0, p.bytes_sent - last.bytes_sent))
         self.received.inc(max(0, p.bytes_received - last.bytes_received))
         self.wait.inc(max(0.0, p.comm_wait_seconds - last.comm_wait_seconds))

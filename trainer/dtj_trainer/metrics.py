@@ -28,6 +28,8 @@ METRIC_NAMES = {
     "compute_samples_per_second": "dtj_worker_compute_samples_per_second",
     "generation": "dtj_worker_membership_generation",
     "members": "dtj_worker_membership_members",
+    # A user's loop: each number it reports with job.report(), labelled by its name.
+    "reported": "dtj_worker_reported_value",
 }
 # Staleness (in updates) of each gradient a dasgd worker received.
 STALENESS_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128)
