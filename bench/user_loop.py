@@ -1,0 +1,218 @@
+"""The user's own loop (examples/lm/train.py): what the API costs, and DDP side by side.
+
+    .venv/bin/python bench/user_loop.py
+
+1. Overhead at n = 1: the example standalone (dtj_trainer.init(), the wrapped
+   optimizer, the training thread's hand-offs) against the same script in plain
+   torch (bench/lm_ddp.py, no wrapper), alternated, 3 runs each: samples/s over
+   the training loop, and the ratio.
+2. n = 4 (dpsgd, one-peer-exponential, 4 local processes): each worker's time
+   split into compute and communication (its reported waiting for peers).
+3. One 3x slower worker (modelled compute, as bench/heterogeneity.py): plain torch
+   DDP against the job (dpsgd + dynamic batching), the same job-wide samples:
+   validation loss against wall time, and the time each takes to DDP's final
+   validation loss.
+JSON and PNG in bench/results/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from dtj_trainer.config import TrainerConfig
+from dtj_trainer.launcher import LocalJob
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = [sys.executable, str(ROOT / "examples" / "lm" / "train.py")]
+BASELINE = [sys.executable, str(ROOT / "bench" / "lm_ddp.py")]
+STEPS, BATCH, EVAL = 300, 32, 25
+SAMPLE_SECONDS = 0.002  # modelled compute: 64 ms for a batch of 32 on a fast worker
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def result_line(text: str) -> dict[str, Any]:
+    return next(json.loads(x) for x in text.splitlines() if x.startswith('{"steps"'))
+
+
+def overhead(reps: int = 3) -> dict[str, Any]:
+    plain, wrapped = [], []
+    for _ in range(reps):
+        out = subprocess.run(BASELINE, env=ENV, capture_output=True, text=True, check=True)
+        res = next(json.loads(x) for x in out.stdout.splitlines() if '"result"' in x)["result"]
+        plain.append(res["samples"] / res["seconds"])
+        env = {k: v for k, v in ENV.items() if k != "DTJ_CONFIG"}
+        out = subprocess.run(SCRIPT, env=env, capture_output=True, text=True, check=True)
+        wrapped.append(result_line(out.stdout)["samples_per_second"])
+    p, w = statistics.median(plain), statistics.median(wrapped)
+    return {
+        "plain_samples_per_second": plain,
+        "wrapped_samples_per_second": wrapped,
+        "slowdown": p / w - 1,  # the API's cost: 0.03 is 3% slower
+    }
+
+
+def job(speeds: list[float], *, dynamic: bool, samples: int | None) -> dict[str, Any]:
+    training: dict[str, Any] = {"evalEvery": EVAL}
+    training |= {"budget": {"samples": samples}} if samples else {"steps": STEPS}
+    cfg = TrainerConfig.model_validate(
+        {
+            "job": "lm-bench",
+            "replicas": len(speeds),
+            "algorithm": {"name": "dpsgd", "topology": "one-peer-exponential"},
+            "batching": {"perWorker": BATCH, "dynamic": dynamic},
+            "training": training,
+        }
+    )
+    env = {
+        str(s): {
+            "DTJ_SIMULATE_SAMPLE_SECONDS": str(SAMPLE_SECONDS if samples else 0),
+            "DTJ_SIMULATE_SLOWDOWN": str(1 / speed),
+        }
+        for s, speed in enumerate(speeds)
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        local = LocalJob(cfg, logs=Path(tmp), extra_env=env, command=SCRIPT, working_dir=ROOT)
+        try:
+            start = time.time()
+            for slot in range(len(speeds)):
+                local.start_worker(slot)
+            while local.running():
+                time.sleep(0.2)
+            assert not local.failed(), local.failed()
+            wall = time.time() - start
+            reports = [
+                json.loads(x)
+                for s in range(len(speeds))
+                for x in (Path(tmp) / f"worker-{s}.log").read_text().splitlines()
+                if x.startswith('{"rank"')
+            ]
+            results = local.results()
+        finally:
+            local.close()
+    last = {r["rank"]: r for r in reports}
+    by_step: dict[int, list[dict[str, Any]]] = {}
+    for r in reports:
+        if "val_loss" in (r.get("metrics") or {}):
+            by_step.setdefault(r["step"], []).append(r)
+    points = [  # the workers' mean at each evaluation, when the last of them reached it
+        (max(r["time"] for r in rs), statistics.mean(r["metrics"]["val_loss"] for r in rs))
+        for rs in by_step.values()
+    ]
+    return {
+        "wall_seconds": wall,
+        "val_loss": (results[0].metrics or {}).get("val_loss"),
+        "curve": curve(points, start),
+        "comm_share": {
+            s: r["comm_wait_seconds"] / max(r["time"] - start, 1e-9) for s, r in last.items()
+        },
+    }
+
+
+def curve(points: list[tuple[float, float | None]], t0: float) -> list[tuple[float, float]]:
+    """(seconds since t0, mean validation loss of the reports at about that time)."""
+    pts = sorted((t - t0, v) for t, v in points if v is not None)
+    return [(round(t, 2), v) for t, v in pts]
+
+
+def ddp(speeds: list[float]) -> dict[str, Any]:
+    port = free_port()
+    procs, logs = [], []
+    launched = time.time()  # as for the job: from the processes' start
+    for rank, speed in enumerate(speeds):
+        env = {**ENV, "RANK": str(rank), "WORLD_SIZE": str(len(speeds))}
+        env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        cmd = [*BASELINE, f"--steps={STEPS}", f"--eval-every={EVAL}"]
+        cmd += [f"--sample-seconds={SAMPLE_SECONDS}", f"--slowdown={1 / speed}"]
+        log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - the child's, read below
+        logs.append(log)
+        procs.append(subprocess.Popen(cmd, env=env, stdout=log))
+    for p in procs:
+        if p.wait(timeout=1200) != 0:
+            raise RuntimeError(f"a DDP worker exited with {p.returncode}")
+    lines = []
+    for log in logs:
+        log.seek(0)
+        lines += [json.loads(x) for x in log.read().splitlines()]
+    results = [r for r in lines if "result" in r]
+    points = [(r["time"], r["val_loss"]) for r in lines if "result" not in r and r["rank"] == 0]
+    return {
+        "wall_seconds": max(r["result"]["seconds"] for r in results),
+        "val_loss": results[0]["result"]["val_loss"],
+        "curve": curve(points, launched),
+    }
+
+
+def time_to(curve_: list[tuple[float, float]], target: float) -> float | None:
+    return next((t for t, v in curve_ if v <= target), None)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def main() -> int:
+    out: dict[str, Any] = {"machine": platform.platform(), "cpus": os.cpu_count()}
+    print("1/3 overhead at n = 1 ...", flush=True)
+    out["overhead"] = overhead()
+    print(f"    wrapped is {100 * out['overhead']['slowdown']:+.1f}% slower", flush=True)
+    print("2/3 n = 4, compute and communication ...", flush=True)
+    four = job([1, 1, 1, 1], dynamic=False, samples=None)
+    out["n4"] = {"wall_seconds": four["wall_seconds"], "comm_share": four["comm_share"]}
+    print(f"    communication share per worker {four['comm_share']}", flush=True)
+    print("3/3 one 3x slower worker: DDP and the job ...", flush=True)
+    speeds = [1 / 3, 1, 1, 1]
+    base = ddp(speeds)
+    ours = job(speeds, dynamic=True, samples=STEPS * BATCH * len(speeds))
+    target = base["val_loss"]
+    out["slow_worker"] = {
+        "ddp": base,
+        "dtj": ours,
+        "target_val_loss": target,
+        "time_to_target": {
+            name: time_to(r["curve"], target) for name, r in (("ddp", base), ("dtj", ours))
+        },
+    }
+    tt = out["slow_worker"]["time_to_target"]
+    if tt["ddp"] and tt["dtj"]:
+        out["slow_worker"]["time_ratio"] = tt["dtj"] / tt["ddp"]
+    print(f"    time to DDP's final val loss {target:.3f}: {tt}", flush=True)
+    results = ROOT / "bench" / "results"
+    results.mkdir(exist_ok=True)
+    (results / "user_loop.json").write_text(json.dumps(out, indent=2))
+    plot(out, results / "user_loop.png")
+    print(f"wrote {results / 'user_loop.json'}", flush=True)
+    return 0
+
+
+def plot(out: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, label in (("ddp", "torch DDP"), ("dtj", "dtj: dpsgd + dynamic batching")):
+        pts = out["slow_worker"][name]["curve"]
+        ax.plot([t for t, _ in pts], [v for _, v in pts], marker=".", label=label)
+    ax.set_xlabel("wall seconds")
+    ax.set_ylabel("validation loss (byte-level GPT)")
+    ax.set_title("examples/lm/train.py, 4 workers, one 3x slower")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
