@@ -506,11 +506,37 @@ class NodeAgent:
                 for item in vol["downwardAPI"].get("items") or []:
                     value = podspec.field_value(pod, item["fieldRef"]["fieldPath"], "", HOST_IP)
                     _write_file(d / item["path"], value)
+            elif "persistentVolumeClaim" in vol:
+                d = self._claimed(ns, vol["persistentVolumeClaim"]["claimName"])
             else:
                 kinds = sorted(k for k in vol if k != "name")
                 raise podspec.Unsupported(f"volume {name} ({', '.join(kinds)}) is not supported")
             out[name] = d
         return out
+
+    def _claimed(self, namespace: str, claim: str) -> Path:
+        """A bound claim's volume: the directory of its PersistentVolume on this machine
+        (hostPath or local; every executing node is this machine, so it outlives pods
+        and is shared by them, as a ReadWriteMany volume would be)."""
+        try:
+            pvc = self.core.read_namespaced_persistent_volume_claim(claim, namespace)
+        except ApiException as e:
+            if e.status == 404:
+                raise podspec.NotReadyYet(f"persistentVolumeClaim {claim} not found") from e
+            raise
+        if pvc.status.phase != "Bound" or not pvc.spec.volume_name:
+            raise podspec.NotReadyYet(f"persistentVolumeClaim {claim} is not bound yet")
+        pv = self.core.read_persistent_volume(pvc.spec.volume_name)
+        source = pv.spec.host_path or pv.spec.local
+        if source is None:
+            raise podspec.Unsupported(
+                f"persistentVolume {pv.metadata.name}: only hostPath and local volumes are "
+                "supported on executing nodes"
+            )
+        path = Path(source.path)
+        if not path.is_dir():
+            raise podspec.NotReadyYet(f"persistentVolume {pv.metadata.name}: {path} is missing")
+        return path
 
     def _projected(
         self, pod: dict[str, Any], source: dict[str, Any], d: Path, lookup: podspec.Lookup
