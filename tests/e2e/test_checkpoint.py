@@ -115,7 +115,6 @@ def test_a_job_resumes_from_its_checkpoint_after_a_suspension_and_after_losing_e
     claim(kube, namespace, directory)
     kube.run("apply", "-n", namespace, "-f", "-", input=job())
     at_step(kube, namespace, 300)
-    start_loss = None
     for event in ("suspend", "delete every pod"):
         before = float(job_status(kube, namespace, NAME)["progress"]["loss"])
         if event == "suspend":
@@ -148,7 +147,6 @@ def test_a_job_resumes_from_its_checkpoint_after_a_suspension_and_after_losing_e
             assert step == left[slot]["step"], (event, slot, step, left[slot]["step"])
             # the loss goes on: near the job's before the event, far below an untrained model's
             assert loss < 1.5 * before + 0.05, (event, slot, loss, before)
-        start_loss = start_loss or before
         if event == "suspend":
             at_step(kube, namespace, max(c["step"] for c in left.values()) + 200)
     st = succeeded(kube, namespace, NAME)
