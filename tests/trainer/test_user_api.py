@@ -15,6 +15,8 @@ import textwrap
 
 import pytest
 
+from tests.trainer.waiting import wait
+
 pytestmark = pytest.mark.procs
 
 PRELUDE = """
@@ -68,3 +70,65 @@ def test_a_batch_without_a_step_is_an_error_that_says_to_call_step():
     )
     assert done.returncode != 0
     assert "call opt.step() (the optimizer job.wrap() returned) once per batch" in done.stderr
+
+
+REGRESSION = """
+import torch
+import dtj_trainer
+from torch.utils.data import TensorDataset
+
+job = dtj_trainer.init()
+model = torch.nn.Linear(8, 1)
+g = torch.Generator().manual_seed(1)
+x = torch.randn(2000, 8, generator=g)
+data = TensorDataset(x, x @ torch.arange(1.0, 9.0).unsqueeze(1))
+def mse():
+    with torch.no_grad():
+        return float(torch.nn.functional.mse_loss(model(data.tensors[0]), data.tensors[1]))
+start = mse()
+if job.config.algorithm.name == "teleportation":  # moves models without optimizer state
+    inner = torch.optim.SGD(model.parameters(), lr=0.02)
+else:
+    inner = torch.optim.AdamW(model.parameters(), lr=0.1)
+opt = job.wrap(model, inner)
+for xb, yb in job.batches(data):
+    torch.nn.functional.mse_loss(model(xb), yb).backward()
+    opt.step()
+    opt.zero_grad()
+job.finish(start=start, end=mse())
+"""
+
+
+@pytest.mark.parametrize("method", ["allreduce", "dpsgd", "gosgd", "dasgd", "teleportation"])
+def test_every_method_trains_a_users_loop_on_real_processes(tmp_path, method):
+    from dtj_trainer.config import TrainerConfig
+    from dtj_trainer.launcher import LocalJob
+
+    script = tmp_path / "train.py"
+    script.write_text(REGRESSION)
+    algorithm: dict[str, object] = {"name": method}
+    if method == "teleportation":
+        algorithm["activeNodes"] = 2
+    cfg = TrainerConfig.model_validate(
+        {
+            "job": f"user-{method}",
+            "replicas": 3,
+            "algorithm": algorithm,
+            "training": {"steps": 150, "evalEvery": 50},
+            "timeoutSeconds": 20,
+        }
+    )
+    job = LocalJob(cfg, logs=tmp_path / "logs", command=[sys.executable, str(script)])
+    try:
+        for slot in range(3):
+            job.start_worker(slot)
+        wait("the end of training", lambda: not job.running(), timeout=180)
+        assert not job.failed(), (tmp_path / "logs" / "worker-0.log").read_text()[-3000:]
+        results = job.results()
+    finally:
+        job.close()
+    assert sorted(results) == [0, 1, 2]
+    for r in results.values():
+        assert r.steps == 150 and r.metrics
+        # the averaged model (what finish() reports on) fits far better than x0
+        assert r.metrics["end"] < 0.1 * r.metrics["start"], r.metrics
