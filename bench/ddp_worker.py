@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from dtj_trainer import data, models
 from dtj_trainer.config import DataSplitSpec
+from dtj_trainer.emulation import Emulation
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -74,7 +75,7 @@ def main() -> int:
         loss = loss_fn(ddp(x), y)
         compute = time.perf_counter() - t0
         # Modelled compute before the gradients are reduced, like a slower GPU.
-        extra = (args.slowdown - 1) * compute + args.sample_seconds * args.slowdown * args.batch
+        extra = Emulation(args.sample_seconds, args.slowdown).extra_seconds(compute, args.batch)
         time.sleep(extra)
         loss.backward()  # DDP all-reduces the gradient buckets here
         opt.step()

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from dtj_trainer.emulation import Emulation
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -72,7 +73,7 @@ def main() -> int:
         )
         loss = nn.functional.cross_entropy(net(x).flatten(0, 1), y.flatten())
         real = time.perf_counter() - t0
-        time.sleep((args.slowdown - 1) * real + args.sample_seconds * args.slowdown * args.batch)
+        time.sleep(Emulation(args.sample_seconds, args.slowdown).extra_seconds(real, args.batch))
         loss.backward()  # DDP all-reduces the gradient buckets here
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

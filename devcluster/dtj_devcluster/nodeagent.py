@@ -519,23 +519,26 @@ class NodeAgent:
         (hostPath or local; every executing node is this machine, so it outlives pods
         and is shared by them, as a ReadWriteMany volume would be)."""
         try:
-            pvc = self.core.read_namespaced_persistent_volume_claim(claim, namespace)
+            pvc = self.api.sanitize_for_serialization(
+                self.core.read_namespaced_persistent_volume_claim(claim, namespace)
+            )
         except ApiException as e:
             if e.status == 404:
                 raise podspec.NotReadyYet(f"persistentVolumeClaim {claim} not found") from e
             raise
-        if pvc.status.phase != "Bound" or not pvc.spec.volume_name:
+        volume = pvc["spec"].get("volumeName")
+        if pvc.get("status", {}).get("phase") != "Bound" or not volume:
             raise podspec.NotReadyYet(f"persistentVolumeClaim {claim} is not bound yet")
-        pv = self.core.read_persistent_volume(pvc.spec.volume_name)
-        source = pv.spec.host_path or pv.spec.local
+        pv = self.api.sanitize_for_serialization(self.core.read_persistent_volume(volume))
+        source = pv["spec"].get("hostPath") or pv["spec"].get("local")
         if source is None:
             raise podspec.Unsupported(
-                f"persistentVolume {pv.metadata.name}: only hostPath and local volumes are "
-                "supported on executing nodes"
+                f"persistentVolume {volume}: only hostPath and local volumes are supported "
+                "on executing nodes"
             )
-        path = Path(source.path)
+        path = Path(source["path"])
         if not path.is_dir():
-            raise podspec.NotReadyYet(f"persistentVolume {pv.metadata.name}: {path} is missing")
+            raise podspec.NotReadyYet(f"persistentVolume {volume}: {path} is missing")
         return path
 
     def _projected(

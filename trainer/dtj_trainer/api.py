@@ -256,8 +256,7 @@ class Job:
             cfg.batching.per_worker,
             cfg.optimizer.lr,
             lambda out, y: out,  # unused: the user's code computes the loss
-            rt.sample_seconds,
-            rt.slowdown,
+            rt.emulation,
             driver=self._handoff,
             extras=dict(self._extras),
         )

@@ -26,11 +26,12 @@ import asyncio
 import os
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .config import TrainerConfig
+from .emulation import Emulation
 
 DEFAULT_CONFIG_PATH = "/etc/dtj/config.json"
 
@@ -41,9 +42,8 @@ class Runtime:
 
     config: TrainerConfig
     rank: int
-    slowdown: float = 1.0
-    sample_seconds: float = 0.0
     speed_hint: float = 1.0
+    emulation: Emulation = field(default_factory=Emulation)  # benchmarks and tests
 
 
 def load_runtime(env: Mapping[str, str]) -> Runtime:
@@ -58,16 +58,10 @@ def load_runtime(env: Mapping[str, str]) -> Runtime:
         raise SystemExit("DTJ_RANK must be set to this worker's slot (0..replicas-1)") from None
     if not 0 <= rank < config.replicas:
         raise SystemExit(f"DTJ_RANK={rank} is outside 0..{config.replicas - 1}")
-    slowdown = float(env.get("DTJ_SIMULATE_SLOWDOWN", "1"))
-    if slowdown < 1:
-        raise SystemExit(f"DTJ_SIMULATE_SLOWDOWN={slowdown} must be >= 1")
-    sample_seconds = float(env.get("DTJ_SIMULATE_SAMPLE_SECONDS", "0"))
-    if sample_seconds < 0:
-        raise SystemExit(f"DTJ_SIMULATE_SAMPLE_SECONDS={sample_seconds} must be >= 0")
     hint = float(env.get("DTJ_SPEED_HINT", "1"))
     if hint <= 0:
         raise SystemExit(f"DTJ_SPEED_HINT={hint} must be > 0")
-    return Runtime(config, rank, slowdown, sample_seconds, hint)
+    return Runtime(config, rank, hint, Emulation.from_env(env))
 
 
 def env_int(name: str) -> int | None:
@@ -127,11 +121,10 @@ def run(rt: Runtime) -> int:
         worker = Worker.build(
             rt.config,
             session.unconnected(),
-            slowdown=rt.slowdown,
             slot=rt.rank,
             elastic=session.elastic,
-            sample_seconds=rt.sample_seconds,
             hint=rt.speed_hint,
+            emulation=rt.emulation,
         )
     except (ValueError, TypeError) as e:
         raise ConfigError(e) from e

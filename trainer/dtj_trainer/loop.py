@@ -25,7 +25,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NoReturn
 
 import torch
@@ -34,6 +34,7 @@ from torch import nn
 from . import algorithms, checkpoint, data, models, objective
 from .balancer import Balancer, gradient_scales
 from .config import ASYNC_ALGORITHMS, TrainerConfig
+from .emulation import Emulation
 from .membership import Cancelled, Generation, Member, Superseded, slot_of
 from .metrics import Progress, Result, StalenessTally
 from .pace import Pace
@@ -161,7 +162,6 @@ class Worker:
     x_val: torch.Tensor | None
     y_val: torch.Tensor | None
     x0: torch.Tensor
-    slowdown: float = 1.0
     algo: algorithms.Algorithm | None = None
     stop_after: int | None = None  # end the run early after this round (benchmarks)
     current_step: int = 0
@@ -184,13 +184,16 @@ class Worker:
         cfg: TrainerConfig,
         transport: Transport,
         *,
-        slowdown: float = 1.0,
         slot: int | None = None,
         elastic: Elastic | None = None,
-        sample_seconds: float = 0.0,
         hint: float = 1.0,
+        emulation: Emulation | None = None,
     ) -> Worker:
-        """`slot` picks the data shard (of cfg.replicas); it is the rank in a fixed run."""
+        """`slot` picks the data shard (of cfg.replicas); it is the rank in a fixed run.
+        `emulation`: modelled hardware (benchmarks, tests, the simulator)."""
+        emulation = emulation or Emulation()
+        if transport.virtual_time:  # the simulator's asynchronous mode: slowness is a
+            emulation = replace(emulation, slowdown=1.0)  # clock tick, not a sleep
         seed = cfg.training.seed
         slot = transport.rank if slot is None else slot
         ds = data.load(cfg.training.dataset, seed)
@@ -212,9 +215,7 @@ class Worker:
             cfg.batching.per_worker,
             cfg.optimizer.lr,
             objective.build_loss(cfg.training.loss),
-            sample_seconds,
-            # In virtual time (the simulator's asynchronous mode) slowness is a clock tick.
-            1.0 if transport.virtual_time else slowdown,
+            emulation,
             precision=cfg.training.precision,
             clip_norm=cfg.optimizer.grad_clip_norm,
         )
@@ -227,7 +228,6 @@ class Worker:
             ds.x_train[:n_val],
             ds.y_train[:n_val],
             algorithms.flat_params(model),
-            slowdown,
             elastic=elastic,
             slot=slot,
             pace=Pace.of(cfg.training, len(y_train)),
@@ -257,7 +257,6 @@ class Worker:
             None,
             None,
             algorithms.flat_params(local.model),
-            local.slowdown,
             elastic=elastic,
             slot=slot,
             pace=Pace.of(cfg.training, train_size),

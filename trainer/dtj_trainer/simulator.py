@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from .config import ASYNC_ALGORITHMS, TrainerConfig
+from .emulation import Emulation
 from .loop import Worker
 from .metrics import CommCounters, Progress, Result
 from .transport import Message
@@ -231,7 +232,7 @@ def simulate(
             seed=cfg.training.seed,
         )
         workers = [
-            Worker.build(cfg, t, slowdown=(slowdowns or {}).get(t.rank, 1.0))
+            Worker.build(cfg, t, emulation=Emulation(slowdown=(slowdowns or {}).get(t.rank, 1.0)))
             for t in world.endpoints
         ]
         total = [0]

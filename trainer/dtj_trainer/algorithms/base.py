@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from ..data import Sampler
+from ..emulation import Emulation
 from ..objective import LossFn, autocast, loss_of
 
 
@@ -50,11 +51,9 @@ class Local:
     batch: int
     lr: float
     loss_fn: LossFn
-    # Benchmarks and tests only: modelled compute time per sample, and a factor on
-    # all of this worker's compute, spent here before the worker communicates
-    # (heterogeneous hardware; GPU-like steps where communication is small).
-    sample_seconds: float = 0.0
-    slowdown: float = 1.0
+    # Benchmarks and tests only: modelled hardware, slept here before the worker
+    # communicates (heterogeneous hardware; GPU-like steps where communication is small).
+    emulation: Emulation = field(default_factory=Emulation)
     # Dynamic batching: n b_i / sum_j b_j, so equal-weight averages are sample-weighted.
     grad_scale: float = 1.0
     compute_seconds: float = 0.0  # this worker's compute time so far (never waiting)
@@ -84,7 +83,7 @@ class Local:
                 if p.grad is not None:
                     p.grad.mul_(self.grad_scale)
         real = time.perf_counter() - t0
-        modelled = (self.slowdown - 1) * real + self.sample_seconds * self.slowdown * self.batch
+        modelled = self.emulation.extra_seconds(real, self.batch)
         if modelled > 0:
             time.sleep(modelled)
         self.compute_seconds += real + modelled
