@@ -6,7 +6,8 @@ ReadWriteMany volume would). Suspending the job stops every worker (SIGTERM:
 each writes its checkpoint as it leaves); resuming it starts new processes that
 go on from those checkpoints, at the step and with the optimizer state each
 left with, and their loss goes on from where it was instead of starting over.
-Then every worker pod is deleted at once: the replacements resume the same way.
+Then every pod of the job (the coordinator too) is deleted at once: the
+replacements resume the same way.
 """
 
 from __future__ import annotations
@@ -123,13 +124,16 @@ def test_a_job_resumes_from_its_checkpoint_after_a_suspension_and_after_losing_e
             left = checkpoints(directory)
             suspend(kube, namespace, False)
         else:
-            old = {n: p["metadata"]["uid"] for n, p in workers(kube, namespace).items()}
-            selector = f"training.dtj.io/job={NAME},app.kubernetes.io/component=worker"
+            # every pod of the job, the coordinator too: its store (the membership, the
+            # job's counters) is gone with it
+            old = {n: p["metadata"]["uid"] for n, p in pods(kube, namespace, NAME).items()}
+            assert f"{NAME}-coordinator" in old
+            selector = f"training.dtj.io/job={NAME}"
             kube.run("delete", "pod", "-n", namespace, "-l", selector, "--wait=false")
             wait_for(
-                "every worker replaced",
+                "every pod replaced",
                 lambda old=old: (
-                    len(now := workers(kube, namespace)) == 4
+                    len(now := pods(kube, namespace, NAME)) == len(old)
                     and all(now[n]["metadata"]["uid"] != uid for n, uid in old.items() if n in now)
                 ),
                 timeout=120,

@@ -119,7 +119,7 @@ def test_with_one_worker_every_algorithm_is_plain_sgd(name):
     # Plain SGD with the same model, data and seed, written out by hand.
     ref = loop.Worker.build(cfg, simulator.SimWorld.__new__(simulator.SimWorld) and _single())
     for _ in range(cfg.training.steps):
-        ref.local.grad()
+        asyncio.run(ref.local.grad())
         ref.local.step()
     assert torch.allclose(got, ref.local.params(), atol=1e-6)
 

@@ -245,11 +245,11 @@ def test_dasgd_reported_staleness_is_the_true_staleness():
                     pending[i].append(uid)
                 return msgs
 
-            def grad_(i=i, grad=grad) -> float:
+            async def grad_(i=i, grad=grad) -> float:
                 snapshot[(i, own[i])] = frozenset(applied[i])  # the model is read now
                 pending[i].append((i, own[i]))
                 own[i] += 1
-                return grad()
+                return await grad()
 
             def step_(i=i, step=step) -> None:
                 applied[i].update(pending[i])

@@ -13,11 +13,13 @@
 
 The job's method (allreduce, dpsgd, gosgd, dasgd, teleportation), its budget,
 dynamic batch plan, membership changes, SIGTERM hand-off, warm start and
-checkpoints run inside, with the same code as the built-in trainer: its round
-runs on a training thread, and each time the method needs a gradient it hands
-the model to the user's code (the next batch of `batches()`) and waits for the
-wrapped optimizer's `step()`. The two threads never run at once, so the
-user's code sees the model only between the method's phases.
+checkpoints run inside, with the same code as the built-in trainer. Its loop
+is a coroutine that this thread runs between the user's batches: each time
+the method needs a gradient, the coroutine pauses and hands the model to the
+user's code (the next batch of `batches()`), and the wrapped optimizer's
+`step()` runs it on to the end of the round. One thread, taking turns: the
+user's code sees the model only between the method's phases, and owns the
+thread (and its CUDA stream) as in a plain torch loop.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ import atexit
 import gc
 import math
 import os
-import queue
 import sys
 import threading
 import time
@@ -56,30 +57,49 @@ class Stateful(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-class _Handoff:
-    """The baton between the training thread (the method) and the user's thread."""
+class _Turns:
+    """Whose turn it is: the training loop's coroutine, or the user's code."""
 
     def __init__(self) -> None:
-        self.to_user: queue.Queue[tuple[str, Any]] = queue.Queue()
-        self.to_engine: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self.loop = asyncio.new_event_loop()
+        self.paused: asyncio.Future[tuple[str, Any]] | None = None  # why it paused
+        self.pause: asyncio.Future[None] | None = None  # what it waits on
         self.owed = False  # the user's step() waits for the end of this round
         self.last: dict[str, float] = {}
 
-    # the training thread's side (algorithms.base.Driver)
-    def compute(self, local: algorithms.Local) -> float:
-        self.to_user.put(("compute", local.batch))
-        self.to_engine.get()  # the user's step(): the gradients are in .grad
+    # the training loop's side (algorithms.base.Driver)
+    async def compute(self, local: algorithms.Local) -> float:
+        await self._hand_over(("compute", local.batch))  # back at the user's step()
         self.owed = True
         return self.last.get("loss", math.nan)
 
-    def round_over(self) -> None:
+    async def round_over(self) -> None:
         if self.owed:
             self.owed = False
-            self.to_user.put(("stepped", None))
-            self.to_engine.get()  # the user's code asks for its next batch
+            await self._hand_over(("stepped", None))  # back at the user's next batch
 
     def reported(self) -> dict[str, float]:
         return dict(self.last)
+
+    async def _hand_over(self, why: tuple[str, Any]) -> None:
+        self.pause = self.loop.create_future()
+        assert self.paused is not None
+        self.paused.set_result(why)
+        await self.pause
+
+    # the user's side
+    def run(self, task: asyncio.Task[Any]) -> tuple[str, Any]:
+        """Run the training loop on until it hands over again, or ends ("done")."""
+        paused = self.paused = self.loop.create_future()
+        if self.pause is not None:
+            self.pause.set_result(None)
+            self.pause = None
+        self.loop.run_until_complete(
+            asyncio.wait({task, paused}, return_when=asyncio.FIRST_COMPLETED)
+        )
+        if paused.done():
+            return paused.result()
+        return "done", task.exception() or task.result()
 
 
 class WrappedOptimizer(torch.optim.Optimizer):
@@ -130,16 +150,16 @@ class Job:
         self.config: TrainerConfig = rt.config
         self.rank: int = rt.rank  # this worker's slot (its data shard), 0..replicas-1
         self._rt, self._session = rt, session
-        self._handoff = _Handoff()
+        self._turns = _Turns()
         self._model: nn.Module | None = None
         self._optimizer: torch.optim.Optimizer | None = None
         self._extras: dict[str, Stateful] = {}
         self._worker: Worker | None = None
         self._pending = False  # a batch is out and its step() has not come
-        self._outcome: Any = None  # what the training thread ended with
+        self._outcome: Any = None  # what the training loop ended with
         self._result: Result | None = None
         self._finished = False
-        self._thread: threading.Thread | None = None
+        self._task: asyncio.Task[Result] | None = None
 
     # -- what the user's loop calls --------------------------------------------------
 
@@ -180,9 +200,9 @@ class Job:
             raise RuntimeError("job.batches() runs once per job")
         shard = _shard(len(dataset), self.config, self.rank)
         sampler = data.Sampler(shard, shard, seed=self.config.training.seed * 100_003 + self.rank)
-        self._start(sampler, len(dataset))
+        task = self._start(sampler, len(dataset))
         while True:
-            kind, value = self._handoff.to_user.get()
+            kind, value = self._turns.run(task)  # the method, up to its next gradient
             if kind == "done":
                 self._outcome = value
                 return
@@ -196,12 +216,11 @@ class Job:
                 )
             if self._outcome is not None:  # training ended during the step
                 return
-            self._handoff.to_engine.put(("ready", None))
 
     def report(self, **metrics: float) -> None:
         """This worker's numbers (loss, validation loss, perplexity, ...): progress, the
         job's status and its result; a `loss` is the training loss shown everywhere."""
-        self._handoff.last.update({k: float(v) for k, v in metrics.items()})
+        self._turns.last.update({k: float(v) for k, v in metrics.items()})
 
     def finish(self, **metrics: float) -> Result | None:
         """After the loop: the job's result (with `metrics`, e.g. the averaged model's
@@ -213,15 +232,14 @@ class Job:
             raise RuntimeError("job.finish() comes after the loop over job.batches() has ended")
         self._finished = True
         self.report(**metrics)
-        self._handoff.to_engine.put(("final", self._handoff.reported()))
-        kind, value = self._handoff.to_user.get()
-        assert kind == "concluded"
-        assert self._thread is not None
-        self._thread.join()  # its transport is closed before the interpreter goes
-        if isinstance(value, BaseException):
-            raise value
-        self._result = value
-        return value
+        outcome = self._outcome
+        if isinstance(outcome, Result):
+            outcome = replace(outcome, metrics=self._turns.reported())
+        result = self._session.conclude(outcome)  # re-raises what broke the training
+        self._turns.loop.close()
+        gc.collect()  # old generations' process groups go now, not at interpreter exit
+        self._result = result
+        return result
 
     # -- what else a loop may read ---------------------------------------------------
 
@@ -244,9 +262,9 @@ class Job:
             return self._worker.local.batch
         return self.config.batching.per_worker
 
-    # -- the training thread -------------------------------------------------------------
+    # -- the training loop ------------------------------------------------------------
 
-    def _start(self, sampler: data.Sampler, train_size: int) -> None:
+    def _start(self, sampler: data.Sampler, train_size: int) -> asyncio.Task[Result]:
         assert self._model is not None and self._optimizer is not None
         cfg, rt = self.config, self._rt
         local = algorithms.Local(
@@ -257,7 +275,7 @@ class Job:
             cfg.optimizer.lr,
             lambda out, y: out,  # unused: the user's code computes the loss
             rt.emulation,
-            driver=self._handoff,
+            driver=self._turns,
             extras=dict(self._extras),
         )
         worker = Worker.for_loop(
@@ -271,44 +289,25 @@ class Job:
         )
         self._worker = worker
         self._session.start(worker)
-        self._thread = threading.Thread(target=self._train, name="dtj-training", daemon=True)
-        self._thread.start()
+        self._task = self._turns.loop.create_task(worker.train(self._session.report))
         atexit.register(self._at_exit)
+        return self._task
 
     def _at_exit(self) -> None:
         """A script that ends its loop and forgets finish() still reports its result."""
         if self._outcome is not None and not self._finished:
             self.finish()
 
-    def _train(self) -> None:
-        assert self._worker is not None
-        outcome: Any
-        try:
-            outcome = asyncio.run(self._worker.train(self._session.report))
-        except BaseException as e:  # Left, AlreadyDone, or what broke
-            outcome = e
-        self._handoff.to_user.put(("done", outcome))
-        _, final = self._handoff.to_engine.get()  # finish(): the user's last numbers
-        if isinstance(outcome, Result) and final:
-            outcome = replace(outcome, metrics=final)
-        try:
-            value: Any = self._session.conclude(outcome)
-        except BaseException as e:
-            value = e
-        outcome = None
-        gc.collect()  # old generations' process groups go here, not at interpreter exit
-        self._handoff.to_user.put(("concluded", value))
-
     def _stepped(self) -> None:
-        """The wrapped optimizer's step(): hand the gradients to the method's round and
-        wait until it is over (the model is the user's again)."""
+        """The wrapped optimizer's step(): the method's round goes on with the gradients
+        to its end (then the model is the user's again)."""
         if not self._pending:
             raise RuntimeError(
                 "opt.step() outside job.batches(): step once for each batch the job hands out"
             )
         self._pending = False
-        self._handoff.to_engine.put(("grad", None))
-        kind, value = self._handoff.to_user.get()
+        assert self._task is not None
+        kind, value = self._turns.run(self._task)  # the rest of the round
         if kind == "done":  # training ended (or broke) in this round
             self._outcome = value
             if not isinstance(value, (Result, Left, AlreadyDone)):

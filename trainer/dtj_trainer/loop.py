@@ -345,7 +345,7 @@ class Worker:
         pace.next_check = pace.last_check = self.current_step
         notes = steps is None or self.balancer is not None  # sync points wanted
         while steps is None or self.current_step < steps:
-            self.local.round_over()
+            await self.local.round_over()
             el = self.elastic
             if el is not None and el.leaving.is_set():
                 await self.leave()
@@ -428,7 +428,7 @@ class Worker:
                 window_start, window_samples, losses, staleness, stale = now, 0, [], [], []
             if report and self.stop_after is not None and done >= self.stop_after:
                 break
-        self.local.round_over()
+        await self.local.round_over()
         rate = run_samples / max(time.perf_counter() - run_start, 1e-9)
         if cfg.algorithm.name in ASYNC_ALGORITHMS and pace.unreported:
             # The last rounds count too: the job's count is what was trained.

@@ -96,9 +96,9 @@ class MembershipSim:
         self.trained[id(w)] = 0
         grad = w.local.grad
 
-        def counted() -> float:  # ground truth: every sample any worker computed on
+        async def counted() -> float:  # ground truth: every sample any worker computed on
             self.trained[id(w)] += w.local.batch
-            return grad()
+            return await grad()
 
         w.local.grad = counted  # type: ignore[method-assign]
         return w

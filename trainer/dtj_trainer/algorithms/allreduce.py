@@ -30,7 +30,10 @@ class AllReduce:
         return None
 
     async def round(self, local: Local, step: int) -> RoundStats:
-        loss = local.grad()
+        loss = await local.grad()
+        if self.t.size == 1:  # alone: the gradient is the mean already
+            local.step()
+            return RoundStats(loss, local.batch)
         b = float(local.batch)
         packed = torch.cat([local.flat_grad() * b, torch.tensor([b])])
         mean = await self.t.all_reduce_mean(packed)

@@ -26,15 +26,15 @@ def set_flat_params(model: nn.Module, flat: torch.Tensor) -> None:
 
 class Driver(Protocol):
     """Who computes a worker's gradients when the loop is the user's: `compute` hands
-    the model to the user's code for one forward and backward (it returns when the
+    the model to the user's code for one forward and backward (it resumes when the
     user calls the wrapped optimizer's `step()`) and returns the loss it reported;
-    `round_over` lets the user's code go on after the method's round, and waits until
-    it asks for the next batch, so the user's code and the method never touch the
-    model at the same time."""
+    `round_over` lets the user's code go on after the method's round, and resumes
+    when it asks for the next batch. Both suspend the loop's coroutine, so the
+    user's code and the method take turns on one thread."""
 
-    def compute(self, local: Local) -> float: ...
+    async def compute(self, local: Local) -> float: ...
 
-    def round_over(self) -> None: ...
+    async def round_over(self) -> None: ...
 
     def reported(self) -> dict[str, float]:
         """The numbers the user's loop reported last (job.report)."""
@@ -66,11 +66,11 @@ class Local:
     # objects with state_dict() and load_state_dict(), by name.
     extras: dict[str, Any] = field(default_factory=dict)
 
-    def grad(self) -> float:
+    async def grad(self) -> float:
         """Forward and backward on a fresh local mini-batch; returns the loss."""
         t0 = time.perf_counter()
         if self.driver is not None:
-            value = self.driver.compute(self)
+            value = await self.driver.compute(self)
         else:
             x, y = self.sampler.next(self.batch)
             self.optimizer.zero_grad(set_to_none=True)
@@ -89,10 +89,10 @@ class Local:
         self.compute_seconds += real + modelled
         return value
 
-    def round_over(self) -> None:
-        """The loop is between rounds: a user's loop may go on (it waits meanwhile)."""
+    async def round_over(self) -> None:
+        """The loop is between rounds: a user's loop may go on (this one waits)."""
         if self.driver is not None:
-            self.driver.round_over()
+            await self.driver.round_over()
 
     def flat_grad(self) -> torch.Tensor:
         return torch.cat(

@@ -66,7 +66,7 @@ class DASGD:
             local.set_flat_grad(received * self.scale)
             local.step()
         version = self.seen.clone()  # what the model this gradient is computed on has seen
-        loss = local.grad()
+        loss = await local.grad()
         g = local.flat_grad()
         if self.scale != 1.0:
             local.set_flat_grad(g * self.scale)

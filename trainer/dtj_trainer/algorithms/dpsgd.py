@@ -40,7 +40,7 @@ class DPSGD:
         return None
 
     async def round(self, local: Local, step: int) -> RoundStats:
-        loss = local.grad()
+        loss = await local.grad()
         local.step()
         w = topology.mixing_weights(self.topology, self.t.size, self.t.rank, step)
         x = local.params()

@@ -46,7 +46,7 @@ class GoSGD:
 
     async def round(self, local: Local, step: int) -> RoundStats:
         self._merge(local, self.t.inbox())
-        loss = local.grad()
+        loss = await local.grad()
         local.step()
         if self.t.size > 1 and self._rng.random() < self.p:
             peer = self._rng.choice([r for r in range(self.t.size) if r != self.t.rank])

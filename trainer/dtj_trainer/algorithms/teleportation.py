@@ -68,7 +68,7 @@ class Teleportation:
         if not self.holding:
             return RoundStats(None, 0)
         slot = cur.index(me)
-        loss = local.grad()
+        loss = await local.grad()
         local.step()
         w = topology.mixing_weights(self.topology, self.k, slot, step)
         x = local.params()
