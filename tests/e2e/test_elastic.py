@@ -169,15 +169,22 @@ def test_a_users_script_loses_a_deleted_and_a_killed_worker_and_their_replacemen
             kube.run("delete", "pod", "-n", namespace, pod, "--wait=false")
         else:
             os.kill(worker_pids(local, namespace)[pod][-1], signal.SIGKILL)
-        wait_for(
-            f"the {how} worker's replacement in a newer generation",
-            lambda gen=gen: (
-                (p := job_status(kube, namespace, name).get("progress") or {})
-                and p.get("members") == 4
-                and p.get("generation", -1) > gen + 1
-            ),
-            timeout=180,
-        )
+        try:
+            wait_for(
+                f"the {how} worker's replacement in a newer generation",
+                lambda gen=gen: (
+                    (p := job_status(kube, namespace, name).get("progress") or {})
+                    and p.get("members") == 4
+                    and p.get("generation", -1) > gen + 1
+                ),
+                timeout=180,
+            )
+        except AssertionError as e:  # say what the workers saw
+            logs = {
+                p: kube.run("logs", "-n", namespace, p, check=False).stdout[-1500:]
+                for p in pods(kube, namespace, name)
+            }
+            raise AssertionError(f"{e}\n{job_status(kube, namespace, name)}\n{logs}") from e
     survivors = [f"{name}-worker-{s}" for s in (0, 3)]
     assert_kept_running(local, namespace, survivors)
     st = succeeded(kube, namespace, name)
