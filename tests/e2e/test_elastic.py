@@ -142,7 +142,7 @@ def users_script_job(name: str) -> str:
     body["metadata"]["name"] = name
     spec = body["spec"]
     spec["minReplicas"] = 4  # training waits for a replacement, however long it takes
-    spec["training"] = {"steps": 200, "evalEvery": 20}
+    spec["training"] = {"steps": 300, "evalEvery": 20}
     spec["nodePools"] = [EXECUTING_POOL]
     spec["template"] |= {
         "workingDir": str(ROOT),
@@ -163,22 +163,23 @@ def test_a_users_script_loses_a_deleted_and_a_killed_worker_and_their_replacemen
     training(kube, namespace, name, 4, step=40)
     before = pods(kube, namespace, name)
     for slot, how in ((1, "deleted"), (2, "killed")):
-        gen = job_status(kube, namespace, name)["progress"]["generation"]
         pod = f"{name}-worker-{slot}"
+        uid = pods(kube, namespace, name)[pod]["metadata"]["uid"]
         if how == "deleted":
             kube.run("delete", "pod", "-n", namespace, pod, "--wait=false")
         else:
             os.kill(worker_pids(local, namespace)[pod][-1], signal.SIGKILL)
+
+        def warm_started(pod: str = pod, uid: str = uid) -> bool:
+            # (The job may end soon after: its status can move on past this generation.)
+            now = pods(kube, namespace, name).get(pod)
+            if now is None or now["metadata"]["uid"] == uid:
+                return False
+            log = kube.run("logs", "-n", namespace, pod, check=False).stdout
+            return "warm start from the members'" in log
+
         try:
-            wait_for(
-                f"the {how} worker's replacement in a newer generation",
-                lambda gen=gen: (
-                    (p := job_status(kube, namespace, name).get("progress") or {})
-                    and p.get("members") == 4
-                    and p.get("generation", -1) > gen + 1
-                ),
-                timeout=180,
-            )
+            wait_for(f"the {how} worker's replacement to warm-start", warm_started, timeout=180)
         except AssertionError as e:  # say what the workers saw
             logs = {
                 p: kube.run("logs", "-n", namespace, p, check=False).stdout[-1500:]
