@@ -3,7 +3,7 @@
 Virtual workers on the simulator run the real algorithm and state-sync code;
 a membership change is played by handing the members the endpoints of a new
 generation's world and running the sync every member runs on a real
-generation change (`Worker.sync_state`), with an in-process store for the
+generation change (`Elastic.sync_state`), with an in-process store for the
 hand-offs. Each test names the review finding (issue 18) it pins down.
 """
 
@@ -19,7 +19,9 @@ import torch.distributed as dist
 from dtj_trainer import loop, simulator
 from dtj_trainer.algorithms.dasgd import DASGD
 from dtj_trainer.config import TrainerConfig
+from dtj_trainer.elastic import DONE_KEY, SAMPLES_KEY, START_KEY, Elastic, Left, job_start, reseed
 from dtj_trainer.membership import Generation
+from dtj_trainer.sim_membership import elastic_of
 
 
 def config(name: str, n: int, **extra: Any) -> TrainerConfig:
@@ -36,8 +38,8 @@ def config(name: str, n: int, **extra: Any) -> TrainerConfig:
     )
 
 
-def elastic(store: Any, *, synced_at: int = 0, members: tuple[str, ...] = ()) -> loop.Elastic:
-    el = loop.Elastic(
+def elastic(store: Any, *, synced_at: int = 0, members: tuple[str, ...] = ()) -> Elastic:
+    el = Elastic(
         member=None,  # type: ignore[arg-type]  # the sync never calls the membership
         store=store,
         connect=None,  # type: ignore[arg-type]
@@ -58,7 +60,7 @@ async def regenerate(workers: list[loop.Worker], departed: list[str] = ()) -> No
     world = simulator.SimWorld(len(workers))
     for w, t in zip(workers, world.endpoints, strict=True):
         w.transport = t
-    await asyncio.gather(*(w.sync_state(list(departed)) for w in workers))
+    await asyncio.gather(*(elastic_of(w).sync_state(w, list(departed)) for w in workers))
 
 
 async def train(workers: list[loop.Worker], rounds: int) -> None:
@@ -72,7 +74,7 @@ def test_teleportation_sync_weighs_idle_workers_zero():
 
     async def body(workers: list[loop.Worker]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         for w in workers:
-            w.elastic = elastic(store)
+            w.membership = elastic(store)
         await train(workers, 7)
         holders = [w for w in workers if w.algo.state_weight() > 0]  # type: ignore[union-attr]
         assert len(holders) == 2
@@ -92,9 +94,9 @@ def test_a_worker_that_missed_generations_takes_the_members_model():
 
     async def body(workers: list[loop.Worker]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         for w in workers:
-            w.elastic = elastic(store, synced_at=1)
+            w.membership = elastic(store, synced_at=1)
         await train(workers, 5)
-        workers[2].elastic.synced_at = 0  # type: ignore[union-attr]  # away since generation 0
+        elastic_of(workers[2]).synced_at = 0  # away since generation 0
         workers[2].local.set_params(workers[2].x0)  # its pre-freeze model
         expected = (workers[0].local.params() + workers[1].local.params()) / 2
         await regenerate(workers)
@@ -112,7 +114,7 @@ def test_allreduce_replicas_stay_identical_after_a_join():
 
     async def body(workers: list[loop.Worker]) -> list[loop.Worker]:
         for w in workers:
-            w.elastic = elastic(store)
+            w.membership = elastic(store)
         await train(workers, 6)
         joiner = workers[3]  # a replacement: x0, no momentum, step 0
         joiner.reset()
@@ -154,15 +156,15 @@ def test_gosgd_sync_is_the_sum_weight_average_and_weights_sum_to_one():
 
     async def body(workers: list[loop.Worker]) -> tuple[torch.Tensor, list[loop.Worker]]:
         for w in workers:
-            w.elastic = elastic(store, members=ids)
-            w.elastic.member = type("M", (), {"id": ids[w.slot], "leave": lambda self: None})()  # type: ignore[assignment]
+            w.membership = elastic(store, members=ids)
+            elastic_of(w).member = type("M", (), {"id": ids[w.slot], "leave": lambda self: None})()  # type: ignore[assignment]
         await asyncio.gather(*(w.run(12) for w in workers))  # finish() drains in-flight gossip
         weights = [w.algo.state_weight() for w in workers]  # type: ignore[union-attr]
         assert sum(weights) == pytest.approx(1.0, abs=1e-6)
         assert len(set(weights)) > 1, "gossip moved weight"
         expected = sum(a * w.local.params() for a, w in zip(weights, workers, strict=True))
-        with pytest.raises(loop.Left):
-            await workers[3].leave()
+        with pytest.raises(Left):
+            await elastic_of(workers[3]).leave(workers[3])
         assert store.check([f"handoff/{ids[3]}"])
         survivors = workers[:3]
         await regenerate(survivors, departed=[ids[3]])
@@ -282,13 +284,13 @@ def test_a_new_coordinator_gets_the_jobs_counters_back_from_its_members():
     a.pace.consumed, a.pace.unreported = 5_000, 32
     b.pace.consumed = 4_000
     store = dist.HashStore()  # the new coordinator's
-    a.reseed(store)
-    b.reseed(store)
+    reseed(a, store)
+    reseed(b, store)
     # the count as the store had it; a's 32 uncounted samples are added by its next count
-    assert int(store.add(loop.SAMPLES_KEY, 0)) == 5_000
-    assert float(store.get(loop.START_KEY)) == 100.0, "the first start stands"
-    assert loop.Worker.job_start(store) == 100.0, "a later joiner reads it"
-    assert not store.check([loop.DONE_KEY])
+    assert int(store.add(SAMPLES_KEY, 0)) == 5_000
+    assert float(store.get(START_KEY)) == 100.0, "the first start stands"
+    assert job_start(store) == 100.0, "a later joiner reads it"
+    assert not store.check([DONE_KEY])
     b.finished_step = 321
-    b.reseed(store)
-    assert store.get(loop.DONE_KEY) == b"321"
+    reseed(b, store)
+    assert store.get(DONE_KEY) == b"321"

@@ -43,8 +43,9 @@ from torch.utils.data import default_collate
 
 from . import algorithms, data
 from .config import TrainerConfig
+from .elastic import AlreadyDone, Left
 from .entrypoint import Runtime, backend_for, load_runtime
-from .loop import AlreadyDone, Left, Worker
+from .loop import Worker
 from .metrics import Result
 from .session import Session, open_session
 
@@ -284,7 +285,7 @@ class Job:
             local,
             train_size=train_size,
             slot=self.rank,
-            elastic=self._session.elastic,
+            membership=self._session.elastic,
             hint=rt.speed_hint,
         )
         self._worker = worker

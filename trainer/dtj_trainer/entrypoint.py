@@ -122,7 +122,7 @@ def run(rt: Runtime) -> int:
             rt.config,
             session.unconnected(),
             slot=rt.rank,
-            elastic=session.elastic,
+            membership=session.elastic,
             hint=rt.speed_hint,
             emulation=rt.emulation,
         )

@@ -4,29 +4,19 @@
     algorithm.round, report -> algorithm.finish -> weighted average, evaluate.
 
 It is a coroutine so that the same code runs as a real process
-(DistTransport) and as one of many virtual workers in the simulator.
-
-Elastic runs (a real process with an `Elastic`) change membership
-generations between rounds: when the coordinator publishes a new generation
-(a worker joined, left or died) or a collective fails, the worker abandons
-the old generation's groups (so nobody waits on it), joins the new one and
-runs one state sync with its members: a weighted average of the members'
-models plus the models handed off by workers that left, in which a joiner
-has weight 0 and takes the members' step (a warm start, not step 0). Then
-each method starts afresh on the new group: dpsgd and allreduce re-derive
-their schedules, GoSGD's weights restart at 1/n (sum 1), DASGD forgets
-in-flight messages of the old generation, Teleportation draws from the live
-set.
+(DistTransport) and as one of many virtual workers in the simulator. Who it
+trains with is its `Membership` (members.py): a fixed world, or the elastic
+generations of a real job (elastic.py), where workers leave and join between
+rounds and a failed collective leads to a new generation.
 """
 
 from __future__ import annotations
 
 import math
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,7 +25,7 @@ from . import algorithms, checkpoint, data, models, objective
 from .balancer import Balancer, gradient_scales
 from .config import ASYNC_ALGORITHMS, TrainerConfig
 from .emulation import Emulation
-from .membership import Cancelled, Generation, Member, Superseded, slot_of
+from .members import Fixed, Membership
 from .metrics import Progress, Result, StalenessTally
 from .pace import Pace
 from .transport import Transport
@@ -43,7 +33,6 @@ from .transport import Transport
 Reporter = Callable[[Progress], None]
 VALIDATION_FRACTION = 0.1
 DEFAULT_SEARCH_ROUNDS = 300  # teleportation's k search under a budget
-COORDINATOR_PATIENCE = 10  # x timeoutSeconds a worker waits for a coordinator that is away
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -89,69 +78,6 @@ async def weighted_average(
 
 
 @dataclass
-class Elastic:
-    """What a worker needs to move between membership generations."""
-
-    member: Member
-    store: Any
-    connect: Callable[[Generation, int], Transport]  # the data plane of a generation
-    generation: Generation
-    timeout: float
-    say: Callable[[str], None] = print
-    changed: threading.Event = field(default_factory=threading.Event)
-    leaving: threading.Event = field(default_factory=threading.Event)
-    synced: tuple[str, ...] = ()  # the members of the last generation that synced
-    synced_at: int = -1  # the number of that generation
-
-    def handoff_key(self, member: str) -> str:
-        return f"handoff/{member}"
-
-    def newer_exists(self) -> bool:
-        """Whether a generation newer than ours is published (the watchdog's hint, checked).
-        A coordinator that does not answer counts as yes: `regroup` waits for it."""
-        self.changed.clear()
-        try:
-            newest = self.member.current()
-        except RuntimeError:
-            return True
-        return newest is not None and newest.number > self.generation.number
-
-
-def patiently(op: Callable[[], Any], el: Elastic, what: str) -> Any:
-    """`op()` on the coordinator's store, waiting out a coordinator that is away (being
-    replaced) for up to COORDINATOR_PATIENCE x timeoutSeconds, saying so once."""
-    deadline = time.monotonic() + COORDINATOR_PATIENCE * el.timeout
-    told = False
-    while True:
-        try:
-            return op()
-        except (RuntimeError, TimeoutError) as e:
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"could not write {what} to the job's coordinator: it has not answered "
-                    f"for {COORDINATOR_PATIENCE * el.timeout:.0f}s"
-                ) from e
-            if not told:
-                el.say(f"writing {what}: the coordinator may be restarting; still trying")
-                told = True
-            time.sleep(1.0)
-
-
-class Left(Exception):
-    """This worker left the job (SIGTERM) after handing its model off."""
-
-
-class AlreadyDone(Exception):
-    """The job's training finished while this worker waited for a generation (it joined
-    late, or was away when the others finished): nothing left to do."""
-
-
-DONE_KEY = "job/done"
-START_KEY = "job/start"  # when the first worker started training (unix seconds)
-SAMPLES_KEY = "job/samples"  # asynchronous methods: the job's samples so far
-
-
-@dataclass
 class Worker:
     """One worker's model, data and optimizer, built identically on every rank."""
 
@@ -165,14 +91,12 @@ class Worker:
     algo: algorithms.Algorithm | None = None
     stop_after: int | None = None  # end the run early after this round (benchmarks)
     current_step: int = 0
-    elastic: Elastic | None = None
+    membership: Membership = field(default_factory=Fixed)
     slot: int = 0
     k: int | None = None  # teleportation's k for this run
     pace: Pace = field(default_factory=lambda: Pace(rounds=None))
     balancer: Balancer | None = None  # batching.dynamic
     hint: float = 1.0  # this worker's speed hint (its node pool's speed)
-    # Asynchronous methods without a store (the simulator): a shared sample counter.
-    counter: Callable[[int], int] | None = None
     started: float = field(default_factory=time.time)
     tally: StalenessTally = field(default_factory=StalenessTally)  # dasgd, whole run
     search_log: list[dict[str, float]] = field(default_factory=list)  # teleportation's k search
@@ -185,7 +109,7 @@ class Worker:
         transport: Transport,
         *,
         slot: int | None = None,
-        elastic: Elastic | None = None,
+        membership: Membership | None = None,
         hint: float = 1.0,
         emulation: Emulation | None = None,
     ) -> Worker:
@@ -199,7 +123,8 @@ class Worker:
         ds = data.load(cfg.training.dataset, seed)
         n_val = int(VALIDATION_FRACTION * len(ds.y_train))
         x_train, y_train = ds.x_train[n_val:], ds.y_train[n_val:]
-        parts = transport.size if elastic is None else max(cfg.replicas, slot + 1)
+        membership = membership or Fixed()
+        parts = membership.shard_parts(cfg.replicas, transport.size, slot)
         shards = data.split(y_train.numpy(), parts, cfg.training.data_split, seed)
         mine = torch.from_numpy(shards[slot])
         torch.manual_seed(seed)  # identical x0 on every worker
@@ -228,7 +153,7 @@ class Worker:
             ds.x_train[:n_val],
             ds.y_train[:n_val],
             algorithms.flat_params(model),
-            elastic=elastic,
+            membership=membership,
             slot=slot,
             pace=Pace.of(cfg.training, len(y_train)),
             balancer=balancer,
@@ -244,7 +169,7 @@ class Worker:
         *,
         train_size: int,
         slot: int,
-        elastic: Elastic | None,
+        membership: Membership,
         hint: float = 1.0,
     ) -> Worker:
         """A worker whose gradients the user's own loop computes (`local.driver`): no
@@ -257,7 +182,7 @@ class Worker:
             None,
             None,
             algorithms.flat_params(local.model),
-            elastic=elastic,
+            membership=membership,
             slot=slot,
             pace=Pace.of(cfg.training, train_size),
             balancer=Balancer(cfg.batching) if cfg.batching.dynamic else None,
@@ -308,10 +233,7 @@ class Worker:
         )
 
     def say(self, message: str) -> None:
-        if self.elastic is not None:
-            self.elastic.say(message)
-        else:
-            print(message, flush=True)
+        self.membership.say(message)
 
     def reset(self) -> None:
         """Back to x0 with a fresh optimizer state (the k search restarts from x0); the
@@ -327,8 +249,9 @@ class Worker:
         """Train until `steps` rounds, or (None) until the job's budget is spent; returns
         (this model's final weight, samples/s).
 
-        In an elastic run a failed round or a new generation leads to `regroup`
-        and training goes on from the same step; SIGTERM leads to `leave`.
+        Between rounds the membership may move the worker to a new generation (or
+        hand its model off and leave: SIGTERM); a failed round is the membership's to
+        recover from (a new generation, the same step) or to raise.
         """
         cfg = self.cfg
         self.k = k
@@ -346,11 +269,8 @@ class Worker:
         notes = steps is None or self.balancer is not None  # sync points wanted
         while steps is None or self.current_step < steps:
             await self.local.round_over()
-            el = self.elastic
-            if el is not None and el.leaving.is_set():
-                await self.leave()
-            if el is not None and el.changed.is_set() and el.newer_exists():
-                algo = await self.regroup()
+            if (regrouped := await self.membership.between_rounds(self)) is not None:
+                algo = regrouped
             step = self.current_step
             t = self.transport
             if self.local.driver is None:  # a user's loop sets its own learning rate
@@ -379,10 +299,7 @@ class Worker:
                     _, distance = await weighted_average(self.local.params(), weight, t)
             except (RuntimeError, TimeoutError) as e:  # a peer vanished, the coordinator is
                 # away (a store call timed out), or we were told to move on
-                if el is None:
-                    raise
-                el.say(f"round {step} interrupted ({str(e).splitlines()[0][:120]}); regrouping")
-                algo = await self.regroup()
+                algo = await self.membership.recover(self, e, f"round {step}")
                 continue
             self.current_step = done
             pace.unreported += stats.samples
@@ -400,6 +317,7 @@ class Worker:
                 checkpoint.save(ckpt.path, self.slot, self.snapshot())
             if report and wants_report:
                 now = time.perf_counter()
+                generation, members = self.membership.roster(t.size)
                 report(
                     Progress(
                         rank=self.slot,
@@ -421,8 +339,8 @@ class Worker:
                         samples=run_samples,
                         dropped=dropped,
                         stale=stale,
-                        generation=el.generation.number if el is not None else None,
-                        members=len(el.generation.members) if el is not None else t.size,
+                        generation=generation,
+                        members=members,
                     )
                 )
                 window_start, window_samples, losses, staleness, stale = now, 0, [], [], []
@@ -438,10 +356,8 @@ class Worker:
             try:
                 weight = await self.algo.finish(self.local)
                 return weight, rate
-            except (RuntimeError, TimeoutError):
-                if self.elastic is None:
-                    raise
-                await self.regroup()
+            except (RuntimeError, TimeoutError) as e:
+                await self.membership.recover(self, e, "the method's last exchange")
 
     def test_accuracy(self) -> float | None:
         """The built-in data set's test accuracy of this model (None in a user's loop)."""
@@ -472,7 +388,7 @@ class Worker:
             pace.unreported = 0
             pace.consumed = total
             pace.last_check, pace.next_check = step, step + pace.every
-            speeds = self.speeds_from_store(speed)
+            speeds = self.membership.speeds(self, speed) if self.balancer is not None else None
             if speeds is not None:
                 self.apply_plan(speeds, [self.hint] * n, rank)
             return steps is None and pace.spent(time.time() - self.started)
@@ -500,26 +416,7 @@ class Worker:
 
     def count_samples(self, new: int) -> int:
         """Asynchronous methods: add this worker's new samples to the job's count."""
-        if self.elastic is not None:
-            return int(self.elastic.store.add(SAMPLES_KEY, new))
-        if self.counter is not None:
-            return self.counter(new)
-        self.pace.consumed += new
-        return self.pace.consumed
-
-    def speeds_from_store(self, own: float) -> list[float] | None:
-        """Asynchronous methods: the members' measured speeds, through the job's store."""
-        el = self.elastic
-        if el is None or self.balancer is None:
-            return None
-        el.store.set(f"speed/{self.slot}", f"{own}")
-        out = []
-        for member in el.generation.members:
-            key = f"speed/{slot_of(member)}"
-            out.append(float(el.store.get(key)) if el.store.check([key]) else 0.0)
-        return out
-
-    # -- membership changes (elastic runs) ------------------------------------------
+        return self.membership.count_samples(self, new)
 
     def model_weight(self) -> float:
         """This model's weight in a state sync: what the method says it holds (GoSGD's
@@ -528,157 +425,6 @@ class Worker:
         if self.current_step == 0 or self.algo is None:
             return 0.0
         return self.algo.state_weight()
-
-    async def sync_state(self, departed: list[str]) -> None:
-        """One sync on a new generation: every member takes the weighted average of the
-        members' models (parameters and buffers) and of the hand-offs of members that
-        left, and a step: synchronous methods the members' latest (a round cut short
-        by the change is skipped, so everyone is in step again), asynchronous ones keep
-        their own, and a joiner takes the members' mean: a warm start, not step 0.
-
-        Weights: `model_weight()`, and 0 for a member that missed generations (it was
-        frozen or cut off: its model is stale). A method whose members are replicas
-        (allreduce) then copies one member's whole state, optimizer included, to all;
-        otherwise a joiner copies the optimizer state of that member."""
-        el, t = self.elastic, self.transport
-        assert el is not None
-        n, rank = t.size, t.rank
-        info = torch.zeros(3 * n, dtype=torch.float64)
-        info[rank], info[n + rank] = self.current_step, self.pace.consumed
-        info[2 * n + rank] = el.synced_at + 1  # 0: never synced
-        info = (await t.all_reduce_mean(info)) * n
-        member_steps = [round(float(v)) for v in info[:n]]
-        synced_at = [round(float(v)) - 1 for v in info[2 * n :]]
-        current = max(synced_at)
-        w = self.model_weight() if el.synced_at == current else 0.0
-        if el.synced_at != current and self.current_step > 0:
-            el.say(
-                f"this worker missed generations (last in generation {el.synced_at}): "
-                "it takes the members' model"
-            )
-        x = self.local.state_vector()
-        contrib, weight = x * w, w
-        handoffs = []
-        if rank == 0:  # the hand-offs count once
-            for member in departed:
-                key = el.handoff_key(member)
-                if el.store.check([key]):
-                    handed = torch.frombuffer(bytearray(el.store.get(key)), dtype=torch.float64)
-                    if handed.numel() == x.numel() + 2:  # state, weight, uncounted samples
-                        contrib = contrib + handed[:-2].float() * float(handed[-2])
-                        weight += float(handed[-2])
-                        self.pace.unreported += round(float(handed[-1]))  # counted by us now
-                    handoffs.append(key)
-        packed = await t.all_reduce_mean(torch.cat([contrib, torch.tensor([weight])]))
-        total_w = float(packed[-1]) * n
-        if total_w > 0:
-            self.local.set_state_vector(packed[:-1] * n / total_w)
-        self.pace.consumed = max(round(float(v)) for v in info[n : 2 * n])
-        if self.balancer is not None:
-            self.balancer.shares = []  # re-planned from the new members' hints and speeds
-        trained = [s for s in member_steps if s > 0]
-        if trained:
-            # The most advanced current member (any trained one if none is current).
-            candidates = [r for r in range(n) if member_steps[r] > 0 and synced_at[r] == current]
-            source = min(
-                candidates or [r for r in range(n) if member_steps[r] > 0],
-                key=lambda r: (-member_steps[r], r),
-            )
-            await self._copy_state(source, member_steps)
-        for key in handoffs:  # taken: the store keeps no model once it is in the average
-            el.store.delete_key(key)
-        if not trained:
-            return
-        if self.cfg.algorithm.name not in ASYNC_ALGORITHMS:
-            self.current_step = max(trained)
-        elif self.current_step == 0:
-            self.current_step = round(sum(trained) / len(trained))
-        if member_steps[rank] == 0:
-            el.say(f"warm start from the members' average model at step {self.current_step}")
-
-    async def _copy_state(self, source: int, member_steps: list[int]) -> None:
-        """Copy `source`'s optimizer state (and, for replicas, its buffers and
-        parameters) to the members that need it: all members for a method whose
-        members are replicas, else the joiners. One broadcast, only when needed."""
-        t = self.transport
-        replicas = algorithms.replicates(self.cfg.algorithm)
-        takers = [r for r in range(t.size) if replicas or member_steps[r] == 0]
-        if not takers or takers == [source]:
-            return
-        blob = torch.zeros(0, dtype=torch.uint8)
-        if t.rank == source:
-            blob = checkpoint.to_bytes(self.local.full_state(with_model=replicas))
-        size = await t.broadcast(torch.tensor([blob.numel()], dtype=torch.int64), source)
-        if t.rank != source:
-            blob = torch.zeros(int(size[0]), dtype=torch.uint8)
-        blob = await t.broadcast(blob, source)
-        if t.rank in takers and t.rank != source:
-            self.local.load_full_state(checkpoint.from_bytes(blob))
-
-    async def regroup(self) -> algorithms.Algorithm:
-        """Move to the next generation this worker is in; returns the algorithm for it.
-
-        Retried until a state sync succeeds: another member may vanish meanwhile.
-        A coordinator that is away (being replaced) is waited for, saying so, up to
-        COORDINATOR_PATIENCE x timeoutSeconds; then the worker gives up with an error."""
-        el = self.elastic
-        assert el is not None
-        patience = COORDINATOR_PATIENCE * el.timeout
-        away_since: float | None = None
-        while True:
-            self.transport.abandon()
-            el.changed.clear()
-            try:
-                newest = el.member.current()
-                if newest is None or newest.number <= el.generation.number:
-                    el.member.request_reform()  # nothing changed that the registrar saw
-                gen = el.member.wait_for(
-                    el.generation.number, el.timeout, el.say, self._should_stop_waiting
-                )
-            except Cancelled:
-                if el.leaving.is_set():
-                    await self.leave()
-                raise AlreadyDone() from None
-            except (TimeoutError, RuntimeError) as e:  # the coordinator is away
-                now = time.monotonic()
-                away_since = now if away_since is None else away_since
-                if now - away_since > patience:
-                    raise TimeoutError(
-                        f"the job's coordinator has not answered for {patience:.0f}s "
-                        f"({str(e).splitlines()[0][:120]}); giving up"
-                    ) from e
-                el.say(
-                    f"no generation yet ({str(e).splitlines()[0][:120]}); the coordinator may "
-                    f"be restarting: still waiting (up to {patience:.0f}s in all)"
-                )
-                time.sleep(min(1.0, el.timeout))
-                continue
-            away_since = None
-            rank = gen.rank_of(el.member.id)
-            assert rank is not None
-            self.transport.close()
-            el.generation = gen
-            try:
-                el.member.assemble(gen, el.timeout)
-                self.transport = el.connect(gen, rank)
-                await self.sync_state([m for m in el.synced if m not in gen.members])
-            except Superseded as e:
-                el.say(f"{e}; moving on")
-                continue
-            except RuntimeError as e:
-                el.say(f"generation {gen.number} broke while forming ({str(e)[:100]}); again")
-                continue
-            el.synced = gen.members
-            el.synced_at = gen.number
-            # Members compare notes at the same rounds again (all are at this step).
-            self.pace.next_check = self.pace.last_check = self.current_step
-            break
-        el.say(
-            f"generation {gen.number}: rank {rank} of {len(gen.members)}, step {self.current_step}"
-        )
-        self.algo = self.make_algorithm(len(gen.members))
-        await self.algo.setup(self.local)
-        return self.algo
 
     def make_algorithm(self, members: int) -> algorithms.Algorithm:
         """The method for a generation of `members`. Teleportation with activeNodes auto
@@ -690,30 +436,6 @@ class Worker:
             k = spec_k if isinstance(spec_k, int) else members
         k = None if k is None else min(k, members)
         return algorithms.make(self.cfg.algorithm, self.transport, seed=self.cfg.training.seed, k=k)
-
-    def _should_stop_waiting(self) -> bool:
-        """SIGTERM, or the job's training is over (the others wrote their result)."""
-        el = self.elastic
-        assert el is not None
-        return el.leaving.is_set() or bool(el.store.check([DONE_KEY]))
-
-    async def leave(self) -> NoReturn:
-        """SIGTERM: hand the model (and its weight) to the members, announce, stop."""
-        el = self.elastic
-        assert el is not None
-        ckpt = self.cfg.training.checkpoint
-        if ckpt is not None and self.current_step > 0:  # a suspension loses no step
-            checkpoint.save(ckpt.path, self.slot, self.snapshot())
-        w = max(self.model_weight(), 0.0)
-        # The samples trained since this worker last counted them travel too, so the
-        # job's count loses nothing to a leave (float64: exact for any count).
-        tail = torch.tensor([w, float(self.pace.unreported)], dtype=torch.float64)
-        payload = torch.cat([self.local.state_vector().double(), tail])
-        el.store.set(el.handoff_key(el.member.id), payload.numpy().tobytes())
-        el.member.leave()
-        self.transport.abandon()
-        el.say(f"left at step {self.current_step}, model handed off to the members")
-        raise Left()
 
     async def search_k(self, budget: int) -> int:
         """Teleportation's k, found within `budget` rounds (the paper's Algorithm 2 finds
@@ -749,14 +471,7 @@ class Worker:
     async def train(self, report: Reporter | None = None) -> Result:
         cfg = self.cfg
         self.resume()
-        if self.elastic is not None:
-            if self.pace.consumed:
-                self.reseed(self.elastic.store)  # the job's count goes on from the checkpoint
-            await self.regroup()  # the first generation; a joiner warm-starts here
-            self.started = self.job_start(self.elastic.store)
-        else:
-            await self.transport.all_reduce_mean(torch.zeros(1))  # start together
-            self.started = time.time()
+        await self.membership.begin(self)
         start = time.perf_counter()
         k = self.k  # resumed
         auto = cfg.algorithm.name == "teleportation" and cfg.algorithm.active_nodes == "auto"
@@ -765,33 +480,9 @@ class Worker:
             # The search is extra to the budget (the paper's T rounds of search before
             # T of training): a time budget counts from here.
             self.started = time.time()
-            if self.elastic is not None:
-                self.elastic.store.set(START_KEY, repr(self.started))
+            self.membership.search_over(self.started)
         weight, rate = await self.run(cfg.training.rounds, k=k, report=report)
         return await self.finish(weight, time.perf_counter() - start, k, rate)
-
-    @staticmethod
-    def job_start(store: Any, now: float | None = None) -> float:
-        """When the job started training: the first worker's clock, shared by the store
-        (the wall-clock budget counts from it, also for workers that join later).
-        compare_set with an empty expected value sets the key only if it is absent."""
-        store.compare_set(START_KEY, "", repr(time.time() if now is None else now))
-        return float(store.get(START_KEY))
-
-    def reseed(self, store: Any) -> None:
-        """A new coordinator (the old one was lost) starts with an empty store: put back
-        what this worker knows of the job's counters, so budgets are not counted again
-        from zero and a finished job stays finished. Each member does it; the largest
-        sample count wins, and the first start written stands (members share one)."""
-        self.job_start(store, self.started)
-        known = self.pace.consumed  # the count as of its last add; unreported comes later
-        while known > 0:
-            have = int(store.add(SAMPLES_KEY, 0))
-            if have >= known:
-                break
-            store.compare_set(SAMPLES_KEY, str(have), str(known))
-        if self.finished_step is not None:
-            store.set(DONE_KEY, str(self.finished_step))
 
     async def finish(
         self, weight: float, seconds: float, k: int | None = None, rate: float = 0.0
@@ -804,19 +495,15 @@ class Worker:
             try:
                 x_bar, dist = await weighted_average(x, weight, self.transport)
                 break
-            except (RuntimeError, TimeoutError):
-                if self.elastic is None:
-                    raise
-                await self.regroup()  # a member left during the final average: again
+            except (RuntimeError, TimeoutError) as e:  # a member left: again, in the new
+                await self.membership.recover(self, e, "the final average")  # generation
                 x, weight = self.local.params(), 1.0
         self.local.set_params(x_bar)
         avg = self.test_accuracy()
         if self.dataset is not None:
             self.local.set_params(x)
         self.finished_step = self.current_step
-        if self.elastic is not None:  # a replacement arriving from now on has nothing to do
-            el = self.elastic
-            patiently(lambda: el.store.set(DONE_KEY, str(self.current_step)), el, "the job's end")
+        self.membership.ended(self.current_step)  # a replacement arriving now has nothing to do
         tally = self.tally
         return Result(
             self.current_step,

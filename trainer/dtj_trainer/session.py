@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, cast
 
+from .elastic import AlreadyDone, Elastic, Left, patiently, reseed
 from .entrypoint import Runtime, env_int, say
-from .loop import AlreadyDone, Elastic, Left, Worker, patiently
+from .loop import Worker
 from .membership import Generation, Member
 from .metrics import Progress, Result
 from .storelink import StoreLink
@@ -33,7 +34,6 @@ class Session:
     elastic: Elastic
     exporter: Any = None
     worker: Worker | None = None
-    holder: dict[str, Worker] = field(default_factory=dict)
 
     def report(self, p: Progress) -> None:
         if self.exporter:
@@ -49,7 +49,7 @@ class Session:
     def start(self, worker: Worker) -> None:
         """Register the worker, ready to train: members that admit it wait for no data
         loading. SIGTERM from here on means: hand the model off and stop."""
-        self.worker = self.holder["worker"] = worker
+        self.worker = worker
         self.member.join()
         say(f"joined as {self.member.id}; waiting for a generation")
         signal.signal(signal.SIGTERM, lambda *_: self.elastic.leaving.set())
@@ -95,13 +95,12 @@ def open_session(rt: Runtime, backend: str) -> Session:
     # Two connections (the heartbeat thread has its own); both follow a replaced
     # coordinator, and the heartbeat's registers this worker with it again.
     store, beat_store = StoreLink(reach), StoreLink(reach)
-    holder: dict[str, Worker] = {}
 
     def on_newer(g: int) -> None:  # from the heartbeat thread
-        worker = holder.get("worker")
-        if worker is None or worker.elastic is None or g <= worker.elastic.generation.number:
+        worker = session.worker
+        if worker is None or g <= elastic.generation.number:
             return
-        worker.elastic.changed.set()
+        elastic.changed.set()
         if getattr(worker.transport, "generation", g) < g:
             worker.transport.abandon()  # wakes the training thread if it waits on the old one
 
@@ -120,8 +119,8 @@ def open_session(rt: Runtime, backend: str) -> Session:
 
     def on_reconnect() -> None:  # a new coordinator: register again, restore the counters
         member.rejoin()
-        if (worker := holder.get("worker")) is not None:
-            worker.reseed(beat_store)
+        if (worker := session.worker) is not None:
+            reseed(worker, beat_store)
 
     beat_store.on_reconnect = on_reconnect
     elastic = Elastic(member, store, connect, Generation(-1, ()), cfg.timeout_seconds, say)
@@ -131,4 +130,5 @@ def open_session(rt: Runtime, backend: str) -> Session:
 
         exporter = Exporter(job=cfg.job, rank=rt.rank)
         exporter.serve(port, pod_ip or "0.0.0.0")
-    return Session(rt, store, member, elastic, exporter, holder=holder)
+    session = Session(rt, store, member, elastic, exporter)
+    return session

@@ -1,8 +1,8 @@
 """Membership events on the simulator: who trains together changes between rounds.
 
 The real elastic path is a store-backed registrar, heartbeats and gloo groups
-rebuilt per generation (membership.py, `Worker.regroup`); what a generation
-change does to the *training state* is `Worker.sync_state`, and that is what
+rebuilt per generation (membership.py, `Elastic.regroup`); what a generation
+change does to the *training state* is `Elastic.sync_state`, and that is what
 this module drives: each event ends a generation, hands the members the
 endpoints of a new `SimWorld` and runs every member's real state sync, with
 an in-process store for the hand-offs. Deterministic and in seconds, so every
@@ -25,7 +25,8 @@ import torch
 import torch.distributed as dist
 
 from .config import ASYNC_ALGORITHMS, TrainerConfig
-from .loop import SAMPLES_KEY, Elastic, Left, Worker
+from .elastic import SAMPLES_KEY, Elastic, Left, reseed
+from .loop import Worker
 from .membership import Generation
 from .simulator import SimWorld
 
@@ -92,7 +93,7 @@ class MembershipSim:
             timeout=5.0,
             say=self.say,
         )
-        w = Worker.build(self.cfg, world.endpoints[rank], slot=slot, elastic=el)
+        w = Worker.build(self.cfg, world.endpoints[rank], slot=slot, membership=el)
         self.trained[id(w)] = 0
         grad = w.local.grad
 
@@ -135,11 +136,10 @@ class MembershipSim:
         """What a correct sync gives, computed here from the members' own states: the
         average of the current members' and the hand-offs' models weighted by what the
         method says each holds; joiners and stale returners weigh 0."""
-        current = max(w.elastic.synced_at for w in self.members)  # type: ignore[union-attr]
+        current = max(elastic_of(w).synced_at for w in self.members)
         total, acc = 0.0, None
         for w in self.members + handoffs:
-            el = w.elastic
-            assert el is not None
+            el = elastic_of(w)
             if w.current_step == 0 or w.algo is None or el.synced_at != current:
                 continue
             weight = w.algo.state_weight()
@@ -156,7 +156,7 @@ class MembershipSim:
             chosen = [w for w in self.members if slot is None or w.slot == slot][-count:]
             for w in chosen:
                 with _expect(Left):
-                    await w.leave()  # the real hand-off: its state into the store
+                    await elastic_of(w).leave(w)  # the real hand-off: its state into the store
                 self.members.remove(w)
                 self.departed.append(w)
                 leavers.append(w)
@@ -181,12 +181,11 @@ class MembershipSim:
         elif kind == "coordinator":
             self.store = dist.HashStore()  # the replacement's store is empty
             for w in self.members + self.frozen:
-                assert w.elastic is not None
-                w.elastic.store = self.store
-                w.reseed(self.store)
+                elastic_of(w).store = self.store
+                reseed(w, self.store)
         self.members.sort(key=lambda w: w.slot)
         expected = self.expected_average(leavers)
-        departed = [w.elastic.member.id for w in leavers]  # type: ignore[union-attr]
+        departed = [elastic_of(w).member.id for w in leavers]
         return await self._regenerate(kind, self._world(len(self.members)), departed, expected)
 
     async def _regenerate(
@@ -197,13 +196,12 @@ class MembershipSim:
         expected: torch.Tensor | None = None,
     ) -> Sync:
         self.generation += 1
-        ids = tuple(w.elastic.member.id for w in self.members)  # type: ignore[union-attr]
+        ids = tuple(elastic_of(w).member.id for w in self.members)
         for rank, w in enumerate(self.members):
             w.transport = world.endpoints[rank]
-        await asyncio.gather(*(w.sync_state(departed) for w in self.members))
+        await asyncio.gather(*(elastic_of(w).sync_state(w, departed) for w in self.members))
         for w in self.members:
-            el = w.elastic
-            assert el is not None
+            el = elastic_of(w)
             el.generation = Generation(self.generation, ids)
             el.synced, el.synced_at = ids, self.generation
             w.algo = w.make_algorithm(len(self.members))
@@ -221,6 +219,12 @@ class MembershipSim:
 
     def samples_trained(self) -> int:
         return sum(self.trained.values())
+
+
+def elastic_of(w: Worker) -> Elastic:
+    """The elastic membership of a worker of this harness."""
+    assert isinstance(w.membership, Elastic)
+    return w.membership
 
 
 class _expect:

@@ -27,6 +27,7 @@ import torch
 from .config import ASYNC_ALGORITHMS, TrainerConfig
 from .emulation import Emulation
 from .loop import Worker
+from .members import Fixed
 from .metrics import CommCounters, Progress, Result
 from .transport import Message
 
@@ -242,7 +243,7 @@ def simulate(
             return total[0]
 
         for w in workers:
-            w.counter = count
+            w.membership = Fixed(counter=count)
         seen: collections.Counter[int] = collections.Counter()
 
         def hook(p: Progress) -> None:
