@@ -104,7 +104,7 @@ def run(
     reached: list[int] = []
     sent: dict[int, float] = {}
 
-    def on_round(step: int, workers: list[loop.Worker]) -> None:
+    def on_round(step: int, workers: list[loop.Worker]) -> int | None:
         acc = local_accuracy(workers, step)
         curve.append((step, acc))
         if acc >= target and not reached:
@@ -112,9 +112,8 @@ def run(
             sent[step] = statistics.mean(w.transport.counters.bytes_sent for w in workers)
             # Idle teleportation workers run ahead to their next active round:
             # stop everyone at a round none of them has passed yet.
-            stop = (max(w.current_step for w in workers) // every + 2) * every
-            for w in workers:
-                w.stop_after = stop
+            return (max(w.current_step for w in workers) // every + 2) * every
+        return None
 
     t0 = time.perf_counter()
     results, workers = simulator.simulate(cfg, on_round=on_round)

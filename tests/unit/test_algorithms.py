@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 import torch
-from dtj_trainer import algorithms, loop, simulator
+from dtj_trainer import algorithms, ksearch, loop, simulator
 from dtj_trainer.algorithms import gosgd
 from dtj_trainer.config import TrainerConfig
 
@@ -149,7 +149,7 @@ def test_teleportation_auto_search_picks_a_k_within_n():
 
 @pytest.mark.parametrize(("m", "budget"), [(2, 10), (4, 300), (5, 300), (7, 300), (9, 1000)])
 def test_successive_halving_doubles_the_rounds_and_stays_within_the_budget(m, budget):
-    rungs = loop.halving_rungs(m, budget)
+    rungs = ksearch.halving_rungs(m, budget)
     alive, cost = m, 0
     for rounds in rungs:
         cost += alive * rounds
@@ -157,7 +157,7 @@ def test_successive_halving_doubles_the_rounds_and_stays_within_the_budget(m, bu
     assert alive == 1 and cost <= budget
     assert all(b == 2 * a for a, b in itertools.pairwise(rungs))
     assert cost > budget // 2, "the budget is mostly used"
-    assert loop.halving_rungs(1, budget) == []
+    assert ksearch.halving_rungs(1, budget) == []
 
 
 def test_the_k_search_scores_the_slot_models_themselves_within_its_budget():

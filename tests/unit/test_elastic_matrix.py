@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import torch
+from dtj_trainer import ksearch
 from dtj_trainer.config import TrainerConfig
 from dtj_trainer.sim_membership import MembershipSim, Sync
 
@@ -115,7 +116,7 @@ async def play(method: str, events: list[str]) -> MembershipSim:
     sim = MembershipSim(config(METHODS[method]))
     await sim.start()
     if METHODS[method].get("activeNodes") == "auto":  # the k search first, outside the budget
-        k = await asyncio.gather(*(w.search_k(8) for w in sim.members))
+        k = await asyncio.gather(*(ksearch.search_k(w, 8) for w in sim.members))
         for w, found in zip(sim.members, k, strict=True):
             w.k = found
         sim.trained = dict.fromkeys(sim.trained, 0)

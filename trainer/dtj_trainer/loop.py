@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import algorithms, checkpoint, data, models, objective
+from . import algorithms, checkpoint, data, ksearch, models, objective
+from .algorithms import weighted_average
 from .balancer import Balancer, gradient_scales
 from .config import ASYNC_ALGORITHMS, TrainerConfig
 from .emulation import Emulation
@@ -30,7 +31,7 @@ from .metrics import Progress, Result, StalenessTally
 from .pace import Pace
 from .transport import Transport
 
-Reporter = Callable[[Progress], None]
+Reporter = Callable[[Progress], "bool | None"]  # True: end the run after this round
 VALIDATION_FRACTION = 0.1
 DEFAULT_SEARCH_ROUNDS = 300  # teleportation's k search under a budget
 
@@ -38,43 +39,6 @@ DEFAULT_SEARCH_ROUNDS = 300  # teleportation's k search under a budget
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     with objective.evaluating(model):
         return float((objective.logits_of(model(x)).argmax(dim=1) == y).float().mean().item())
-
-
-def halving_rungs(candidates: int, budget: int) -> list[int]:
-    """Rounds per candidate in each rung of a successive-halving search: rung r trains
-    ceil(m / 2^r) candidates for b x 2^r rounds until one is left; b is the largest
-    that keeps the total within `budget` (at least 1 round)."""
-    alive, mult, cost = candidates, 1, 0
-    mults = []
-    while alive > 1:
-        mults.append(mult)
-        cost += alive * mult
-        alive, mult = (alive + 1) // 2, mult * 2
-    if not mults:
-        return []  # one candidate: nothing to compare
-    base = max(1, budget // cost)
-    return [base * m for m in mults]
-
-
-def loss_on(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: objective.LossFn) -> float:
-    with objective.evaluating(model):
-        return float(objective.loss_of(model(x), y, loss_fn).item())
-
-
-async def weighted_average(
-    x: torch.Tensor, weight: float, transport: Transport
-) -> tuple[torch.Tensor, float]:
-    """(x_bar, consensus distance) over the workers whose weight is > 0.
-
-    x_bar = sum_i w_i x_i / sum_i w_i; distance = sum_i w_i ||x_i - x_bar||^2 / sum_i w_i.
-    Every worker must call it.
-    """
-    packed = await transport.all_reduce_mean(torch.cat([x * weight, torch.tensor([weight])]))
-    x_bar = packed[:-1] / packed[-1]
-    spread = await transport.all_reduce_mean(
-        torch.tensor([weight * float(((x - x_bar) ** 2).sum()), weight])
-    )
-    return x_bar, float(spread[0] / spread[1])
 
 
 @dataclass
@@ -89,7 +53,6 @@ class Worker:
     y_val: torch.Tensor | None
     x0: torch.Tensor
     algo: algorithms.Algorithm | None = None
-    stop_after: int | None = None  # end the run early after this round (benchmarks)
     current_step: int = 0
     membership: Membership = field(default_factory=Fixed)
     slot: int = 0
@@ -318,7 +281,7 @@ class Worker:
             if report and wants_report:
                 now = time.perf_counter()
                 generation, members = self.membership.roster(t.size)
-                report(
+                enough = report(
                     Progress(
                         rank=self.slot,
                         step=done,
@@ -344,8 +307,8 @@ class Worker:
                     )
                 )
                 window_start, window_samples, losses, staleness, stale = now, 0, [], [], []
-            if report and self.stop_after is not None and done >= self.stop_after:
-                break
+                if enough:  # the reporter has seen what it needed (a benchmark)
+                    break
         await self.local.round_over()
         rate = run_samples / max(time.perf_counter() - run_start, 1e-9)
         if cfg.algorithm.name in ASYNC_ALGORITHMS and pace.unreported:
@@ -437,37 +400,6 @@ class Worker:
         k = None if k is None else min(k, members)
         return algorithms.make(self.cfg.algorithm, self.transport, seed=self.cfg.training.seed, k=k)
 
-    async def search_k(self, budget: int) -> int:
-        """Teleportation's k, found within `budget` rounds (the paper's Algorithm 2 finds
-        k within 2T iterations in all: this spends <= T before the T rounds of training).
-
-        Successive halving over k in {1, 2, 4, ..., n} (the paper's exact schedule is
-        unconfirmed; ALGORITHMS.md): every candidate trains from x0 for b rounds, the
-        better half trains again from x0 for 2b, and so on until one is left, with b
-        as large as the budget allows (`halving_rungs`). A candidate's score is the mean
-        validation loss of the slot models themselves, not of their average: averaging
-        hides how far apart the slots are, which is what a large k on a sparse
-        topology costs. Every round of every rung is logged in `search_log`.
-        """
-        n = self.transport.size
-        alive = [2**j for j in range(n.bit_length()) if 2**j <= n]
-        self.search_log = []
-        for rounds in halving_rungs(len(alive), budget):
-            scores = {}
-            for k in alive:
-                self.reset()
-                weight, _ = await self.run(rounds, k=k)
-                own = 0.0
-                if weight > 0:
-                    assert self.x_val is not None and self.y_val is not None  # built-in data
-                    own = loss_on(self.local.model, self.x_val, self.y_val, self.local.loss_fn)
-                mean, _ = await weighted_average(torch.tensor([own]), weight, self.transport)
-                scores[k] = float(mean[0])
-                self.search_log.append({"k": k, "rounds": rounds, "val_loss": scores[k]})
-            alive = sorted(alive, key=lambda k: scores[k])[: (len(alive) + 1) // 2]
-        self.reset()
-        return alive[0]
-
     async def train(self, report: Reporter | None = None) -> Result:
         cfg = self.cfg
         self.resume()
@@ -476,7 +408,7 @@ class Worker:
         k = self.k  # resumed
         auto = cfg.algorithm.name == "teleportation" and cfg.algorithm.active_nodes == "auto"
         if auto and k is None:
-            k = await self.search_k(cfg.training.rounds or DEFAULT_SEARCH_ROUNDS)
+            k = await ksearch.search_k(self, cfg.training.rounds or DEFAULT_SEARCH_ROUNDS)
             # The search is extra to the budget (the paper's T rounds of search before
             # T of training): a time budget counts from here.
             self.started = time.time()

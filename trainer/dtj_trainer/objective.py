@@ -92,3 +92,8 @@ def set_lr(optimizer: torch.optim.Optimizer, spec: OptimizerSpec, progress: floa
     for group in optimizer.param_groups:
         group["lr"] = lr
     return lr
+
+
+def loss_on(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> float:
+    with evaluating(model):
+        return float(loss_of(model(x), y, loss_fn).item())

@@ -201,7 +201,7 @@ class SimTransport:
         return None
 
 
-EvalHook = Callable[[int, list[Worker]], None]
+EvalHook = Callable[[int, list[Worker]], "int | None"]
 
 
 def simulate(
@@ -216,7 +216,8 @@ def simulate(
     """Run cfg.replicas virtual workers to the end; results in rank order.
 
     `on_round(step, workers)` is called once all workers reported `step`
-    (every cfg.training.evalEvery rounds), e.g. to evaluate the average model.
+    (every cfg.training.evalEvery rounds), e.g. to evaluate the average model; it may
+    return a step at which every worker ends its run (a benchmark that has seen enough).
     Asynchronous methods: worker r's round takes slowdowns[r] (default 1) of
     virtual time, x (1 + jitter x U(-1, 1)) each round, and a message `latency`
     more to arrive.
@@ -246,12 +247,16 @@ def simulate(
             w.membership = Fixed(counter=count)
         seen: collections.Counter[int] = collections.Counter()
 
-        def hook(p: Progress) -> None:
+        stop: list[int] = []
+
+        def hook(p: Progress) -> bool:
             if report:
                 report(p)
             seen[p.step] += 1
-            if on_round and seen[p.step] == cfg.replicas:
-                on_round(p.step, workers)
+            at = on_round(p.step, workers) if on_round and seen[p.step] == cfg.replicas else None
+            if at is not None:
+                stop.append(at)
+            return bool(stop) and p.step >= stop[0]
 
         results = await asyncio.gather(*(w.train(hook) for w in workers))
         return list(results), workers

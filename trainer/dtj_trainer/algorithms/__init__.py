@@ -11,7 +11,7 @@ from __future__ import annotations
 from ..config import AlgorithmSpec
 from ..transport import Transport
 from .allreduce import AllReduce
-from .base import Algorithm, Local, RoundStats, flat_params, set_flat_params
+from .base import Algorithm, Local, RoundStats, flat_params, set_flat_params, weighted_average
 from .dasgd import DASGD
 from .dpsgd import DPSGD
 from .gosgd import GoSGD
@@ -30,6 +30,7 @@ __all__ = [
     "make",
     "replicates",
     "set_flat_params",
+    "weighted_average",
 ]
 
 

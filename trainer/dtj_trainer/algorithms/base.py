@@ -13,6 +13,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from ..data import Sampler
 from ..emulation import Emulation
 from ..objective import LossFn, autocast, loss_of
+from ..transport import Transport
 
 
 def flat_params(model: nn.Module) -> torch.Tensor:
@@ -22,6 +23,22 @@ def flat_params(model: nn.Module) -> torch.Tensor:
 def set_flat_params(model: nn.Module, flat: torch.Tensor) -> None:
     with torch.no_grad():
         vector_to_parameters(flat, model.parameters())
+
+
+async def weighted_average(
+    x: torch.Tensor, weight: float, transport: Transport
+) -> tuple[torch.Tensor, float]:
+    """(x_bar, consensus distance) over the workers whose weight is > 0.
+
+    x_bar = sum_i w_i x_i / sum_i w_i; distance = sum_i w_i ||x_i - x_bar||^2 / sum_i w_i.
+    Every worker must call it.
+    """
+    packed = await transport.all_reduce_mean(torch.cat([x * weight, torch.tensor([weight])]))
+    x_bar = packed[:-1] / packed[-1]
+    spread = await transport.all_reduce_mean(
+        torch.tensor([weight * float(((x - x_bar) ** 2).sum()), weight])
+    )
+    return x_bar, float(spread[0] / spread[1])
 
 
 class Driver(Protocol):
