@@ -67,6 +67,10 @@ RESERVED_ENV = (
     "DTJ_METRICS_PORT",
     "DTJ_SPEED_HINT",
     "DTJ_NAMESPACE",
+    # torchrun's names for the process on its node (one per pod): for a script that
+    # picks its GPU with LOCAL_RANK. RANK and WORLD_SIZE change with every generation.
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
 )
 # The trainer's own volumes: its config (read-only) and scratch space (the root is read-only).
 CONFIG_VOLUME, CONFIG_DIR = "config", "/etc/dtj"

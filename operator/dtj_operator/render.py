@@ -289,6 +289,8 @@ def worker_pod(
         {"name": "DTJ_RANK", "value": str(slot)},
         {"name": "DTJ_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "DTJ_METRICS_PORT", "value": str(METRICS_PORT)},
+        {"name": "LOCAL_RANK", "value": "0"},  # one worker process per pod
+        {"name": "LOCAL_WORLD_SIZE", "value": "1"},
         *job.spec.template.env,
     ]
     if pool is not None:

@@ -73,6 +73,7 @@ def test_a_batch_without_a_step_is_an_error_that_says_to_call_step():
 
 
 REGRESSION = """
+import os
 import torch
 import dtj_trainer
 from torch.utils.data import TensorDataset
@@ -95,7 +96,8 @@ for xb, yb in job.batches(data):
     torch.nn.functional.mse_loss(model(xb), yb).backward()
     opt.step()
     opt.zero_grad()
-job.finish(start=start, end=mse())
+local = {k: float(os.environ[k]) for k in ("LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+job.finish(start=start, end=mse(), **local)
 """
 
 
@@ -128,6 +130,8 @@ def test_every_method_trains_a_users_loop_on_real_processes(tmp_path, method):
     finally:
         job.close()
     assert sorted(results) == [0, 1, 2]
+    for slot, r in results.items():  # torchrun's names, as dtj local sets them
+        assert (r.metrics["LOCAL_RANK"], r.metrics["LOCAL_WORLD_SIZE"]) == (slot, 3)
     for r in results.values():
         assert r.steps == 150 and r.metrics
         # the averaged model (what finish() reports on) fits far better than x0

@@ -255,6 +255,9 @@ def test_every_env_name_the_operator_sets_is_reserved_in_the_api():
         for pod in by_kind(objs, "Pod")
         for c in pod["spec"]["containers"]
         for e in c["env"]
-        if e["name"].startswith("DTJ_")
+        if e["name"].startswith(("DTJ_", "LOCAL_"))
     }
     assert set_by_us == set(api.RESERVED_ENV)
+    worker = next(p for p in by_kind(objs, "Pod") if p["metadata"]["name"].endswith("worker-0"))
+    env = {e["name"]: e.get("value") for e in worker["spec"]["containers"][0]["env"]}
+    assert (env["LOCAL_RANK"], env["LOCAL_WORLD_SIZE"]) == ("0", "1"), "one process per pod"

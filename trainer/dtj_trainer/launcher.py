@@ -124,6 +124,9 @@ class LocalJob:
             **os.environ,
             "DTJ_CONFIG": str(path),
             "DTJ_RANK": str(slot),
+            # torchrun's names: this machine runs every worker (a GPU script's device)
+            "LOCAL_RANK": str(slot),
+            "LOCAL_WORLD_SIZE": str(cfg.replicas),
             # One core per worker keeps n workers on a small machine from thrashing.
             "OMP_NUM_THREADS": "1",
             **self.extra_env.get(str(slot), {}),
