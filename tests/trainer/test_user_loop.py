@@ -12,7 +12,6 @@ step, with a first reported loss near theirs instead of the untrained ~5.5.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import signal
@@ -22,9 +21,8 @@ from pathlib import Path
 import pytest
 from dtj_trainer.config import TrainerConfig
 from dtj_trainer.launcher import LocalJob
-from dtj_trainer.metrics import Progress
 
-from tests.trainer.waiting import wait
+from tests.trainer.waiting import incarnations, wait
 
 pytestmark = pytest.mark.procs
 
@@ -46,16 +44,6 @@ def config() -> TrainerConfig:
             "timeoutSeconds": 10,
         }
     )
-
-
-def incarnations(log: Path) -> list[list[Progress]]:
-    out: list[list[Progress]] = []
-    for line in log.read_text().splitlines():
-        if "joined as" in line:
-            out.append([])
-        elif line.startswith('{"rank"'):
-            out[-1].append(Progress(**json.loads(line)))
-    return out
 
 
 def train(logs: Path, events: list[tuple[int, int, int]]) -> tuple[LocalJob, dict[int, int]]:

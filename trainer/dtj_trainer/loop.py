@@ -419,21 +419,23 @@ class Worker:
     async def finish(
         self, weight: float, seconds: float, k: int | None = None, rate: float = 0.0
     ) -> Result:
-        """Evaluate this worker's model and the weighted average of all models. In a
-        user's loop the model holds the average afterwards: it is the job's result."""
+        """Evaluate this worker's model and the weighted average of all models (their
+        parameters and floating-point buffers: BatchNorm's statistics are averaged with
+        the weights they were measured with). In a user's loop the model holds the
+        average afterwards: it is the job's result."""
         own = self.test_accuracy()
-        x = self.local.params()
+        x = self.local.state_vector()
         while True:
             try:
                 x_bar, dist = await weighted_average(x, weight, self.transport)
                 break
             except (RuntimeError, TimeoutError) as e:  # a member left: again, in the new
                 await self.membership.recover(self, e, "the final average")  # generation
-                x, weight = self.local.params(), 1.0
-        self.local.set_params(x_bar)
+                x, weight = self.local.state_vector(), 1.0
+        self.local.set_state_vector(x_bar)
         avg = self.test_accuracy()
         if self.dataset is not None:
-            self.local.set_params(x)
+            self.local.set_state_vector(x)
         self.finished_step = self.current_step
         self.membership.ended(self.current_step)  # a replacement arriving now has nothing to do
         tally = self.tally

@@ -135,13 +135,11 @@ class Local:
     def params(self) -> torch.Tensor:
         return flat_params(self.model)
 
-    def float_buffers(self) -> list[torch.Tensor]:
-        """The model's floating-point buffers (BatchNorm's running statistics)."""
-        return [b for b in self.model.buffers() if b.is_floating_point()]
-
     def state_vector(self) -> torch.Tensor:
-        """Parameters then floating-point buffers, flat: what a state sync averages."""
-        buffers = self.float_buffers()
+        """Parameters then buffers, flat: what a state sync and the final average
+        average. Integer buffers (BatchNorm's num_batches_tracked) ride along as floats
+        and are rounded back, so every member ends with the same whole model."""
+        buffers = list(self.model.buffers())
         if not buffers:
             return self.params()
         flat = [b.detach().reshape(-1).to(torch.float32) for b in buffers]
@@ -152,8 +150,9 @@ class Local:
         self.set_params(flat[:n])
         offset = n
         with torch.no_grad():
-            for b in self.float_buffers():
-                b.copy_(flat[offset : offset + b.numel()].view_as(b))
+            for b in self.model.buffers():
+                part = flat[offset : offset + b.numel()].view_as(b)
+                b.copy_(part if b.is_floating_point() else part.round())
                 offset += b.numel()
 
     def full_state(self, *, with_model: bool) -> dict[str, Any]:
