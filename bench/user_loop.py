@@ -3,7 +3,7 @@
     .venv/bin/python bench/user_loop.py
 
 1. Overhead at n = 1: the example standalone (dtj_trainer.init(), the wrapped
-   optimizer, the training thread's hand-offs) against the same script in plain
+   optimizer, the turns with the method's coroutine) against the same script in plain
    torch (bench/lm_ddp.py, no wrapper), alternated, 3 runs each: samples/s over
    the training loop, and the ratio.
 2. n = 4 (dpsgd, one-peer-exponential, 4 local processes): each worker's time

@@ -113,17 +113,20 @@ def run(tmp_path: Path, algorithm: str, events: list[Event]) -> Outcome:
         detected: dict[int, float] = {}
         job_step: dict[int, int] = {}
         for ev in events:
-            wait(
+            # The victim's member id, read before the signal (a leaver is gone at once).
+            victim = wait(
                 f"slot {ev.slot} at step {ev.at_step}, training",
                 lambda ev=ev: (
                     job.reports().get(ev.slot, _none).step >= ev.at_step
-                    and any(m.startswith(f"{ev.slot}.") for m in job.generation().members)
+                    and next(
+                        (m for m in job.generation().members if m.startswith(f"{ev.slot}.")),
+                        None,
+                    )
                 ),
             )
             t0 = time.monotonic()
             job.signal(ev.slot, ev.sig)
             job_step[ev.slot] = min(r.step for s, r in job.reports().items() if s != ev.slot)
-            victim = next(m for m in job.generation().members if m.startswith(f"{ev.slot}."))
             wait(
                 "a generation without the victim",
                 lambda v=victim: v not in job.generation().members,
