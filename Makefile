@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml devcluster/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "Installing the project and its test tools into $(VENV) (torch is large; pip's cache keeps it)"
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[operator,trainer,dev,bench]' -e ./devcluster
+	$(PY) -m pip install --quiet -e '.[operator,trainer,dev,bench,examples]' -e ./devcluster
 	@rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP)

@@ -27,7 +27,7 @@ from dtj_trainer.emulation import Emulation
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-VALIDATION_FRACTION = 0.1  # as dtj_trainer.loop: the same training rows
+VALIDATION_FRACTION = 0.1  # as dtj_trainer.task: the same training rows
 
 
 def main() -> int:

@@ -183,7 +183,7 @@ def run_trainer(
         records = []
         for slot in range(n):
             for line in (logs / f"worker-{slot}.log").read_text().splitlines():
-                if line.startswith("{") and '"loss"' in line:
+                if line.startswith('{"rank"'):
                     records.append(json.loads(line))
     wall = max(r.seconds for r in results.values())
     last = max((r.get("job_samples") or 0) for r in records) if records else 0

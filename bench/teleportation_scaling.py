@@ -68,7 +68,7 @@ def local_accuracy(workers: list[loop.Worker], step: int) -> float:
     accs = []
     for x in xs:
         w0.local.set_params(x)
-        accs.append(loop.accuracy(w0.local.model, w0.dataset.x_test, w0.dataset.y_test))
+        accs.append(w0.scores()["test_accuracy"])
     w0.local.set_params(saved)
     return sum(accs) / len(accs)
 

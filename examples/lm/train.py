@@ -1,6 +1,6 @@
 """A byte-level GPT on the Python standard library's own sources, trained by the job.
 
-Plain torch (AdamW, warmup + cosine, clipping, autocast) with the job's seven lines
+Plain torch (AdamW, warmup + cosine, clipping, autocast) with the job's lines
 marked `# job`. Alone: `python examples/lm/train.py`; four local workers:
 `dtj local examples/lm/job.yaml`; a cluster: `kubectl apply` the same manifest.
 """
@@ -78,18 +78,20 @@ def main() -> None:
 
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine)
     job.track(schedule=schedule)  # job: the schedule moves with the worker too
-    for x, y in job.batches(train):  # job: this worker's shard until the budget is spent
+
+    def scores() -> dict[str, float]:  # the job asks at each report and of the average
+        v = evaluate(model, val)
+        return {"val_loss": v, "perplexity": math.exp(v)}
+
+    for x, y in job.batches(train, evaluate=scores):  # job: this worker's shard, the budget
         loss = loss_on(model, x, y)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        job.report(loss=loss.item())  # job
         opt.step()
         opt.zero_grad()
         schedule.step()
-        job.report(loss=loss.item())  # job
-        if job.step % job.config.training.eval_every == 0:
-            job.report(val_loss=(v := evaluate(model, val)), perplexity=math.exp(v))  # job
-    v = evaluate(model, val)  # the job's averaged model
-    job.finish(val_loss=v, perplexity=math.exp(v))  # job
+    job.finish()  # job: the result, with scores() of the job's averaged model
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ def history(logs: Path, slot: int) -> list[list[Progress]]:
     for line in (logs / f"worker-{slot}.log").read_text().splitlines():
         if "joined as" in line:
             out.append([])
-        elif line.startswith("{") and '"loss"' in line:
+        elif line.startswith('{"rank"'):
             out[-1].append(Progress(**json.loads(line)))
     return out
 

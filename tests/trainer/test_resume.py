@@ -31,7 +31,7 @@ def reports(log: Path) -> list[Progress]:
     return [
         Progress(**json.loads(line))
         for line in log.read_text().splitlines()
-        if line.startswith("{") and '"loss"' in line
+        if line.startswith('{"rank"')
     ]
 
 

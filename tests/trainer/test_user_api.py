@@ -72,6 +72,35 @@ def test_a_batch_without_a_step_is_an_error_that_says_to_call_step():
     assert "call opt.step() (the optimizer job.wrap() returned) once per batch" in done.stderr
 
 
+def test_evaluate_scores_the_model_at_every_report_and_at_the_end_and_fills_the_accuracy():
+    """`evaluate=`: called at each report (evalEvery) and before and after the final
+    average; its test_accuracy becomes the progress's and the result's accuracy, its
+    other numbers join the reported ones."""
+    done = run(
+        """
+        calls = []
+        def evaluate():
+            calls.append(job.step)
+            return {"test_accuracy": 0.25, "probe": float(len(calls))}
+        for x, y in job.batches(data, evaluate=evaluate):
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step(); opt.zero_grad()
+        result = job.finish()
+        print("OUT", json.dumps({"calls": calls, "own": result.worker_accuracy,
+              "avg": result.averaged_accuracy, "metrics": result.metrics}))
+        """
+    )
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(x) for x in done.stdout.splitlines() if x.startswith('{"rank"')]
+    got = json.loads(next(x for x in done.stdout.splitlines() if x.startswith("OUT "))[4:])
+    every = 50  # training.evalEvery's default; standalone runs 300 steps
+    assert [p["step"] for p in lines] == list(range(every, 301, every))
+    assert all(p["test_accuracy"] == 0.25 and "test_accuracy" not in p["metrics"] for p in lines)
+    assert [p["metrics"]["probe"] for p in lines] == [float(i) for i in range(1, 7)]
+    assert got["calls"] == [*range(every, 301, every), 300, 300]  # + before and after averaging
+    assert got["own"] == got["avg"] == 0.25 and got["metrics"] == {"probe": 8.0}
+
+
 REGRESSION = """
 import os
 import torch

@@ -283,3 +283,33 @@ def test_under_a_budget_synchronous_workers_stop_together_at_the_budget():
     cfg = config("dpsgd", 4, steps=None, budget={"samples": 32 * 4 * 45})
     _results, workers = simulator.simulate(cfg)
     assert [w.current_step for w in workers] == [45] * 4
+
+
+def test_a_users_backward_starts_from_zero_whatever_the_method_left_in_grad():
+    """dasgd applies the peers' gradients through .grad before asking for this worker's;
+    a user's loop zeroes after its step, so without zeroing first its backward added its
+    gradient to theirs (the user-loop path of dasgd diverged on real processes)."""
+    from dtj_trainer.data import Sampler
+
+    model = torch.nn.Linear(3, 1)
+    x = torch.ones(4, 3)
+
+    class Backward:  # a user's loop: forward and backward only
+        async def compute(self, local: algorithms.Local) -> float:
+            loss = model(x).sum()
+            loss.backward()
+            return float(loss)
+
+        async def round_over(self) -> None: ...
+
+        def reported(self) -> dict[str, float]:
+            return {}
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    idx = torch.arange(4)
+    local = algorithms.Local(
+        model, opt, Sampler(idx, idx, seed=0), 4, 0.1, lambda o, y: o, driver=Backward()
+    )
+    local.set_flat_grad(torch.full((4,), 100.0))  # the peers' gradients, applied
+    asyncio.run(local.grad())
+    assert local.flat_grad().tolist() == [4.0, 4.0, 4.0, 4.0]  # d(sum of 4 rows)/d(w, b)

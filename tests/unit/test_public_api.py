@@ -14,11 +14,12 @@ from dtj_trainer import api
 
 FROZEN = {
     "init": "(env: 'Mapping[str, str] | None' = None) -> 'Job'",
-    "Job.wrap": "(self, model: 'nn.Module', optimizer: 'torch.optim.Optimizer') "
-    "-> 'WrappedOptimizer'",
+    "Job.wrap": "(self, model: 'nn.Module', optimizer: 'torch.optim.Optimizer', *, "
+    "clip_grad_norm: 'float | None' = None) -> 'WrappedOptimizer'",
     "Job.track": "(self, **objects: 'Stateful') -> 'None'",
     "Job.batches": "(self, dataset: 'Any', *, collate: 'Callable[[list[Any]], Any]' = "
-    "<function default_collate>) -> 'Iterator[Any]'",
+    "<function default_collate>, labels: 'Sequence[int] | None' = None, evaluate: "
+    "'Callable[[], Mapping[str, float]] | None' = None) -> 'Iterator[Any]'",
     "Job.report": "(self, **metrics: 'float') -> 'None'",
     "Job.finish": "(self, **metrics: 'float') -> 'Result | None'",
     "Job.step": "property",

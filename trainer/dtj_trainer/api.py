@@ -32,11 +32,12 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import default_collate
@@ -95,12 +96,18 @@ class _Turns:
         if self.pause is not None:
             self.pause.set_result(None)
             self.pause = None
-        self.loop.run_until_complete(
-            asyncio.wait({task, paused}, return_when=asyncio.FIRST_COMPLETED)
-        )
-        if paused.done():
-            return paused.result()
-        return "done", task.exception() or task.result()
+
+        def ended(_: object) -> None:
+            if not paused.done():
+                paused.set_result(("done", None))
+
+        task.add_done_callback(ended)  # cheaper than asyncio.wait on every turn
+        self.loop.run_until_complete(paused)
+        task.remove_done_callback(ended)
+        kind, value = paused.result()
+        if kind == "done":
+            return "done", task.exception() or task.result()
+        return kind, value
 
 
 class WrappedOptimizer(torch.optim.Optimizer):
@@ -154,6 +161,7 @@ class Job:
         self._turns = _Turns()
         self._model: nn.Module | None = None
         self._optimizer: torch.optim.Optimizer | None = None
+        self._clip: float | None = None
         self._extras: dict[str, Stateful] = {}
         self._worker: Worker | None = None
         self._pending = False  # a batch is out and its step() has not come
@@ -164,24 +172,27 @@ class Job:
 
     # -- what the user's loop calls --------------------------------------------------
 
-    def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> WrappedOptimizer:
+    def wrap(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        clip_grad_norm: float | None = None,
+    ) -> WrappedOptimizer:
         """Train `model` with `optimizer` (any torch.optim optimizer over its parameters)
         by the job's method. Build the model after init(): every worker must start
-        from the same weights (init() seeds torch with training.seed)."""
+        from the same weights (init() seeds torch with training.seed).
+        `clip_grad_norm` clips the gradient the optimizer applies, after the method's
+        exchange (allreduce: the averaged one, as clipping after DDP's backward does);
+        clipping in the loop before step() clips this worker's own gradient."""
         if self._model is not None:
             raise RuntimeError("wrap() takes the job's one model and optimizer; call it once")
-        algorithm = self.config.algorithm
-        if algorithm.name == "teleportation" and not _plain_sgd(optimizer):
+        if self.config.algorithm.name == "teleportation" and not _plain_sgd(optimizer):
             raise ValueError(
                 "teleportation moves models between workers without their optimizer state: "
                 "use torch.optim.SGD without momentum, or another algorithm"
             )
-        if algorithm.name == "teleportation" and not isinstance(algorithm.active_nodes, int):
-            raise ValueError(
-                "teleportation's activeNodes: auto searches k on the built-in data set: set "
-                "spec.algorithm.activeNodes to a number for your own training loop"
-            )
-        self._model, self._optimizer = model, optimizer
+        self._model, self._optimizer, self._clip = model, optimizer, clip_grad_norm
         return WrappedOptimizer(self, optimizer)
 
     def track(self, **objects: Stateful) -> None:
@@ -190,18 +201,48 @@ class Job:
         self._extras.update(objects)
 
     def batches(
-        self, dataset: Any, *, collate: Callable[[list[Any]], Any] = default_collate
+        self,
+        dataset: Any,
+        *,
+        collate: Callable[[list[Any]], Any] = default_collate,
+        labels: Sequence[int] | None = None,
+        evaluate: Callable[[], Mapping[str, float]] | None = None,
     ) -> Iterator[Any]:
         """Mini-batches of this worker's shard of `dataset` (len() and [i]), as many and
         as large as the job's method, budget and batch plan ask; ends when training is
-        over or this worker leaves (SIGTERM: its model has been handed off)."""
+        over or this worker leaves (SIGTERM: its model has been handed off).
+
+        `labels` (one per sample) let training.dataSplit cut label-skewed shards.
+        `evaluate()` scores the model whenever the job reports (every evalEvery
+        steps, and before and after the final average); its numbers join the
+        report. `test_accuracy` becomes the job's accuracy (status.result), and
+        `val_loss` is what teleportation's activeNodes: auto ranks k by."""
         if self._model is None or self._optimizer is None:
             raise RuntimeError("call job.wrap(model, optimizer) before job.batches()")
         if self._worker is not None:
             raise RuntimeError("job.batches() runs once per job")
-        shard = _shard(len(dataset), self.config, self.rank)
-        sampler = data.Sampler(shard, shard, seed=self.config.training.seed * 100_003 + self.rank)
-        task = self._start(sampler, len(dataset))
+        algorithm = self.config.algorithm
+        searches_k = algorithm.name == "teleportation" and algorithm.active_nodes == "auto"
+        if searches_k and evaluate is None:
+            raise ValueError(
+                "teleportation's activeNodes: auto ranks k by validation loss: pass "
+                "job.batches(..., evaluate=...) returning val_loss, or set activeNodes"
+            )
+        cfg = self.config
+        size = len(dataset)
+        if size == 0:
+            raise ValueError("job.batches() needs a non-empty data set")
+        parts = self._session.elastic.shard_parts(cfg.replicas, 1, self.rank)
+        shard = data.shard(
+            size,
+            None if labels is None else np.asarray(labels),
+            parts,
+            self.rank,
+            cfg.training.data_split,
+            cfg.training.seed,
+        )
+        sampler = data.Sampler(shard, shard, seed=cfg.training.seed * 100_003 + self.rank)
+        task = self._start(sampler, size, evaluate)
         while True:
             kind, value = self._turns.run(task)  # the method, up to its next gradient
             if kind == "done":
@@ -221,7 +262,7 @@ class Job:
     def report(self, **metrics: float) -> None:
         """This worker's numbers (loss, validation loss, perplexity, ...): progress, the
         job's status and its result; a `loss` is the training loss shown everywhere."""
-        self._turns.last.update({k: float(v) for k, v in metrics.items()})
+        self._turns.last.update(_floats(metrics))
 
     def finish(self, **metrics: float) -> Result | None:
         """After the loop: the job's result (with `metrics`, e.g. the averaged model's
@@ -232,10 +273,10 @@ class Job:
         if self._outcome is None:
             raise RuntimeError("job.finish() comes after the loop over job.batches() has ended")
         self._finished = True
-        self.report(**metrics)
         outcome = self._outcome
-        if isinstance(outcome, Result):
-            outcome = replace(outcome, metrics=self._turns.reported())
+        if isinstance(outcome, Result):  # the loop's numbers, evaluate()'s of the average,
+            merged = {**(outcome.metrics or {}), **_floats(metrics)}  # then these
+            outcome = replace(outcome, metrics=merged or None)
         result = self._session.conclude(outcome)  # re-raises what broke the training
         self._turns.loop.close()
         gc.collect()  # old generations' process groups go now, not at interpreter exit
@@ -265,7 +306,12 @@ class Job:
 
     # -- the training loop ------------------------------------------------------------
 
-    def _start(self, sampler: data.Sampler, train_size: int) -> asyncio.Task[Result]:
+    def _start(
+        self,
+        sampler: data.Sampler,
+        train_size: int,
+        evaluate: Callable[[], Mapping[str, float]] | None,
+    ) -> asyncio.Task[Result]:
         assert self._model is not None and self._optimizer is not None
         cfg, rt = self.config, self._rt
         local = algorithms.Local(
@@ -278,6 +324,7 @@ class Job:
             rt.emulation,
             driver=self._turns,
             extras=dict(self._extras),
+            clip_norm=self._clip,
         )
         worker = Worker.for_loop(
             cfg,
@@ -287,6 +334,7 @@ class Job:
             slot=self.rank,
             membership=self._session.elastic,
             hint=rt.speed_hint,
+            evaluate=None if evaluate is None else lambda: _floats(evaluate()),
         )
         self._worker = worker
         self._session.start(worker)
@@ -315,21 +363,14 @@ class Job:
                 raise value
 
 
+def _floats(scores: Mapping[str, float]) -> dict[str, float]:
+    return {name: float(value) for name, value in scores.items()}
+
+
 def _plain_sgd(optimizer: torch.optim.Optimizer) -> bool:
     return type(optimizer) is torch.optim.SGD and not any(
         g.get("momentum") for g in optimizer.param_groups
     )
-
-
-def _shard(size: int, cfg: TrainerConfig, slot: int) -> torch.Tensor:
-    """This slot's part of a user's data set: a seeded permutation dealt round-robin
-    (the same on every worker; a slot beyond replicas, after a scale-up, gets its own)."""
-    if size == 0:
-        raise ValueError("job.batches() needs a non-empty data set")
-    parts = max(cfg.replicas, slot + 1)
-    order = torch.randperm(size, generator=torch.Generator().manual_seed(cfg.training.seed))
-    mine = order[slot::parts]
-    return mine if len(mine) else order
 
 
 def init(env: Mapping[str, str] | None = None) -> Job:

@@ -139,6 +139,22 @@ def split(labels: np.ndarray, n: int, spec: DataSplitSpec, seed: int) -> list[np
     return [np.sort(np.asarray(s, dtype=np.int64)) for s in shards]
 
 
+def shard(
+    size: int, labels: np.ndarray | None, parts: int, slot: int, spec: DataSplitSpec, seed: int
+) -> torch.Tensor:
+    """The indices of shard `slot` of `parts` (`split`); labels are needed for dirichlet.
+    A slot left with no sample (more slots than samples) trains on the whole set."""
+    if labels is None:
+        if spec.kind != "iid":
+            raise ValueError(
+                f"training.dataSplit {spec.kind} cuts shards by label: pass the labels "
+                "(job.batches(dataset, labels=...)) or use dataSplit iid"
+            )
+        labels = np.zeros(size, dtype=np.int64)
+    mine = split(labels, parts, spec, seed)[slot]
+    return torch.from_numpy(mine) if len(mine) else torch.arange(size)
+
+
 class Sampler:
     """Endless shuffled mini-batches from one worker's shard."""
 

@@ -1,4 +1,5 @@
-"""What a worker pod runs: read the rendered config, join, train, report.
+"""What a worker pod runs (the built-in trainer, or the user's script through
+dtj_trainer.init()): the contract it reads, and how a bad spec ends it.
 
 The contract with the operator (rendered by dtj_operator.render):
   DTJ_CONFIG  path of the TrainerConfig JSON (the job's ConfigMap, mounted)
@@ -22,13 +23,11 @@ what to change: the operator shows it as the failure's message.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from .config import TrainerConfig
 from .emulation import Emulation
@@ -73,11 +72,15 @@ CONFIG_ERROR = 2
 
 
 def main() -> int:
+    """The built-in trainer (builtin.py); a spec it cannot run exits with CONFIG_ERROR."""
+    from .builtin import main as train  # torch only once the command runs
+
     try:
-        return run(load_runtime(os.environ))
+        train()
     except ConfigError as e:
         print(f"dtj-trainer: error: {e}", file=sys.stderr, flush=True)
         return CONFIG_ERROR
+    return 0
 
 
 class ConfigError(Exception):
@@ -101,41 +104,6 @@ def backend_for(requested: str) -> str:
 
 def say(message: str) -> None:
     print(f"dtj-trainer: {message}", flush=True)
-
-
-def run(rt: Runtime) -> int:
-    """Join the job's membership, train through generation changes, report.
-
-    SIGTERM (preemption, scale-down, pod deletion) makes the worker hand its
-    model to the members and exit 0 within the grace period; it writes no result.
-    """
-    # The push receiver is a Python thread: let it in often, so pushes do not
-    # queue up behind a fast training loop (default switch interval is 5 ms).
-    sys.setswitchinterval(0.0002)
-    # torch only once the contract is valid
-    from .loop import Worker
-    from .session import open_session
-
-    session = open_session(rt, backend_for(rt.config.backend))
-    try:
-        worker = Worker.build(
-            rt.config,
-            session.unconnected(),
-            slot=rt.rank,
-            membership=session.elastic,
-            hint=rt.speed_hint,
-            emulation=rt.emulation,
-        )
-    except (ValueError, TypeError) as e:
-        raise ConfigError(e) from e
-    session.start(worker)
-    outcome: Any
-    try:
-        outcome = asyncio.run(worker.train(session.report))
-    except Exception as e:  # Left and AlreadyDone end a worker cleanly
-        outcome = e
-    session.conclude(outcome)
-    return 0
 
 
 if __name__ == "__main__":

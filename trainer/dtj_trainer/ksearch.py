@@ -1,5 +1,5 @@
-"""Teleportation's k (activeNodes: auto), searched on the built-in data set before
-training: successive halving over k in {1, 2, 4, ..., n}."""
+"""Teleportation's k (activeNodes: auto), searched before training by the validation
+loss the worker's evaluation reports: successive halving over k in {1, 2, 4, ..., n}."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from .algorithms import weighted_average
-from .objective import loss_on
 
 if TYPE_CHECKING:
     from .loop import Worker
@@ -52,8 +51,13 @@ async def search_k(w: Worker, budget: int) -> int:
             weight, _ = await w.run(rounds, k=k)
             own = 0.0
             if weight > 0:
-                assert w.x_val is not None and w.y_val is not None  # built-in data
-                own = loss_on(w.local.model, w.x_val, w.y_val, w.local.loss_fn)
+                evaluation = w.scores()
+                if "val_loss" not in evaluation:
+                    raise ValueError(
+                        "teleportation's activeNodes: auto ranks k by validation loss: the "
+                        "evaluate function must return val_loss (or set activeNodes)"
+                    )
+                own = evaluation["val_loss"]
             mean, _ = await weighted_average(torch.tensor([own]), weight, w.transport)
             scores[k] = float(mean[0])
             w.search_log.append({"k": k, "rounds": rounds, "val_loss": scores[k]})

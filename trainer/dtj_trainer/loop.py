@@ -19,9 +19,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-from torch import nn
 
-from . import algorithms, checkpoint, data, ksearch, models, objective
+from . import algorithms, checkpoint, data, ksearch, objective, task
 from .algorithms import weighted_average
 from .balancer import Balancer, gradient_scales
 from .config import ASYNC_ALGORITHMS, TrainerConfig
@@ -32,13 +31,7 @@ from .pace import Pace
 from .transport import Transport
 
 Reporter = Callable[[Progress], "bool | None"]  # True: end the run after this round
-VALIDATION_FRACTION = 0.1
 DEFAULT_SEARCH_ROUNDS = 300  # teleportation's k search under a budget
-
-
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    with objective.evaluating(model):
-        return float((objective.logits_of(model(x)).argmax(dim=1) == y).float().mean().item())
 
 
 @dataclass
@@ -48,10 +41,10 @@ class Worker:
     cfg: TrainerConfig
     transport: Transport
     local: algorithms.Local
-    dataset: data.Dataset | None  # the built-in data set; None in a user's own loop
-    x_val: torch.Tensor | None
-    y_val: torch.Tensor | None
     x0: torch.Tensor
+    # The model's scores at each report and at the end ("test_accuracy" fills the
+    # job's accuracy; "val_loss" ranks teleportation's k candidates).
+    evaluate: task.Scores | None = None
     algo: algorithms.Algorithm | None = None
     current_step: int = 0
     membership: Membership = field(default_factory=Fixed)
@@ -76,24 +69,20 @@ class Worker:
         hint: float = 1.0,
         emulation: Emulation | None = None,
     ) -> Worker:
-        """`slot` picks the data shard (of cfg.replicas); it is the rank in a fixed run.
-        `emulation`: modelled hardware (benchmarks, tests, the simulator)."""
+        """The built-in task's worker in the simulator (real processes run it as a
+        script on the public API: builtin.py). `slot` picks the data shard; it is
+        the rank in a fixed run. `emulation`: modelled hardware."""
         emulation = emulation or Emulation()
         if transport.virtual_time:  # the simulator's asynchronous mode: slowness is a
             emulation = replace(emulation, slowdown=1.0)  # clock tick, not a sleep
         seed = cfg.training.seed
         slot = transport.rank if slot is None else slot
-        ds = data.load(cfg.training.dataset, seed)
-        n_val = int(VALIDATION_FRACTION * len(ds.y_train))
-        x_train, y_train = ds.x_train[n_val:], ds.y_train[n_val:]
+        spec = task.load(cfg)
+        x_train, y_train = spec.train
         membership = membership or Fixed()
         parts = membership.shard_parts(cfg.replicas, transport.size, slot)
-        shards = data.split(y_train.numpy(), parts, cfg.training.data_split, seed)
-        mine = torch.from_numpy(shards[slot])
-        torch.manual_seed(seed)  # identical x0 on every worker
-        model = models.build(
-            cfg.training.model, num_features=ds.num_features, num_classes=ds.num_classes
-        )
+        mine = data.shard(len(y_train), y_train.numpy(), parts, slot, cfg.training.data_split, seed)
+        model = spec.model()
         opt = objective.build_optimizer(cfg.optimizer, model.parameters())
         sampler = data.Sampler(x_train[mine], y_train[mine], seed=seed * 100_003 + slot)
         local = algorithms.Local(
@@ -102,7 +91,7 @@ class Worker:
             sampler,
             cfg.batching.per_worker,
             cfg.optimizer.lr,
-            objective.build_loss(cfg.training.loss),
+            spec.loss_fn,
             emulation,
             precision=cfg.training.precision,
             clip_norm=cfg.optimizer.grad_clip_norm,
@@ -112,10 +101,8 @@ class Worker:
             cfg,
             transport,
             local,
-            ds,
-            ds.x_train[:n_val],
-            ds.y_train[:n_val],
             algorithms.flat_params(model),
+            spec.scores(model),
             membership=membership,
             slot=slot,
             pace=Pace.of(cfg.training, len(y_train)),
@@ -134,17 +121,16 @@ class Worker:
         slot: int,
         membership: Membership,
         hint: float = 1.0,
+        evaluate: task.Scores | None = None,
     ) -> Worker:
-        """A worker whose gradients the user's own loop computes (`local.driver`): no
-        built-in data set, the user's model and optimizer in `local`."""
+        """A worker whose gradients the user's own loop computes (`local.driver`), with
+        the user's model and optimizer in `local` and the user's `evaluate`."""
         return cls(
             cfg,
             transport,
             local,
-            None,
-            None,
-            None,
             algorithms.flat_params(local.model),
+            evaluate,
             membership=membership,
             slot=slot,
             pace=Pace.of(cfg.training, train_size),
@@ -281,14 +267,15 @@ class Worker:
             if report and wants_report:
                 now = time.perf_counter()
                 generation, members = self.membership.roster(t.size)
+                scores = self.scores()
                 enough = report(
                     Progress(
                         rank=self.slot,
                         step=done,
                         loss=sum(losses) / len(losses) if losses else float("nan"),
                         samples_per_second=window_samples / max(now - window_start, 1e-9),
-                        test_accuracy=self.test_accuracy(),
-                        metrics=self.reported(),
+                        test_accuracy=scores.pop("test_accuracy", None),
+                        metrics={**(self.reported() or {}), **scores} or None,
                         bytes_sent=t.counters.bytes_sent,
                         bytes_received=t.counters.bytes_received,
                         comm_wait_seconds=t.counters.wait_seconds,
@@ -322,10 +309,9 @@ class Worker:
             except (RuntimeError, TimeoutError) as e:
                 await self.membership.recover(self, e, "the method's last exchange")
 
-    def test_accuracy(self) -> float | None:
-        """The built-in data set's test accuracy of this model (None in a user's loop)."""
-        ds = self.dataset
-        return None if ds is None else accuracy(self.local.model, ds.x_test, ds.y_test)
+    def scores(self) -> dict[str, float]:
+        """This model's scores now (what `evaluate` says; nothing without one)."""
+        return {} if self.evaluate is None else dict(self.evaluate())
 
     def reported(self) -> dict[str, float] | None:
         """What a user's loop last reported (job.report), if any."""
@@ -423,7 +409,7 @@ class Worker:
         parameters and floating-point buffers: BatchNorm's statistics are averaged with
         the weights they were measured with). In a user's loop the model holds the
         average afterwards: it is the job's result."""
-        own = self.test_accuracy()
+        own = self.scores().get("test_accuracy")
         x = self.local.state_vector()
         while True:
             try:
@@ -433,8 +419,9 @@ class Worker:
                 await self.membership.recover(self, e, "the final average")  # generation
                 x, weight = self.local.state_vector(), 1.0
         self.local.set_state_vector(x_bar)
-        avg = self.test_accuracy()
-        if self.dataset is not None:
+        averaged = self.scores()
+        avg = averaged.pop("test_accuracy", None)
+        if self.local.driver is None:  # the simulator's workers keep their own models
             self.local.set_state_vector(x)
         self.finished_step = self.current_step
         self.membership.ended(self.current_step)  # a replacement arriving now has nothing to do
@@ -451,5 +438,5 @@ class Worker:
             staleness_max=tally.max,
             updates_received=tally.count,
             updates_dropped=tally.dropped,
-            metrics=self.reported(),
+            metrics={**(self.reported() or {}), **averaged} or None,
         )

@@ -86,11 +86,14 @@ class Local:
     async def grad(self) -> float:
         """Forward and backward on a fresh local mini-batch; returns the loss."""
         t0 = time.perf_counter()
+        # From zero in both paths: a method may have left other gradients in .grad
+        # (dasgd applies the peers' before this one), and a user's loop zeroes after
+        # its step, so its backward would add to them.
+        self.optimizer.zero_grad(set_to_none=True)
         if self.driver is not None:
             value = await self.driver.compute(self)
         else:
             x, y = self.sampler.next(self.batch)
-            self.optimizer.zero_grad(set_to_none=True)
             with autocast(self.model, self.precision):
                 loss = loss_of(self.model(x), y, self.loss_fn)
             loss.backward()
