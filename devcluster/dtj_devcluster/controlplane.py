@@ -187,6 +187,15 @@ class LocalCluster:
     def pidfile(self) -> Path:
         return self.directory / "pids.json"
 
+    def wait_established(self, crd: str, timeout: float = 60) -> None:
+        """Until the API server serves `crd` (polled: `kubectl wait` fails outright when
+        it reads the CRD before its status has conditions)."""
+        deadline = time.monotonic() + timeout
+        while not established(json.loads(self.kubectl("get", "crd", crd, "-o", "json").stdout)):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"CRD {crd} not established after {timeout:.0f}s")
+            time.sleep(0.2)
+
     def kubectl(
         self, *args: str, check: bool = True, **kw: Any
     ) -> subprocess.CompletedProcess[str]:
@@ -519,3 +528,9 @@ def up(directory: Path | None = None, *, fake_nodes: bool = True) -> LocalCluste
 
 def down(directory: Path | None = None) -> None:
     LocalCluster(directory or state_root() / "default", Path()).stop()
+
+
+def established(crd: dict[str, Any]) -> bool:
+    """Whether a CRD object (as read) says the API server serves it."""
+    conditions = (crd.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Established" and c.get("status") == "True" for c in conditions)

@@ -47,12 +47,7 @@ def run(manifest: Path, *, timeout: float = 600.0) -> int:
         log = Path(tmp) / "operator.log"
         try:
             cluster.kubectl("apply", "--server-side", "-f", str(CRDS))
-            cluster.kubectl(
-                "wait",
-                "--for=condition=Established",
-                "--timeout=60s",
-                "crd/decentralizedtrainingjobs.training.dtj.io",
-            )
+            cluster.wait_established("decentralizedtrainingjobs.training.dtj.io")
             from dtj_operator.cli import operator_command
 
             with open(log, "wb") as out:

@@ -39,11 +39,12 @@ def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
 @pytest.fixture(scope="session")
 def crds(kube: Kube) -> Kube:
     kube.run("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
-    kube.run(
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd/decentralizedtrainingjobs.training.dtj.io",
+    crd = "decentralizedtrainingjobs.training.dtj.io"
+    wait_for(
+        f"the API server to serve {crd}",
+        lambda: devcluster.established(kube.json("get", "crd", crd)),
+        timeout=60,
+        every=0.2,
     )
     return kube
 

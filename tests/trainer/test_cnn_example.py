@@ -18,7 +18,7 @@ import pytest
 from dtj_trainer.config import TrainerConfig
 from dtj_trainer.launcher import LocalJob
 
-from tests.trainer.waiting import incarnations, wait
+from tests.trainer.waiting import incarnations, run_through
 
 pytestmark = pytest.mark.procs
 
@@ -41,17 +41,7 @@ def test_a_cnns_batchnorm_statistics_move_with_the_warm_start_and_into_the_resul
     )
     job = LocalJob(cfg, logs=tmp_path, command=SCRIPT, working_dir=ROOT)
     try:
-        for slot in range(4):
-            job.start_worker(slot)
-        wait(
-            f"step {LEAVE_AT}",
-            lambda: min((r.step for r in job.reports().values()), default=0) >= LEAVE_AT,
-        )
-        job.signal(1, signal.SIGTERM)
-        wait("slot 1 to hand off and stop", lambda: job.procs[1].poll() is not None)
-        job.start_worker(1)
-        wait("the end of training", lambda: not job.running(), timeout=300)
-        assert not job.failed(), job.failed()
+        run_through(job, [(1, signal.SIGTERM, LEAVE_AT)], timeout=300)
         results = job.results()
     finally:
         job.close()

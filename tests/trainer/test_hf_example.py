@@ -17,7 +17,7 @@ import pytest
 from dtj_trainer.config import TrainerConfig
 from dtj_trainer.launcher import LocalJob
 
-from tests.trainer.waiting import incarnations, wait
+from tests.trainer.waiting import incarnations, run_through
 
 pytestmark = pytest.mark.procs
 
@@ -39,10 +39,7 @@ def test_a_transformers_gpt2_trains_under_the_job_and_ends_as_one_model(tmp_path
     )
     job = LocalJob(cfg, logs=tmp_path, command=SCRIPT, working_dir=ROOT)
     try:
-        for slot in range(2):
-            job.start_worker(slot)
-        wait("the end of training", lambda: not job.running(), timeout=300)
-        assert not job.failed(), job.failed()
+        run_through(job, [], timeout=300)
         results = job.results()
     finally:
         job.close()

@@ -22,7 +22,7 @@ import pytest
 from dtj_trainer.config import TrainerConfig
 from dtj_trainer.launcher import LocalJob
 
-from tests.trainer.waiting import incarnations, wait
+from tests.trainer.waiting import incarnations, run_through
 
 pytestmark = pytest.mark.procs
 
@@ -49,20 +49,7 @@ def config() -> TrainerConfig:
 def train(logs: Path, events: list[tuple[int, int, int]]) -> tuple[LocalJob, dict[int, int]]:
     job = LocalJob(config(), logs=logs, command=SCRIPT, working_dir=ROOT)
     try:
-        for slot in range(4):
-            job.start_worker(slot)
-        pids = {s: p.pid for s, p in job.procs.items()}
-        for slot, sig, at in events:
-            wait(
-                f"step {at}",
-                lambda at=at: min((r.step for r in job.reports().values()), default=0) >= at,
-            )
-            job.signal(slot, sig)
-            wait(f"slot {slot} to stop", lambda slot=slot: job.procs[slot].poll() is not None)
-            job.start_worker(slot)
-        wait("the end of training", lambda: not job.running(), timeout=400)
-        assert not job.failed(), job.failed()
-        return job, pids
+        return job, run_through(job, events)
     finally:
         job.close()
 

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from dtj_trainer.launcher import LocalJob
 from dtj_trainer.metrics import Progress
 
 
@@ -30,3 +31,25 @@ def incarnations(log: Path) -> list[list[Progress]]:
         elif line.startswith('{"rank"'):
             out[-1].append(Progress(**json.loads(line)))
     return out
+
+
+def run_through(
+    job: LocalJob, events: list[tuple[int, int, int]], timeout: float = 400
+) -> dict[int, int]:
+    """Start every slot; for each (slot, signal, step): once every worker reported that
+    step, signal the slot, wait for it to stop and start its replacement; then wait
+    for the end of training. Returns the first processes' pids, by slot."""
+    for slot in range(job.cfg.replicas):
+        job.start_worker(slot)
+    pids = {s: p.pid for s, p in job.procs.items()}
+    for slot, sig, at in events:
+        wait(
+            f"step {at}",
+            lambda at=at: min((r.step for r in job.reports().values()), default=0) >= at,
+        )
+        job.signal(slot, sig)
+        wait(f"slot {slot} to stop", lambda slot=slot: job.procs[slot].poll() is not None)
+        job.start_worker(slot)
+    wait("the end of training", lambda: not job.running(), timeout=timeout)
+    assert not job.failed(), job.failed()
+    return pids

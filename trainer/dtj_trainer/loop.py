@@ -300,7 +300,7 @@ class Worker:
         rate = run_samples / max(time.perf_counter() - run_start, 1e-9)
         if cfg.algorithm.name in ASYNC_ALGORITHMS and pace.unreported:
             # The last rounds count too: the job's count is what was trained.
-            pace.consumed = self.count_samples(pace.unreported)
+            pace.consumed = self.membership.count_samples(self, pace.unreported)
             pace.unreported = 0
         while True:
             try:
@@ -333,7 +333,7 @@ class Worker:
         n, rank = t.size, t.rank
         speed = self.balancer.speed() if self.balancer is not None else 0.0
         if self.cfg.algorithm.name in ASYNC_ALGORITHMS:
-            total = self.count_samples(pace.unreported)
+            total = self.membership.count_samples(self, pace.unreported)
             pace.unreported = 0
             pace.consumed = total
             pace.last_check, pace.next_check = step, step + pace.every
@@ -362,10 +362,6 @@ class Worker:
         # allreduce weights the gradients by batch itself; the others average equally.
         weighs_itself = self.algo is not None and self.algo.weights_batches
         self.local.grad_scale = 1.0 if weighs_itself else gradient_scales(plan)[rank]
-
-    def count_samples(self, new: int) -> int:
-        """Asynchronous methods: add this worker's new samples to the job's count."""
-        return self.membership.count_samples(self, new)
 
     def model_weight(self) -> float:
         """This model's weight in a state sync: what the method says it holds (GoSGD's
