@@ -232,8 +232,10 @@ class RunPolicy(Model):
     active_deadline_seconds: int | None = Field(
         None,
         ge=1,
-        description="Fail the job if it runs longer than this many seconds, counted from "
-        "when it started running or was last resumed; the clock stops while suspended.",
+        description="Fail the job if it is active longer than this many seconds, counted "
+        "from when it was created or last resumed (status.activeSince), whether or not "
+        "its workers ever ran (as a batch Job: a job stuck Pending times out too); the "
+        "clock stops while suspended.",
     )
     ttl_seconds_after_finished: int | None = Field(
         None, ge=0, description="Delete the job this long after it succeeded or failed."
@@ -576,8 +578,13 @@ class JobStatus(Model):
     )
     start_time: str | None = Field(
         None,
-        description="When the job started running, or was last resumed "
-        "(activeDeadlineSeconds counts from it; cleared while suspended).",
+        description="When the job's workers first trained, or did after its last resume "
+        "(cleared while suspended).",
+    )
+    active_since: str | None = Field(
+        None,
+        description="When the job was created or last resumed: activeDeadlineSeconds "
+        "counts from it (cleared while suspended).",
     )
     completion_time: str | None = Field(None, description="When the job finished.")
     progress: TrainingProgress | None = Field(None, description="Training progress.")

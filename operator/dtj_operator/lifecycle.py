@@ -147,7 +147,7 @@ def assess(
             f"last: {last} (preemptions are not counted)"
         )
         return a
-    start = old_status.get("startTime")
+    start = old_status.get("activeSince") or old_status.get("startTime")
     if policy.active_deadline_seconds and start and not policy.suspend:
         elapsed = (now - parse_time(start)).total_seconds()
         if elapsed > policy.active_deadline_seconds:
@@ -194,9 +194,9 @@ def deadline_in(
     job: api.DecentralizedTrainingJob, new_status: dict[str, Any], now: dt.datetime
 ) -> float | None:
     """Seconds until activeDeadlineSeconds runs out (a pass must then look), or None
-    when no deadline runs (none set, not started, suspended)."""
+    when no deadline runs (none set, suspended)."""
     policy = job.spec.run_policy
-    start = new_status.get("startTime")
+    start = new_status.get("activeSince")
     if not policy.active_deadline_seconds or not start or policy.suspend:
         return None
     elapsed = (now - parse_time(start)).total_seconds()

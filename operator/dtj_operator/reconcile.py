@@ -247,7 +247,7 @@ def reconcile(obs: Observed, cluster: Cluster) -> Pass:
         _write(act, body, done.status)
     done.requeue_after = _earliest(
         done.requeue_after,
-        lifecycle.deadline_in(job, done.status | {"startTime": _start(old, done.status)}, now),
+        lifecycle.deadline_in(job, done.status | {"activeSince": _since(old, done.status)}, now),
         EXPECTATION_SECONDS if obs.created or obs.deleting else None,
     )
     return done
@@ -261,8 +261,8 @@ def api_message(e: ApiException) -> str:
         return str(e.reason)
 
 
-def _start(old: dict[str, Any], new: dict[str, Any]) -> str | None:
-    return new["startTime"] if "startTime" in new else old.get("startTime")
+def _since(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    return new["activeSince"] if "activeSince" in new else old.get("activeSince")
 
 
 def _earliest(*delays: float | None) -> float | None:

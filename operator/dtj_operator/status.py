@@ -176,7 +176,14 @@ def compute(
     if running and not old.get("startTime"):
         status["startTime"] = now()
     elif suspended and finished is None and old.get("startTime"):
-        status["startTime"] = None  # as a Job: the deadline restarts on resume
+        status["startTime"] = None
+    # The deadline's clock: from the first pass (a job stuck Pending times out too) or
+    # the last resume, as a batch Job's startTime. A job an older operator started
+    # keeps the clock it had.
+    if not suspended and finished is None and not old.get("activeSince"):
+        status["activeSince"] = old.get("startTime") or now()
+    elif suspended and finished is None and old.get("activeSince"):
+        status["activeSince"] = None  # the deadline restarts on resume
     if finished is not None and not old.get("completionTime"):
         status["completionTime"] = now()
     return status

@@ -64,6 +64,18 @@ def test_deadline_and_completion():
     assert lifecycle.assess(job(), done, {}, NOW).phase == "Succeeded"
 
 
+def test_a_job_that_never_ran_times_out_from_when_it_became_active():
+    """Issue 21: the deadline counted from the first Ready workers, so a job stuck
+    Pending (a bad image, nowhere to schedule) never timed out. As a batch Job, it
+    counts from status.activeSince: the first pass, or the last resume."""
+    since = (NOW - dt.timedelta(seconds=30)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    stuck = [worker(i, "Pending") for i in range(4)]
+    spec = job({"runPolicy": {"activeDeadlineSeconds": 10}})
+    a = lifecycle.assess(spec, stuck, {"activeSince": since}, NOW)
+    assert a.reason == "DeadlineExceeded" and "ran 30s" in a.message
+    assert lifecycle.deadline_in(spec, {"activeSince": since}, NOW) == 0.5  # look now
+
+
 def test_vanished_workers():
     spec = job({"replicas": 2})
     assert lifecycle.vanished_worker(spec, worker(1), {}) == "preemptions"

@@ -111,6 +111,20 @@ def test_suspending_clears_the_start_time_and_resuming_sets_it_anew():
     assert "startTime" not in still  # nothing to clear: no write
 
 
+def test_the_deadline_clock_starts_at_the_first_pass_and_restarts_on_resume():
+    pending = compute({"replicas": 2}, [pod(0, "Pending", False), pod(1, "Pending", False)])
+    assert pending["phase"] == "Pending" and pending["activeSince"]  # ticking already
+    assert "startTime" not in pending  # no worker has trained yet
+    kept = compute({"replicas": 2}, [pod(0), pod(1)], {"activeSince": "2026-01-01T00:00:00Z"})
+    assert "activeSince" not in kept  # unchanged: no write
+    older = compute({"replicas": 2}, [pod(0)], {"startTime": "2026-01-01T00:00:00Z"})
+    assert older["activeSince"] == "2026-01-01T00:00:00Z"  # a job an older operator started
+    paused = compute(
+        {"replicas": 2, "runPolicy": {"suspend": True}}, [], {"activeSince": "2026-01-01T00:00:00Z"}
+    )
+    assert "activeSince" in paused and paused["activeSince"] is None
+
+
 def test_phase_changes_and_degradation_become_events():
     running = compute({"replicas": 2}, [pod(0), pod(1)])
     (event,) = status.transitions({"phase": "Pending"}, running)
