@@ -1,0 +1,169 @@
+"""The data ledger: chunks, leases, hand-backs, drops and a coordinator's replacement.
+
+Readers share one in-process store and a Service stepped on demand (the real
+request and grant protocol, without threads); each test records the indices
+every reader trained and checks the invariant itself: each sample once per
+epoch, except the chunk a dropped reader had begun (counted as reissued).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch.distributed as dist
+
+from dtj_trainer import ledger
+from dtj_trainer.ledger import Ledger, Plan, Reader, Service
+
+
+def test_plan_covers_every_sample_once_per_epoch() -> None:
+    plan = Plan.even(1000, 64, seed=3)
+    for epoch in range(3):
+        seen = np.concatenate([plan.samples(plan.fresh(epoch, p)) for p in range(plan.chunks)])
+        assert sorted(seen.tolist()) == list(range(1000))
+    first = [plan.chunk_at(e, 0) for e in range(5)]
+    assert len(set(first)) > 1  # each epoch its own order
+    assert Plan.from_wire(plan.wire()) == plan
+    shards = Plan.of_sizes([5, 9, 1], seed=1)
+    assert Plan.from_wire(shards.wire()) == shards
+    assert sorted(shards.samples((0, 1, 0, 9)).tolist()) == list(range(5, 14))
+
+
+def test_ledger_hands_back_and_reissues() -> None:
+    book = Ledger(Plan.even(100, 10))
+    a = book.lease("a", 2)
+    b = book.lease("b", 1)
+    assert book.cursor == 3 and len({it[1] for it in a + b}) == 3
+    book.hand_back("a", [(a[0][0], a[0][1], 4, 10), a[1]])  # a trained 4 of its first
+    assert book.handed_back == 16 and "a" not in book.leases
+    assert book.lease("c", 1) == [(0, a[0][1], 4, 10)]  # the remainder comes first
+    assert book.drop("b") == 10 and book.reissued == 10
+    assert book.lease("c", 2)[0] == a[1]
+
+
+def test_reseeded_keeps_the_members_leases_and_returns_the_lost() -> None:
+    book = Ledger(Plan.even(100, 10))
+    book.lease("a", 1)
+    book.lease("b", 1)
+    copy = book.snapshot()
+    lost = book.held("b")
+    new = Ledger.reseeded(book.plan, [copy], {"a": book.held("a")})
+    assert new.held("a") == book.held("a")
+    assert new.pool == lost and new.reissued == 10  # b never came back
+    assert new.cursor == 2 and new.version > copy["version"]
+
+
+class Job:
+    """Readers of one job over one store, with the coordinator's service."""
+
+    def __init__(self, plan: Plan, **service: object) -> None:
+        self.plan = plan
+        self.store = dist.HashStore()
+        self.service = Service(self.store, log=lambda m: None, **service)  # type: ignore[arg-type]
+        self.trained: dict[str, list[int]] = {}
+
+    def reader(self, member: str) -> Reader:
+        self.trained.setdefault(member, [])
+        return Reader(self.plan, lambda: self.store, lambda: member, pump=self.pump, timeout=5)
+
+    def pump(self) -> None:
+        self.service.step()
+
+    def train(self, r: Reader, member: str, batch: int, rounds: int) -> None:
+        for _ in range(rounds):
+            idx = r.take(batch)
+            r.commit()
+            self.trained[member].extend(idx.tolist())
+
+    def counts(self) -> Counter[int]:
+        return Counter(i for seen in self.trained.values() for i in seen)
+
+    def replace_coordinator(self, readers: list[Reader], members: list[str]) -> None:
+        self.store = dist.HashStore()  # the new coordinator's store is empty
+        self.service = Service(self.store, members=lambda: members, log=lambda m: None)
+        for r in readers:
+            r.reseed(now=True)
+
+
+def test_uneven_readers_train_each_sample_once_per_epoch() -> None:
+    job = Job(Plan.even(997, 25, seed=1))
+    readers = {m: job.reader(m) for m in "abc"}
+    # a is 3x faster than c: it takes 3x the batches, and still no sample repeats
+    for _ in range(18):
+        job.train(readers["a"], "a", 9, 3)
+        job.train(readers["b"], "b", 9, 2)
+        job.train(readers["c"], "c", 9, 1)
+    counts = job.counts()
+    assert sum(counts.values()) == 18 * 6 * 9 < 997 and max(counts.values()) == 1
+    assert len(job.trained["a"]) == 3 * len(job.trained["c"])
+
+
+def test_rollback_gives_the_same_samples_again() -> None:
+    job = Job(Plan.even(100, 10))
+    r = job.reader("a")
+    first = r.take(7)
+    r.rollback()
+    assert r.take(7).tolist() == first.tolist()
+    r.commit()
+    assert not set(r.take(7).tolist()) & set(first.tolist())
+
+
+def test_leave_crash_join_and_coordinator_in_one_epoch() -> None:
+    size = 2000
+    job = Job(Plan.even(size, 40, seed=5))
+    members = ["0.a", "1.a", "2.a", "3.a"]
+    readers = {m: job.reader(m) for m in members}
+
+    def everyone(rounds: int) -> None:
+        for _ in range(rounds):
+            for m in list(members):
+                job.train(readers[m], m, 16, 1)
+
+    everyone(3)
+    readers["1.a"].hand_back()  # SIGTERM: the rest of its chunks go back
+    members.remove("1.a")
+    everyone(3)
+    job.train(readers["2.a"], "2.a", 16, 1)  # a crash mid-chunk: its chunk comes again
+    ledger.submit(job.store, {"op": "drop", "m": "2.a"})
+    members.remove("2.a")
+    for m in ("4.b", "5.b"):  # scale up: new workers simply lease
+        members.append(m)
+        readers[m] = job.reader(m)
+    everyone(3)
+    job.replace_coordinator([readers[m] for m in members], list(members))
+    everyone(4)
+    counts = job.counts()
+    seen = sum(counts.values())
+    assert seen < size  # all of it within the first epoch
+    repeated = sum(n - 1 for n in counts.values() if n > 1)
+    assert 0 < repeated <= 40 == job.service.book.reissued  # type: ignore[union-attr]
+    assert set(counts) <= set(range(size))
+    everyone(40)  # and on to the end of the epoch: everything else exactly once
+    counts = job.counts()
+    first = [i for i, n in counts.items() if n >= 1]
+    assert len(first) == size
+
+
+def test_reader_state_resumes_mid_epoch_on_a_new_coordinator() -> None:
+    job = Job(Plan.even(300, 10, seed=2))
+    r = job.reader("0.a")
+    job.train(r, "0.a", 10, 10)
+    state = r.state_dict()
+    job.store = dist.HashStore()  # the whole job restarts: a new coordinator, a new member id
+    job.service = Service(job.store, members=lambda: ["0.b"], log=lambda m: None)
+    again = job.reader("0.b")
+    again.load_state_dict(state)
+    job.train(again, "0.b", 10, 20)
+    counts = Counter(job.trained["0.a"] + job.trained["0.b"])
+    assert len(counts) == 300 and max(counts.values()) == 1  # the epoch went on
+
+
+@pytest.mark.parametrize("wrong", [Plan.even(301, 10), Plan.even(300, 20)])
+def test_a_worker_with_another_data_set_gets_nothing(wrong: Plan) -> None:
+    job = Job(Plan.even(300, 10))
+    job.train(job.reader("a"), "a", 5, 1)
+    bad = Reader(wrong, lambda: job.store, lambda: "b", pump=job.pump, timeout=0.2)
+    with pytest.raises(TimeoutError, match="granted no data"):
+        bad.take(5)
