@@ -10,6 +10,7 @@ import torch
 from dtj_trainer import algorithms, ksearch, loop, simulator
 from dtj_trainer.algorithms import gosgd
 from dtj_trainer.config import TrainerConfig
+from dtj_trainer.data import Sampler
 
 ALL = ["allreduce", "dpsgd", "gosgd", "dasgd", "teleportation"]
 
@@ -93,7 +94,7 @@ def test_weighted_batch_average_is_the_full_batch_gradient():
         xs = [torch.randn(b, 64) for b in sizes]
         ys = [torch.randint(0, 10, (b,)) for b in sizes]
         for w, x, y, b in zip(workers, xs, ys, sizes, strict=False):
-            w.local.sampler = type(w.local.sampler)(x, y, seed=0)
+            w.local.sampler = Sampler(x, y, seed=0)
             w.local.batch = b
             for group in w.local.optimizer.param_groups:
                 group["lr"], group["momentum"] = 1.0, 0.0

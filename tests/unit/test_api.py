@@ -47,7 +47,7 @@ def test_defaults_fill_every_section():
     assert job.spec.replicas == 4
     assert job.spec.algorithm.name == "dpsgd"
     assert job.spec.run_policy.backoff_limit == 3
-    assert job.spec.training.data_split.kind == "iid"
+    assert job.spec.training.data_split.kind == "ledger"
 
 
 def test_wire_form_is_camel_case():

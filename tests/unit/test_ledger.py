@@ -13,7 +13,6 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch.distributed as dist
-
 from dtj_trainer import ledger
 from dtj_trainer.ledger import Ledger, Plan, Reader, Service
 

@@ -232,16 +232,17 @@ class Job:
         size = len(dataset)
         if size == 0:
             raise ValueError("job.batches() needs a non-empty data set")
-        parts = self._session.elastic.shard_parts(cfg.replicas, 1, self.rank)
-        shard = data.shard(
-            size,
+        everything = torch.arange(size)  # the sampler picks indices; the data stays put
+        elastic = self._session.elastic
+        sampler = data.sampler_for(
+            cfg,
+            everything,
+            everything,
             None if labels is None else np.asarray(labels),
-            parts,
-            self.rank,
-            cfg.training.data_split,
-            cfg.training.seed,
+            slot=self.rank,
+            parts=elastic.shard_parts(cfg.replicas, 1, self.rank),
+            reader=elastic.reader,
         )
-        sampler = data.Sampler(shard, shard, seed=cfg.training.seed * 100_003 + self.rank)
         task = self._start(sampler, size, evaluate)
         while True:
             kind, value = self._turns.run(task)  # the method, up to its next gradient

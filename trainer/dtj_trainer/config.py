@@ -206,11 +206,27 @@ class BatchingSpec(Model):
 class DataSplitSpec(Model):
     """How the training set is divided among workers."""
 
-    kind: Literal["iid", "dirichlet"] = Field(
-        "iid", description="iid shards, or label-skewed Dirichlet(alpha) shards."
+    kind: Literal["ledger", "iid", "dirichlet"] = Field(
+        "ledger",
+        description=(
+            "ledger: the coordinator leases chunks of each epoch's seeded order to the "
+            "workers as they need them, so every sample is trained once per epoch whatever "
+            "joins, leaves or is faster (docs/data.md). iid, dirichlet: a fixed shard per "
+            "worker slot (uniform, or label-skewed Dirichlet(alpha)), a research option: "
+            "shards do not follow membership changes or uneven speeds."
+        ),
     )
     alpha: float = Field(
         0.5, gt=0, description="dirichlet: concentration; smaller means more skew."
+    )
+    chunk_samples: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "ledger: samples per chunk (default: 1/16 of a worker's share of an epoch, at "
+            "least 4 batches). A killed worker's chunk is trained again: at most this "
+            "many samples repeat per kill."
+        ),
     )
 
 

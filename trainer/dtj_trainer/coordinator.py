@@ -18,7 +18,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from . import membership, progress
+from . import ledger, membership, progress
 from .config import TrainerConfig
 from .entrypoint import DEFAULT_CONFIG_PATH
 
@@ -98,7 +98,17 @@ def start_registrar(
     registrar = membership.Registrar(
         client, min_members=cfg.min_replicas or cfg.replicas, expected=cfg.replicas, log=say
     )
+    registrar.on_removed = lambda m: ledger.submit(client, {"op": "drop", "m": m})
     threading.Thread(target=registrar.run, args=(stop,), name="dtj-registrar", daemon=True).start()
+    book = ledger.Service(
+        connect_store(
+            "127.0.0.1" if host in ("", "0.0.0.0") else host, port, timeout=cfg.timeout_seconds
+        ),
+        members=lambda: list(registrar.members),
+        expected=lambda: registrar.expected,
+        log=say,
+    )
+    threading.Thread(target=book.run, args=(stop,), name="dtj-ledger", daemon=True).start()
     return registrar
 
 

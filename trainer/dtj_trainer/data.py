@@ -10,13 +10,15 @@ without talking to the others.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from .config import DataSplitSpec
+from . import ledger
+from .config import DataSplitSpec, TrainerConfig
 from .registry import load_factory
 
 
@@ -156,7 +158,9 @@ def shard(
 
 
 class Sampler:
-    """Endless shuffled mini-batches from one worker's shard."""
+    """Endless shuffled mini-batches from one worker's fixed shard (dataSplit iid,
+    dirichlet). The hooks after `next` are the ledger's (LedgerSampler); a fixed
+    shard needs none of them."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, *, seed: int) -> None:
         self.x, self.y = x, y
@@ -178,12 +182,81 @@ class Sampler:
         idx = torch.cat(take)
         return self.x[idx], self.y[idx]
 
+    def commit(self) -> None:
+        """The round that trained the last batches is over."""
+
+    def rollback(self) -> None:
+        """The round failed: its batches were not trained."""
+
+    def hand_back(self) -> None:
+        """This worker leaves."""
+
+    def forget(self) -> None:
+        """The job dropped this worker (it stopped answering)."""
+
+    def reseed(self, *, now: bool = False) -> None:
+        """The job has a new coordinator."""
+
     def state_dict(self) -> dict[str, Any]:
         """Where this worker is in its data (checkpointed: a resume continues the order)."""
         return {"rng": self._gen.get_state(), "order": self._order.clone(), "pos": self._pos}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if len(state["order"]) != len(self.y):
+        if "order" not in state or len(state["order"]) != len(self.y):
             return  # another shard (a different replicas count): start its order afresh
         self._gen.set_state(state["rng"])
         self._order, self._pos = state["order"].clone(), int(state["pos"])
+
+
+class LedgerSampler(Sampler):
+    """Mini-batches of the samples the job's data ledger leases to this worker
+    (ledger.Reader): `x` and `y` are the whole training set, indexed, never copied."""
+
+    def __init__(self, x: Any, y: Any, reader: ledger.Reader) -> None:
+        self.x, self.y, self.reader = x, y, reader
+
+    def next(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.from_numpy(self.reader.take(batch))
+        return self.x[idx], self.y[idx]
+
+    def commit(self) -> None:
+        self.reader.commit()
+
+    def rollback(self) -> None:
+        self.reader.rollback()
+
+    def hand_back(self) -> None:
+        self.reader.hand_back()
+
+    def forget(self) -> None:
+        self.reader.forget()
+
+    def reseed(self, *, now: bool = False) -> None:
+        self.reader.reseed(now=now)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ledger": self.reader.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "ledger" in state:
+            self.reader.load_state_dict(state["ledger"])
+
+
+def sampler_for(
+    cfg: TrainerConfig,
+    x: Any,
+    y: Any,
+    labels: np.ndarray | None,
+    *,
+    slot: int,
+    parts: int,
+    reader: Callable[[ledger.Plan], ledger.Reader],
+) -> Sampler:
+    """This worker's batches of the training set (`x[i]`, `y[i]`): leased from the job's
+    data ledger, or its fixed shard `slot` of `parts` (dataSplit iid, dirichlet)."""
+    spec, seed, size = cfg.training.data_split, cfg.training.seed, len(x)
+    if spec.kind == "ledger":
+        chunk = spec.chunk_samples or ledger.auto_chunk(size, cfg.replicas, cfg.batching.per_worker)
+        return LedgerSampler(x, y, reader(ledger.Plan.even(size, min(chunk, size), seed)))
+    mine = shard(size, labels, parts, slot, spec, seed)
+    return Sampler(x[mine], y[mine], seed=seed * 100_003 + slot)

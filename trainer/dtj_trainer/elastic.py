@@ -25,6 +25,7 @@ import torch
 
 from . import algorithms, checkpoint
 from .config import ASYNC_ALGORITHMS
+from .ledger import Plan, Reader
 from .membership import Cancelled, Generation, Member, Superseded, slot_of
 from .transport import Transport
 
@@ -61,11 +62,21 @@ class Elastic:
     leaving: threading.Event = field(default_factory=threading.Event)
     synced: tuple[str, ...] = ()  # the members of the last generation that synced
     synced_at: int = -1  # the number of that generation
+    pump: Callable[[], None] | None = None  # the simulator's ledger service, stepped inline
 
     # -- the Membership protocol (members.py) ---------------------------------------
 
     def shard_parts(self, replicas: int, world: int, slot: int) -> int:
         return max(replicas, slot + 1)  # a slot beyond replicas (scale-up) gets its own
+
+    def reader(self, plan: Plan) -> Reader:
+        return Reader(
+            plan,
+            lambda: self.store,
+            lambda: self.member.id,
+            timeout=COORDINATOR_PATIENCE * self.timeout,
+            pump=self.pump,
+        )
 
     async def begin(self, w: Worker) -> None:
         if w.pace.consumed:
@@ -212,6 +223,7 @@ class Elastic:
                 f"this worker missed generations (last in generation {self.synced_at}): "
                 "it takes the members' model"
             )
+            w.local.sampler.forget()  # dropped: the ledger gave its chunks to others
         x = w.local.state_vector()
         contrib = x * weight
         handoffs = []
@@ -263,6 +275,7 @@ class Elastic:
         tail = torch.tensor([weight, float(w.pace.unreported)], dtype=torch.float64)
         payload = torch.cat([w.local.state_vector().double(), tail])
         self.store.set(self.handoff_key(self.member.id), payload.numpy().tobytes())
+        w.local.sampler.hand_back()  # the data it did not train goes back to the ledger
         self.member.leave()
         w.transport.abandon()
         self.say(f"left at step {w.current_step}, model handed off to the members")
@@ -311,6 +324,7 @@ def reseed(w: Worker, store: Any) -> None:
         store.compare_set(SAMPLES_KEY, str(have), str(known))
     if w.finished_step is not None:
         store.set(DONE_KEY, str(w.finished_step))
+    w.local.sampler.reseed()  # its copy of the data ledger, at its next batch
 
 
 def patiently(op: Callable[[], Any], el: Elastic, what: str) -> Any:

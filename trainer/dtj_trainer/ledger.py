@@ -303,6 +303,8 @@ class Service:
         op, member = req["op"], req["m"]
         if op in ("lease", "seed") and self._wants_seed(req):
             self._copies.append(req["copy"])
+            if op == "seed":
+                self._deferred.append({**req, "copy": None})  # its plan, if the first
             self._held[member] = [_item(it) for it in req.get("held", [])]
             if req.get("was") and req["was"] != member:
                 self._was[member] = req["was"]
@@ -387,7 +389,6 @@ class Service:
                 if stop.is_set():
                     return
                 self.log(f"ledger: {type(e).__name__}: {str(e)[:200]}; trying again")
-
 
 
 class Reader:
@@ -493,7 +494,7 @@ class Reader:
         self._reseed = False
         self._asked = None  # the old coordinator's grant will never come
         if self.copy is not None:
-            self._send({"op": "seed", **self._seed_fields()})
+            self._send({"op": "seed", "plan": self.plan.wire(), **self._seed_fields()})
 
     def _seed_fields(self) -> dict[str, Any]:
         return {"copy": self.copy, "held": [list(it) for it in self.held], "was": self._was}

@@ -75,16 +75,21 @@ class Worker:
         emulation = emulation or Emulation()
         if transport.virtual_time:  # the simulator's asynchronous mode: slowness is a
             emulation = replace(emulation, slowdown=1.0)  # clock tick, not a sleep
-        seed = cfg.training.seed
         slot = transport.rank if slot is None else slot
         spec = task.load(cfg)
         x_train, y_train = spec.train
         membership = membership or Fixed()
-        parts = membership.shard_parts(cfg.replicas, transport.size, slot)
-        mine = data.shard(len(y_train), y_train.numpy(), parts, slot, cfg.training.data_split, seed)
+        sampler = data.sampler_for(
+            cfg,
+            x_train,
+            y_train,
+            y_train.numpy(),
+            slot=slot,
+            parts=membership.shard_parts(cfg.replicas, transport.size, slot),
+            reader=membership.reader,
+        )
         model = spec.model()
         opt = objective.build_optimizer(cfg.optimizer, model.parameters())
-        sampler = data.Sampler(x_train[mine], y_train[mine], seed=seed * 100_003 + slot)
         local = algorithms.Local(
             model,
             opt,
@@ -172,6 +177,7 @@ class Worker:
         self.local.model.load_state_dict(state["model"])
         self.local.optimizer.load_state_dict(state["optimizer"])
         self.local.sampler.load_state_dict(state["sampler"])
+        self.local.sampler.reseed(now=True)  # a new coordinator: its ledger from our copies
         self.local.load_extras(state)
         self.current_step = int(state["step"])
         self.pace.consumed = int(state["samples"])
@@ -248,8 +254,10 @@ class Worker:
                     _, distance = await weighted_average(self.local.params(), weight, t)
             except (RuntimeError, TimeoutError) as e:  # a peer vanished, the coordinator is
                 # away (a store call timed out), or we were told to move on
+                self.local.sampler.rollback()  # its samples come again
                 algo = await self.membership.recover(self, e, f"round {step}")
                 continue
+            self.local.sampler.commit()
             self.current_step = done
             pace.unreported += stats.samples
             window_samples += stats.samples

@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, NoReturn, Protocol
 
 import torch
+import torch.distributed as dist
+
+from .ledger import Plan, Reader, Service
 
 if TYPE_CHECKING:
     from .algorithms import Algorithm
@@ -32,6 +35,10 @@ class Membership(Protocol):
 
     def shard_parts(self, replicas: int, world: int, slot: int) -> int:
         """Into how many shards the data set is cut (this worker takes shard `slot`)."""
+        ...
+
+    def reader(self, plan: Plan) -> Reader:
+        """This worker's line to the job's data ledger (dataSplit ledger)."""
         ...
 
     async def begin(self, w: Worker) -> None:
@@ -75,12 +82,21 @@ class Fixed:
     # Asynchronous methods: the job-wide sample count shared by the simulator's
     # virtual workers (a real job keeps it in the coordinator's store).
     counter: Callable[[int], int] | None = None
+    # The data ledger the simulator's virtual workers share (its service in-process).
+    ledger: Service | None = None
+    member: str = "0.fixed"
 
     def say(self, message: str) -> None:
         print(message, flush=True)
 
     def shard_parts(self, replicas: int, world: int, slot: int) -> int:
         return world
+
+    def reader(self, plan: Plan) -> Reader:
+        if self.ledger is None:
+            self.ledger = Service(dist.HashStore(), log=self.say)
+        service = self.ledger
+        return Reader(plan, lambda: service.store, lambda: self.member, pump=service.step)
 
     async def begin(self, w: Worker) -> None:
         await w.transport.all_reduce_mean(torch.zeros(1))  # start together

@@ -146,6 +146,8 @@ class Registrar:
     _resized: bool = False
     _published_min: int = 0
     log: Callable[[str], None] = print
+    # A member is gone (left, dropped, replaced): the data ledger takes its leases back.
+    on_removed: Callable[[str], None] = lambda _member: None
 
     @property
     def paused(self) -> bool:
@@ -195,6 +197,7 @@ class Registrar:
                 for old in same_slot:  # its replacement is here: the old one is gone
                     if old in members:
                         members.remove(old)
+                        self.on_removed(old)
                         changed = True
                     if old in self._waiting:
                         self._waiting.remove(old)
@@ -203,6 +206,7 @@ class Registrar:
                     self._first_wait = self.clock()
             elif "leave" in req and req["leave"] in members:
                 members.remove(req["leave"])
+                self.on_removed(req["leave"])
                 self.log(f"member {req['leave']} left")
                 changed = True
             elif "leave" in req and req["leave"] in self._waiting:
@@ -212,6 +216,7 @@ class Registrar:
         for m in list(members):
             if not self.alive(m):
                 members.remove(m)
+                self.on_removed(m)
                 self.log(f"member {m} stopped answering for {self.dead_after:.0f}s: dropped")
                 changed = True
         self._waiting = [m for m in self._waiting if self.alive(m)]

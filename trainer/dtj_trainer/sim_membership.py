@@ -24,7 +24,9 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
+from . import ledger
 from .config import ASYNC_ALGORITHMS, TrainerConfig
+from .data import LedgerSampler
 from .elastic import SAMPLES_KEY, Elastic, Left, reseed
 from .loop import Worker
 from .membership import Generation
@@ -76,6 +78,9 @@ class MembershipSim:
     departed: list[Worker] = field(default_factory=list)  # left or crashed, for good
     generation: int = -1
     trained: dict[int, int] = field(default_factory=dict)  # id(worker) -> samples computed
+    # id(worker) -> the sample indices it trained (committed rounds), for the ledger's check
+    indices: dict[int, list[int]] = field(default_factory=dict)
+    service: ledger.Service | None = None  # the coordinator's data ledger
     lost: int = 0  # samples a crash took with it (trained, never counted)
     _incarnation: int = 0
 
@@ -83,8 +88,19 @@ class MembershipSim:
     def asynchronous(self) -> bool:
         return self.cfg.algorithm.name in ASYNC_ALGORITHMS
 
+    def _new_service(self) -> ledger.Service:
+        live = lambda: [elastic_of(w).member.id for w in self.members]  # noqa: E731
+        self.service = ledger.Service(self.store, members=live, log=self.say)
+        return self.service
+
+    def _pump(self) -> None:
+        assert self.service is not None
+        self.service.step()
+
     def _new_worker(self, slot: int, world: SimWorld, rank: int) -> Worker:
         self._incarnation += 1
+        if self.service is None:
+            self._new_service()
         el = Elastic(
             member=_Member(f"{slot}.{self._incarnation}"),  # type: ignore[arg-type]
             store=self.store,
@@ -92,9 +108,13 @@ class MembershipSim:
             generation=Generation(-1, ()),
             timeout=5.0,
             say=self.say,
+            pump=self._pump,
         )
         w = Worker.build(self.cfg, world.endpoints[rank], slot=slot, membership=el)
         self.trained[id(w)] = 0
+        self.indices[id(w)] = []
+        if isinstance(w.local.sampler, LedgerSampler):
+            self._record(w, w.local.sampler)
         grad = w.local.grad
 
         async def counted() -> float:  # ground truth: every sample any worker computed on
@@ -103,6 +123,29 @@ class MembershipSim:
 
         w.local.grad = counted  # type: ignore[method-assign]
         return w
+
+    def _record(self, w: Worker, sampler: LedgerSampler) -> None:
+        """Ground truth for the ledger: the indices of every round `w` committed."""
+        reader, seen = sampler.reader, self.indices[id(w)]
+        taken: list[int] = []
+        take, commit, rollback = reader.take, reader.commit, reader.rollback
+
+        def recorded_take(n: int) -> Any:
+            idx = take(n)
+            taken.extend(idx.tolist())
+            return idx
+
+        def recorded_commit() -> None:
+            seen.extend(taken)
+            taken.clear()
+            commit()
+
+        def recorded_rollback() -> None:
+            taken.clear()
+            rollback()
+
+        reader.take, reader.commit = recorded_take, recorded_commit  # type: ignore[method-assign]
+        reader.rollback = recorded_rollback  # type: ignore[method-assign]
 
     def _world(self, n: int) -> SimWorld:
         return SimWorld(n, virtual_time=self.asynchronous, seed=self.cfg.training.seed)
@@ -165,10 +208,12 @@ class MembershipSim:
             self.members.remove(w)
             self.departed.append(w)
             self.lost += w.pace.unreported  # trained since it last counted: gone with it
+            self._drop(w)  # the registrar dropped it: its leases go back
         elif kind == "freeze":
             w = next(w for w in reversed(self.members) if slot is None or w.slot == slot)
             self.members.remove(w)
             self.frozen.append(w)
+            self._drop(w)
         elif kind == "thaw":
             w = self.frozen.pop(0)
             self.members.append(w)
@@ -180,9 +225,11 @@ class MembershipSim:
                 self.members.append(joiner)
         elif kind == "coordinator":
             self.store = dist.HashStore()  # the replacement's store is empty
+            self._new_service()
             for w in self.members + self.frozen:
                 elastic_of(w).store = self.store
                 reseed(w, self.store)
+                w.local.sampler.reseed(now=True)
         self.members.sort(key=lambda w: w.slot)
         expected = self.expected_average(leavers)
         departed = [elastic_of(w).member.id for w in leavers]
@@ -209,6 +256,10 @@ class MembershipSim:
             f"{event}: generation {self.generation} with slots {[w.slot for w in self.members]}"
         )
         return Sync(event, list(self.members), expected)
+
+    def _drop(self, w: Worker) -> None:
+        ledger.submit(self.store, {"op": "drop", "m": elastic_of(w).member.id})
+        self._pump()
 
     def job_count(self) -> int:
         """The job's sample count: synchronous members agree on it in their notes;

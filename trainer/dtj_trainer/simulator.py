@@ -23,7 +23,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
+from . import ledger
 from .config import ASYNC_ALGORITHMS, TrainerConfig
 from .emulation import Emulation
 from .loop import Worker
@@ -233,18 +235,22 @@ def simulate(
             jitter=jitter,
             seed=cfg.training.seed,
         )
-        workers = [
-            Worker.build(cfg, t, emulation=Emulation(slowdown=(slowdowns or {}).get(t.rank, 1.0)))
-            for t in world.endpoints
-        ]
         total = [0]
 
         def count(new: int) -> int:  # the job-wide sample count (a store in real runs)
             total[0] += new
             return total[0]
 
-        for w in workers:
-            w.membership = Fixed(counter=count)
+        members = fixed_world(cfg.replicas, count)
+        workers = [
+            Worker.build(
+                cfg,
+                t,
+                membership=members[t.rank],
+                emulation=Emulation(slowdown=(slowdowns or {}).get(t.rank, 1.0)),
+            )
+            for t in world.endpoints
+        ]
         seen: collections.Counter[int] = collections.Counter()
 
         stop: list[int] = []
@@ -269,7 +275,16 @@ def run_rounds(cfg: TrainerConfig, body: Callable[[list[Worker]], Any]) -> Any:
 
     async def main() -> Any:
         world = SimWorld(cfg.replicas, virtual_time=cfg.algorithm.name in ASYNC_ALGORITHMS)
-        workers = [Worker.build(cfg, t) for t in world.endpoints]
+        members = fixed_world(cfg.replicas)
+        workers = [Worker.build(cfg, t, membership=members[t.rank]) for t in world.endpoints]
         return await body(workers)
 
     return asyncio.run(main())
+
+
+def fixed_world(n: int, counter: Callable[[int], int] | None = None) -> list[Fixed]:
+    """The memberships of `n` virtual workers of one job: one data ledger (its service
+    stepped inline) and, for asynchronous methods, one sample count."""
+    ids = [f"{r}.sim" for r in range(n)]
+    service = ledger.Service(dist.HashStore(), members=lambda: ids, log=lambda _m: None)
+    return [Fixed(counter=counter, ledger=service, member=m) for m in ids]
