@@ -166,3 +166,70 @@ def test_a_worker_with_another_data_set_gets_nothing(wrong: Plan) -> None:
     bad = Reader(wrong, lambda: job.store, lambda: "b", pump=job.pump, timeout=0.2)
     with pytest.raises(TimeoutError, match="granted no data"):
         bad.take(5)
+
+
+def test_with_dynamic_batching_and_a_3x_slower_worker_every_sample_is_drawn_alike(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """allreduce, dynamic batching, worker 0 three times slower (it gets small batches):
+    with the ledger every sample is drawn once per completed epoch; with fixed iid shards
+    the slow worker's shard is drawn far less often (the same run, side by side)."""
+    from dtj_trainer import data, simulator
+    from dtj_trainer.config import TrainerConfig
+
+    def job(split: str) -> TrainerConfig:
+        return TrainerConfig.model_validate(
+            {
+                "job": "uniform",
+                "replicas": 4,
+                "algorithm": {"name": "allreduce"},
+                "batching": {"dynamic": True, "perWorker": 32},
+                "training": {
+                    "budget": {"epochs": 12},
+                    "evalEvery": 50,
+                    "dataSplit": {"kind": split},
+                },
+            }
+        )
+
+    done: list[ledger.Item] = []
+    real_done = Ledger.done
+
+    def record(self: Ledger, member: str, item: ledger.Item) -> ledger.Item | None:
+        lease = real_done(self, member, item)
+        if lease is not None:
+            done.append(lease)  # the whole lease: its samples are all trained now
+        return lease
+
+    monkeypatch.setattr(Ledger, "done", record)
+    _, workers = simulator.simulate(job("ledger"), slowdowns={0: 3.0})
+    batches = [w.local.batch for w in workers]
+    assert batches[0] * 2 < min(batches[1:]), batches  # the plan moved work to the fast
+    plan = workers[0].local.sampler.reader.plan  # type: ignore[attr-defined]
+    per_epoch = Counter[int]()
+    for item in done:
+        per_epoch[item[0]] += item[3] - item[2]
+    complete = {e for e, n in per_epoch.items() if n == plan.size}  # every chunk done
+    draws = np.zeros(plan.size, dtype=np.int64)
+    for item in done:
+        if item[0] in complete:
+            np.add.at(draws, plan.samples(item), 1)
+    epochs = len(complete)
+    assert epochs >= 9 and draws.min() == draws.max() == epochs, np.bincount(draws)
+
+    drawn: dict[int, int] = {}
+    real_next = data.Sampler.next
+
+    def counted(self: data.Sampler, batch: int) -> tuple[object, object]:
+        drawn[id(self)] = drawn.get(id(self), 0) + batch
+        return real_next(self, batch)
+
+    monkeypatch.setattr(data.Sampler, "next", counted)
+    _, fixed = simulator.simulate(job("iid"), slowdowns={0: 3.0})
+    rates = [drawn[id(w.local.sampler)] / len(w.local.sampler.y) for w in fixed]
+    skew = max(rates) / min(rates)
+    print(
+        f"draws per sample and epoch: ledger {draws.min() / epochs:.2f}-"
+        f"{draws.max() / epochs:.2f}; fixed shards, slowest to fastest shard {skew:.2f}x"
+    )
+    assert skew > 1.5  # what the ledger removes

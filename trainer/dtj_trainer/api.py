@@ -232,7 +232,7 @@ class Job:
         size = len(dataset)
         if size == 0:
             raise ValueError("job.batches() needs a non-empty data set")
-        everything = torch.arange(size)  # the sampler picks indices; the data stays put
+        everything = data.Indices(size)  # the sampler picks indices; the data stays put
         elastic = self._session.elastic
         sampler = data.sampler_for(
             cfg,
@@ -242,6 +242,7 @@ class Job:
             slot=self.rank,
             parts=elastic.shard_parts(cfg.replicas, 1, self.rank),
             reader=elastic.reader,
+            shard_sizes=getattr(dataset, "shard_sizes", None),
         )
         task = self._start(sampler, size, evaluate)
         while True:

@@ -105,7 +105,6 @@ def start_registrar(
             "127.0.0.1" if host in ("", "0.0.0.0") else host, port, timeout=cfg.timeout_seconds
         ),
         members=lambda: list(registrar.members),
-        expected=lambda: registrar.expected,
         log=say,
     )
     threading.Thread(target=book.run, args=(stop,), name="dtj-ledger", daemon=True).start()

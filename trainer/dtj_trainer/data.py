@@ -251,12 +251,31 @@ def sampler_for(
     slot: int,
     parts: int,
     reader: Callable[[ledger.Plan], ledger.Reader],
+    shard_sizes: list[int] | None = None,
 ) -> Sampler:
     """This worker's batches of the training set (`x[i]`, `y[i]`): leased from the job's
-    data ledger, or its fixed shard `slot` of `parts` (dataSplit iid, dirichlet)."""
+    data ledger (one chunk per shard file when the data set has `shard_sizes`, unless
+    chunkSamples is set), or its fixed shard `slot` of `parts` (dataSplit iid,
+    dirichlet)."""
     spec, seed, size = cfg.training.data_split, cfg.training.seed, len(x)
     if spec.kind == "ledger":
+        if shard_sizes and spec.chunk_samples is None:
+            return LedgerSampler(x, y, reader(ledger.Plan.of_sizes(shard_sizes, seed)))
         chunk = spec.chunk_samples or ledger.auto_chunk(size, cfg.replicas, cfg.batching.per_worker)
         return LedgerSampler(x, y, reader(ledger.Plan.even(size, min(chunk, size), seed)))
     mine = shard(size, labels, parts, slot, spec, seed)
     return Sampler(x[mine], y[mine], seed=seed * 100_003 + slot)
+
+
+class Indices:
+    """The indices 0..size-1 as a lazy "data set": `Indices(n)[idx]` is `idx`. A user's
+    loop samples indices and reads its own data set with them (no copy of it here)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
+        return idx

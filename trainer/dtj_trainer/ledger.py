@@ -148,14 +148,15 @@ class Ledger:
         self.version += 1
         return out
 
-    def done(self, member: str, item: Item) -> None:
-        """`item` (as leased) is trained: it leaves the book."""
+    def done(self, member: str, item: Item) -> Item | None:
+        """The chunk of `item` is trained: its lease (returned) leaves the book."""
         held = self.leases.get(member, [])
         for i, it in enumerate(held):
             if it[:2] == item[:2]:
                 del held[i]
                 self.version += 1
-                return
+                return it
+        return None
 
     def hand_back(self, member: str, rest: list[Item]) -> None:
         """A leaver returns what it did not train (`rest`: the remainders of its leases)."""
@@ -259,12 +260,11 @@ class Service:
         self,
         store: Any,
         members: Callable[[], list[str]] = list,
-        expected: Callable[[], int] = lambda: 1 << 30,
         seed_wait: float = SEED_WAIT_SECONDS,
         clock: Callable[[], float] = time.monotonic,
         log: Callable[[str], None] = print,
     ) -> None:
-        self.store, self.members, self.expected = store, members, expected
+        self.store, self.members = store, members
         self.seed_wait, self.clock = seed_wait, clock
         self.log = log
         self.book: Ledger | None = None
@@ -362,9 +362,13 @@ class Service:
         if self._seeding_since is None:
             return
         waited = self.clock() - self._seeding_since
-        expected = set(self.members())
-        everyone = bool(expected) and expected <= set(self._held)
-        if not everyone and len(self._held) < self.expected() and waited < self.seed_wait:
+        # Who to wait for: every worker that held leases in the newest copy (one that
+        # died is waited for `seed_wait`), and the registrar's members.
+        newest = max(self._copies, key=lambda c: int(c["version"]))
+        holders = {m for m, items in newest["leases"].items() if items}
+        was = set(self._was.values())
+        expected = {m for m in holders if m not in was} | set(self.members())
+        if not expected <= set(self._held) and waited < self.seed_wait:
             return
         plan_req = next((r for r in self._deferred if r.get("plan")), None)
         if plan_req is None:
@@ -428,7 +432,7 @@ class Reader:
 
     def take(self, n: int) -> np.ndarray:
         self._seed()
-        ahead = max(n, self.plan.length(0))
+        ahead = 2 * n  # two batches in hand: a slow worker hoards no chunk of a later epoch
         while self.available() < n:
             self._ask(n + ahead - self.available())
             self._receive(wait=True)

@@ -79,6 +79,7 @@ class Session:
             lambda: self.store.set(f"result/{self.rt.rank}", line), self.elastic, "this result"
         )
         print(line, flush=True)
+        worker.local.sampler.hand_back()  # what it leased and did not train stays the job's
         member.leave()  # done: the others need not wait for this worker any more
         worker.transport.close()
         return outcome
