@@ -7,7 +7,8 @@
    torch (bench/lm_ddp.py, no wrapper), alternated, 3 runs each: samples/s over
    the training loop, and the ratio.
 2. n = 4 (dpsgd, one-peer-exponential, 4 local processes): each worker's time
-   split into compute and communication (its reported waiting for peers).
+   split into compute, communication (its reported waiting for peers) and data
+   (reading and collating its batches from the memory-mapped token file).
 3. One 3x slower worker (modelled compute, as bench/heterogeneity.py): plain torch
    DDP against the job (allreduce and dpsgd, each with dynamic batching), the
    same job-wide samples: validation loss against wall time (from the processes'
@@ -103,6 +104,7 @@ def job(
         finally:
             local.close()
     last = {r["rank"]: r for r in reports}
+    first = {r["rank"]: r for r in reversed(reports)}
     by_step: dict[int, list[dict[str, Any]]] = {}
     for r in reports:
         if "val_loss" in (r.get("metrics") or {}):
@@ -117,6 +119,14 @@ def job(
         "curve": curve(points, start),
         "comm_share": {
             s: r["comm_wait_seconds"] / max(r["time"] - start, 1e-9) for s, r in last.items()
+        },
+        # Reading and collating batches (from the memory-mapped token file, leased by the
+        # data ledger), as a share of each worker's time: what the loop waits for data.
+        # Between a worker's first and last report, so start-up does not dilute it.
+        "data_share": {
+            s: (r["data_wait_seconds"] - first[s]["data_wait_seconds"])
+            / max(r["time"] - first[s]["time"], 1e-9)
+            for s, r in last.items()
         },
     }
 
@@ -172,8 +182,9 @@ def main() -> int:
     print(f"    wrapped is {100 * out['overhead']['slowdown']:+.1f}% slower", flush=True)
     print("2/3 n = 4, compute and communication ...", flush=True)
     four = job([1, 1, 1, 1], dynamic=False, samples=None)
-    out["n4"] = {"wall_seconds": four["wall_seconds"], "comm_share": four["comm_share"]}
+    out["n4"] = {k: four[k] for k in ("wall_seconds", "comm_share", "data_share")}
     print(f"    communication share per worker {four['comm_share']}", flush=True)
+    print(f"    data wait share per worker {four['data_share']} (target <= 0.05)", flush=True)
     print("3/3 one 3x slower worker: DDP and the job ...", flush=True)
     speeds = [1 / 3, 1, 1, 1]
     budget = STEPS * BATCH * len(speeds)

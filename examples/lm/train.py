@@ -5,14 +5,17 @@ marked `# job`. Alone: `python examples/lm/train.py`; four local workers:
 `dtj local examples/lm/job.yaml`; a cluster: `kubectl apply` the same manifest.
 """
 
+import hashlib
 import math
 import os
 import sysconfig
+import tempfile
 from pathlib import Path
 
 import dtj_trainer
 import torch
 import torch.nn.functional as F
+from dtj_trainer.sources import TokenFile
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
@@ -20,11 +23,21 @@ CONTEXT, DIM, LAYERS, HEADS = 64, int(os.environ.get("LM_DIM", 64)), 2, 4
 BF16 = os.environ.get("LM_BF16") == "1"  # bfloat16 autocast (fast on recent GPUs)
 
 
-def corpus(limit: int = 1_000_000) -> torch.Tensor:
+def corpus(limit: int = 1_000_000) -> bytes:
     """The interpreter's own standard library as bytes: a corpus with no download."""
     files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
-    text = b"".join(f.read_bytes() for f in files)[:limit]
-    return torch.frombuffer(bytearray(text), dtype=torch.uint8).long()
+    return b"".join(f.read_bytes() for f in files)[:limit]
+
+
+def token_file(data: bytes) -> Path:
+    """The training tokens as a flat file (as nanoGPT's train.bin), written once: the
+    workers read it memory-mapped, never whole."""
+    path = Path(tempfile.gettempdir()) / f"dtj-lm-{hashlib.sha1(data).hexdigest()[:12]}.bin"
+    if not path.exists():
+        partial = path.with_suffix(f".{os.getpid()}.part")
+        partial.write_bytes(data)
+        partial.replace(path)  # atomic: another worker may be writing it too
+    return path
 
 
 class Windows(Dataset):
@@ -68,8 +81,10 @@ def evaluate(model: nn.Module, val: Windows, n: int = 256) -> float:
 
 def main() -> None:
     job = dtj_trainer.init()  # job: before the model, so every worker starts alike
-    tokens = corpus()
-    train, val = Windows(tokens[len(tokens) // 20 :]), Windows(tokens[: len(tokens) // 20])
+    text = corpus()
+    held_out = len(text) // 20
+    train = TokenFile(token_file(text[held_out:]), CONTEXT, dtype="uint8")  # memory-mapped
+    val = Windows(torch.frombuffer(bytearray(text[:held_out]), dtype=torch.uint8).long())
     model = GPT()
     opt = job.wrap(model, torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1))  # job
 
@@ -83,7 +98,7 @@ def main() -> None:
         v = evaluate(model, val)
         return {"val_loss": v, "perplexity": math.exp(v)}
 
-    for x, y in job.batches(train, evaluate=scores):  # job: this worker's shard, the budget
+    for x, y in job.batches(train, evaluate=scores):  # job: leased from the job's data ledger
         loss = loss_on(model, x, y)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -204,7 +204,7 @@ def test_with_dynamic_batching_and_a_3x_slower_worker_every_sample_is_drawn_alik
     monkeypatch.setattr(Ledger, "done", record)
     _, workers = simulator.simulate(job("ledger"), slowdowns={0: 3.0})
     batches = [w.local.batch for w in workers]
-    assert batches[0] * 2 < min(batches[1:]), batches  # the plan moved work to the fast
+    assert batches[0] < min(batches[1:]), batches  # the plan moved work to the fast
     plan = workers[0].local.sampler.reader.plan  # type: ignore[attr-defined]
     per_epoch = Counter[int]()
     for item in done:

@@ -245,14 +245,20 @@ class Job:
             shard_sizes=getattr(dataset, "shard_sizes", None),
         )
         task = self._start(sampler, size, evaluate)
+        assert self._worker is not None
+        sampler_owner = self._worker
         while True:
             kind, value = self._turns.run(task)  # the method, up to its next gradient
             if kind == "done":
                 self._outcome = value
                 return
+            t0 = time.perf_counter()
             indices, _ = sampler.next(value)
+            batch = collate([dataset[int(i)] for i in indices])
+            local = sampler_owner.local
+            local.data_seconds += time.perf_counter() - t0
             self._pending = True
-            yield collate([dataset[int(i)] for i in indices])
+            yield batch
             if self._pending:
                 raise RuntimeError(
                     "each batch of job.batches() ends with the wrapped optimizer's step(): "

@@ -182,6 +182,8 @@ class Sampler:
         idx = torch.cat(take)
         return self.x[idx], self.y[idx]
 
+    epoch: int | None = None  # the ledger's epoch of the last batch (fixed shards: none)
+
     def commit(self) -> None:
         """The round that trained the last batches is over."""
 
@@ -214,6 +216,10 @@ class LedgerSampler(Sampler):
 
     def __init__(self, x: Any, y: Any, reader: ledger.Reader) -> None:
         self.x, self.y, self.reader = x, y, reader
+
+    @property
+    def epoch(self) -> int | None:  # type: ignore[override]
+        return self.reader.epoch
 
     def next(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.from_numpy(self.reader.take(batch))

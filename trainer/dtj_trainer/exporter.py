@@ -47,6 +47,10 @@ class Exporter:
         self.sent = counter("bytes_sent", "Bytes sent to peers.")
         self.received = counter("bytes_received", "Bytes received from peers.")
         self.wait = counter("comm_wait_seconds", "Seconds blocked waiting for peers.")
+        self.data_wait = counter(
+            "data_wait_seconds", "Seconds spent reading and collating training batches."
+        )
+        self.epoch = gauge("epoch", "The data ledger's epoch of this worker's last batch.")
         self.reported = Gauge(
             METRIC_NAMES["reported"],
             "A number the user's training loop reported (job.report), by name.",
@@ -79,6 +83,9 @@ class Exporter:
         self.sent.inc(max(0, p.bytes_sent - last.bytes_sent))
         self.received.inc(max(0, p.bytes_received - last.bytes_received))
         self.wait.inc(max(0.0, p.comm_wait_seconds - last.comm_wait_seconds))
+        self.data_wait.inc(max(0.0, p.data_wait_seconds - last.data_wait_seconds))
+        if p.epoch is not None:
+            self.epoch.set(p.epoch)
         self._last = p
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:

@@ -287,6 +287,8 @@ class Worker:
                         bytes_sent=t.counters.bytes_sent,
                         bytes_received=t.counters.bytes_received,
                         comm_wait_seconds=t.counters.wait_seconds,
+                        data_wait_seconds=self.local.data_seconds,
+                        epoch=self.local.sampler.epoch,
                         staleness=sum(staleness) / len(staleness) if staleness else None,
                         consensus_distance=distance,
                         time=time.time(),

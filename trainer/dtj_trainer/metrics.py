@@ -22,6 +22,8 @@ METRIC_NAMES = {
     "bytes_sent": "dtj_worker_sent_bytes_total",
     "bytes_received": "dtj_worker_received_bytes_total",
     "comm_wait_seconds": "dtj_worker_communication_wait_seconds_total",
+    "data_wait_seconds": "dtj_worker_data_wait_seconds_total",
+    "epoch": "dtj_worker_data_epoch",
     "staleness": "dtj_worker_staleness_updates",
     "dropped": "dtj_worker_dropped_updates_total",
     "batch": "dtj_worker_batch_samples",
@@ -69,6 +71,8 @@ class Progress:
     bytes_sent: int = 0
     bytes_received: int = 0
     comm_wait_seconds: float = 0.0
+    data_wait_seconds: float = 0.0  # reading and collating batches (the loop waits for data)
+    epoch: int | None = None  # the data ledger's epoch of this worker's last batch
     staleness: float | None = None
     time: float | None = None  # unix seconds of the report
     batch: int | None = None  # local batch size (dynamic batching moves it)

@@ -74,6 +74,7 @@ class Local:
     # Dynamic batching: n b_i / sum_j b_j, so equal-weight averages are sample-weighted.
     grad_scale: float = 1.0
     compute_seconds: float = 0.0  # this worker's compute time so far (never waiting)
+    data_seconds: float = 0.0  # time spent reading and collating batches
     precision: str = "fp32"  # training.precision
     clip_norm: float | None = None  # optimizer.gradClipNorm
     # The user's own loop (dtj_trainer.init): it computes the gradients instead of
@@ -93,7 +94,9 @@ class Local:
         if self.driver is not None:
             value = await self.driver.compute(self)
         else:
+            t_data = time.perf_counter()
             x, y = self.sampler.next(self.batch)
+            self.data_seconds += time.perf_counter() - t_data
             with autocast(self.model, self.precision):
                 loss = loss_of(self.model(x), y, self.loss_fn)
             loss.backward()
