@@ -10,7 +10,8 @@ whatever the accuracy (issue 18):
 - allreduce replicas are identical: parameters, buffers, optimizer state;
 - GoSGD's weights sum to 1;
 - the job's sample count is what was trained (less a crashed worker's uncounted
-  rounds), and the budget is trained after any teleportation search.
+  rounds), and the budget is trained after any teleportation search;
+- the data ledger: each sample once per epoch, except in chunks it reissued.
 The numbers of scenarios and checks are printed in pytest's summary (tests/conftest.py).
 """
 
@@ -132,7 +133,29 @@ async def play(method: str, events: list[str]) -> MembershipSim:
     check("job count = samples trained - crash loss", count == trained - sim.lost, (count, trained))
     overshoot = len(sim.members) * BATCH * (10 if sim.asynchronous else 1)
     check("budget trained, overshoot bounded", BUDGET <= count <= BUDGET + overshoot, count)
+    check_ledger(sim)
     return sim
+
+
+def check_ledger(sim: MembershipSim) -> None:
+    """The data ledger, from the (epoch, sample) pairs each worker committed (departed
+    and crashed ones included): a sample repeats within an epoch only inside a chunk
+    the ledger reissued (and counted); every epoch before the last two (the ones still
+    being trained) holds every sample."""
+    assert sim.service is not None and sim.service.book is not None
+    book = sim.service.book
+    per_epoch: dict[int, collections.Counter[int]] = collections.defaultdict(collections.Counter)
+    for pairs in sim.indices.values():
+        for epoch, sample in pairs:
+            per_epoch[epoch][sample] += 1
+    repeated = sum(n - 1 for c in per_epoch.values() for n in c.values())
+    check("ledger: repeats only in reissued chunks", repeated <= book.reissued, repeated)
+    chunk = book.plan.length(0)
+    kills = sum(1 for w in sim.departed if w not in sim.members) + len(sim.frozen) + 1
+    check("ledger: at most a chunk reissued per drop", book.reissued <= kills * chunk)
+    last = max(per_epoch)
+    for epoch in range(last - 1):
+        check("ledger: every sample in each past epoch", len(per_epoch[epoch]) == book.plan.size)
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))

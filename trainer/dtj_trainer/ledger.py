@@ -424,6 +424,8 @@ class Reader:
         self.epoch = 0  # the epoch of the last sample taken
         self._reseed = False  # a new coordinator wants this worker's copy
         self._was: str | None = None  # this worker's id before a restart from a checkpoint
+        # What each commit trained, as items (the simulator's ground truth for the checks).
+        self.on_commit: Callable[[list[Item]], None] | None = None
 
     # -- reading ---------------------------------------------------------------------
 
@@ -457,17 +459,21 @@ class Reader:
 
     def commit(self) -> None:
         """The samples taken since the last commit are trained."""
-        left = self.pending
+        left, parts = self.pending, []
         while left > 0:
             e, c, b, end = self.held[0]
             if b + left >= end:
                 left -= end - b
                 self.held.pop(0)
+                parts.append((e, c, b, end))
                 self._send({"op": "done", "item": [e, c, b, end]})
             else:
                 self.held[0] = (e, c, b + left, end)
+                parts.append((e, c, b, b + left))
                 left = 0
         self.pending = 0
+        if self.on_commit is not None:
+            self.on_commit(parts)
         self._settle()
 
     def rollback(self) -> None:

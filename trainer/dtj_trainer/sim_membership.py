@@ -78,8 +78,9 @@ class MembershipSim:
     departed: list[Worker] = field(default_factory=list)  # left or crashed, for good
     generation: int = -1
     trained: dict[int, int] = field(default_factory=dict)  # id(worker) -> samples computed
-    # id(worker) -> the sample indices it trained (committed rounds), for the ledger's check
-    indices: dict[int, list[int]] = field(default_factory=dict)
+    # id(worker) -> the (epoch, sample) pairs it trained (committed rounds), for the
+    # ledger's check
+    indices: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
     service: ledger.Service | None = None  # the coordinator's data ledger
     lost: int = 0  # samples a crash took with it (trained, never counted)
     _incarnation: int = 0
@@ -125,27 +126,15 @@ class MembershipSim:
         return w
 
     def _record(self, w: Worker, sampler: LedgerSampler) -> None:
-        """Ground truth for the ledger: the indices of every round `w` committed."""
-        reader, seen = sampler.reader, self.indices[id(w)]
-        taken: list[int] = []
-        take, commit, rollback = reader.take, reader.commit, reader.rollback
+        """Ground truth for the ledger: the (epoch, sample) pairs of every committed round."""
+        seen = self.indices[id(w)]
+        plan = sampler.reader.plan
 
-        def recorded_take(n: int) -> Any:
-            idx = take(n)
-            taken.extend(idx.tolist())
-            return idx
+        def committed(parts: list[ledger.Item]) -> None:
+            for item in parts:
+                seen.extend((item[0], int(i)) for i in plan.samples(item))
 
-        def recorded_commit() -> None:
-            seen.extend(taken)
-            taken.clear()
-            commit()
-
-        def recorded_rollback() -> None:
-            taken.clear()
-            rollback()
-
-        reader.take, reader.commit = recorded_take, recorded_commit  # type: ignore[method-assign]
-        reader.rollback = recorded_rollback  # type: ignore[method-assign]
+        sampler.reader.on_commit = committed
 
     def _world(self, n: int) -> SimWorld:
         return SimWorld(n, virtual_time=self.asynchronous, seed=self.cfg.training.seed)
