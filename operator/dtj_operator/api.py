@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from dtj_trainer.config import (
     MOMENTUM_IS_SGDS,
+    ROUND_SECONDS_IS_ALLREDUCES,
     TELEPORTATION_NEEDS_PLAIN_SGD,
     AlgorithmSpec,
     BatchingSpec,
@@ -369,6 +370,13 @@ CEL_RULES = [
             s.algorithm.name != "teleportation"
             or (s.optimizer.name == "sgd" and s.optimizer.momentum == 0)
         ),
+    ),
+    _Rule(
+        "!has(self.algorithm.roundSeconds)"
+        " || (has(self.algorithm.name) && self.algorithm.name == 'allreduce')",
+        ROUND_SECONDS_IS_ALLREDUCES,
+        "spec.algorithm.roundSeconds",
+        lambda s: s.algorithm.round_seconds is None or s.algorithm.name == "allreduce",
     ),
     _Rule(
         "!has(self.optimizer.name) || self.optimizer.name == 'sgd'"

@@ -11,6 +11,7 @@ from dtj_trainer import algorithms, ksearch, loop, simulator
 from dtj_trainer.algorithms import gosgd
 from dtj_trainer.config import TrainerConfig
 from dtj_trainer.data import Sampler
+from dtj_trainer.emulation import Emulation
 
 ALL = ["allreduce", "dpsgd", "gosgd", "dasgd", "teleportation"]
 
@@ -109,6 +110,48 @@ def test_weighted_batch_average_is_the_full_batch_gradient():
 
     x0, x1, full = simulator.run_rounds(cfg, body)
     assert torch.allclose(x0 - x1, full, atol=1e-6)
+
+
+def test_a_time_bounded_round_weighs_each_worker_by_the_samples_it_computed():
+    """algorithm.roundSeconds: a slow worker computes one mini-batch, fast ones several,
+    and the step is the sample-weighted mean over all of them (each worker's data is
+    one batch of its own, so its mini-batches share one gradient)."""
+    cfg = config("allreduce", 3)
+    per_batch = [0.15, 0.01, 0.01]  # modelled seconds of compute per mini-batch
+    b = 4
+
+    async def body(workers):
+        import asyncio
+
+        torch.manual_seed(0)
+        xs = [torch.randn(b, 64) for _ in workers]
+        ys = [torch.randint(0, 10, (b,)) for _ in workers]
+        for w, x, y, t in zip(workers, xs, ys, per_batch, strict=True):
+            w.local.sampler = Sampler(x, y, seed=0)
+            w.local.batch = b
+            w.local.emulation = Emulation(sample_seconds=t / b)
+            for group in w.local.optimizer.param_groups:
+                group["lr"], group["momentum"] = 1.0, 0.0
+        x0 = workers[0].local.params()
+        model = workers[0].local.model
+        grads = []
+        for x, y in zip(xs, ys, strict=True):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            grads.append(
+                torch.cat(
+                    [g.reshape(-1) for g in torch.autograd.grad(loss, list(model.parameters()))]
+                )
+            )
+        algos = [algorithms.AllReduce(w.transport, round_seconds=0.12) for w in workers]
+        stats = await asyncio.gather(
+            *(a.round(w.local, 0) for a, w in zip(algos, workers, strict=True))
+        )
+        return x0, workers[0].local.params(), grads, [s.samples for s in stats]
+
+    x0, x1, grads, samples = simulator.run_rounds(cfg, body)
+    assert samples[0] == b and min(samples[1:]) >= 2 * b, samples  # by time, not by batch
+    expected = sum(g * n for g, n in zip(grads, samples, strict=True)) / sum(samples)
+    assert torch.allclose(x0 - x1, expected, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -290,7 +333,6 @@ def test_a_users_backward_starts_from_zero_whatever_the_method_left_in_grad():
     """dasgd applies the peers' gradients through .grad before asking for this worker's;
     a user's loop zeroes after its step, so without zeroing first its backward added its
     gradient to theirs (the user-loop path of dasgd diverged on real processes)."""
-    from dtj_trainer.data import Sampler
 
     model = torch.nn.Linear(3, 1)
     x = torch.ones(4, 3)

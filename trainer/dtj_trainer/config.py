@@ -87,6 +87,18 @@ class AlgorithmSpec(Model):
             "dtj_worker_dropped_updates_total."
         ),
     )
+    round_seconds: float | None = Field(
+        None,
+        gt=0,
+        description=(
+            "allreduce: bound each round by time instead of by batch: every worker computes "
+            "mini-batches of its batch size (accumulating their gradients) until this many "
+            "seconds have passed, then the round's gradient is the mean over all the "
+            "samples the workers computed, each worker weighted by its count. A slow, "
+            "jittery or newly slowed worker contributes fewer samples, nobody waits for "
+            "it. Aim for about ten of the fastest worker's mini-batches."
+        ),
+    )
     scale_gradients: bool = Field(
         True,
         description=(
@@ -170,6 +182,10 @@ class OptimizerSpec(Model):
         return self
 
 
+ROUND_SECONDS_IS_ALLREDUCES = (
+    "algorithm.roundSeconds bounds allreduce's rounds by time: use algorithm allreduce, "
+    "or remove roundSeconds"
+)
 MOMENTUM_IS_SGDS = (
     "optimizer.momentum is sgd's; adamw keeps its own moments (beta1, beta2): remove momentum"
 )
@@ -366,6 +382,8 @@ class TrainerConfig(Model):
 
     @model_validator(mode="after")
     def _fits(self) -> TrainerConfig:
+        if self.algorithm.round_seconds is not None and self.algorithm.name != "allreduce":
+            raise ValueError(ROUND_SECONDS_IS_ALLREDUCES)
         k = self.algorithm.active_nodes
         if isinstance(k, int) and k > self.replicas:
             raise ValueError(

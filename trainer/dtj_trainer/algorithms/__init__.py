@@ -56,7 +56,7 @@ def make(
     `k` overrides teleportation's number of active slots (the k search uses it).
     """
     if spec.name == "allreduce":
-        return AllReduce(transport)
+        return AllReduce(transport, spec.round_seconds)
     if spec.name == "dpsgd":
         return DPSGD(transport, spec.topology)
     if spec.name == "gosgd":

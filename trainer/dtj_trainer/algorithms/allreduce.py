@@ -1,6 +1,9 @@
-"""allreduce: the DDP-equivalent baseline, bound by the slowest worker."""
+"""allreduce: the DDP-equivalent baseline, bound by the slowest worker (or, with
+roundSeconds, by time: each worker contributes what it computed by then)."""
 
 from __future__ import annotations
+
+import time
 
 import torch
 
@@ -20,8 +23,9 @@ class AllReduce:
     weights_batches = True  # dynamic batching needs no gradient scaling here
     replicates = True
 
-    def __init__(self, transport: Transport) -> None:
+    def __init__(self, transport: Transport, round_seconds: float | None = None) -> None:
         self.t = transport
+        self.round_seconds = round_seconds
 
     def state_weight(self) -> float:
         return 1.0
@@ -30,6 +34,8 @@ class AllReduce:
         return None
 
     async def round(self, local: Local, step: int) -> RoundStats:
+        if self.round_seconds is not None:
+            return await self._timed_round(local, self.round_seconds)
         loss = await local.grad()
         if self.t.size == 1:  # alone: the gradient is the mean already
             local.step()
@@ -40,6 +46,29 @@ class AllReduce:
         local.set_flat_grad(mean[:-1] / mean[-1])
         local.step()
         return RoundStats(loss, local.batch)
+
+    async def _timed_round(self, local: Local, seconds: float) -> RoundStats:
+        """Mini-batches until `seconds` are over (at least one; another only if it is
+        expected to end in time, judged by the last one), then one all-reduce of the
+        gradient sums and sample counts: the sample-weighted mean over everything the
+        workers computed this round."""
+        start = time.perf_counter()
+        total, samples, losses = None, 0, []
+        while True:
+            t0 = time.perf_counter()
+            losses.append(await local.grad())
+            g = local.flat_grad() * local.batch
+            total = g if total is None else total.add_(g)
+            samples += local.batch
+            now = time.perf_counter()
+            if now - start + (now - t0) > seconds:
+                break
+        assert total is not None
+        packed = torch.cat([total, torch.tensor([float(samples)])])
+        mean = packed if self.t.size == 1 else await self.t.all_reduce_mean(packed)
+        local.set_flat_grad(mean[:-1] / mean[-1])
+        local.step()
+        return RoundStats(sum(losses) / len(losses), samples)
 
     async def finish(self, local: Local) -> float:
         return 1.0
