@@ -95,6 +95,7 @@ bench: install controlplane prometheus
 	$(PY) bench/many_jobs.py
 	$(PY) bench/dashboard.py
 	$(PY) bench/user_loop.py
+	$(PY) bench/noisy_rounds.py
 
 ## make crds: regenerate crds/ and the chart's copy from the API models, and the
 ## chart's Grafana dashboard from dtj_operator.dashboard.

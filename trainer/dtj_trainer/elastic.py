@@ -76,6 +76,7 @@ class Elastic:
             lambda: self.member.id,
             timeout=COORDINATOR_PATIENCE * self.timeout,
             pump=self.pump,
+            say=self.say,
         )
 
     async def begin(self, w: Worker) -> None:

@@ -159,13 +159,15 @@ class Ledger:
         return None
 
     def hand_back(self, member: str, rest: list[Item]) -> None:
-        """A leaver returns what it did not train (`rest`: the remainders of its leases)."""
+        """A leaver returns what it did not train (`rest`: the remainders of its leases).
+        A lease it does not mention (it lost track of it) returns whole."""
+        held = self.leases.pop(member, [])
         for item in rest:
-            held = self.leases.get(member, [])
             if any(it[:2] == item[:2] for it in held) and item[3] > item[2]:
                 self.pool.append(item)
                 self.handed_back += item[3] - item[2]
-        self.leases.pop(member, None)
+        told = {it[:2] for it in rest}
+        self.pool.extend(it for it in held if it[:2] not in told)
         self.version += 1
 
     def drop(self, member: str) -> int:
@@ -412,9 +414,10 @@ class Reader:
         *,
         timeout: float = 60.0,
         pump: Callable[[], None] | None = None,
+        say: Callable[[str], None] = print,
     ) -> None:
         self.plan, self._store, self._member = plan, store, member
-        self.timeout, self._pump = timeout, pump
+        self.timeout, self._pump, self.say = timeout, pump, say
         self.held: list[Item] = []  # in order; the first's begin is where this worker is
         self.pending = 0  # samples taken since the last commit
         self.copy: dict[str, Any] | None = None  # the newest copy of the ledger seen
@@ -423,6 +426,9 @@ class Reader:
         self._view: list[Item] | None = None  # the ledger's leases of this worker
         self.epoch = 0  # the epoch of the last sample taken
         self._reseed = False  # a new coordinator wants this worker's copy
+        self._recheck = False  # ask the ledger what this worker still holds
+        self._unsent: list[dict[str, Any]] = []  # requests the coordinator has not had yet
+        self._away = False  # told the user the coordinator is away
         self._was: str | None = None  # this worker's id before a restart from a checkpoint
         # What each commit trained, as items (the simulator's ground truth for the checks).
         self.on_commit: Callable[[list[Item]], None] | None = None
@@ -434,6 +440,10 @@ class Reader:
 
     def take(self, n: int) -> np.ndarray:
         self._seed()
+        if self._recheck and not self.pending:
+            self._recheck = False
+            self._ask(n)
+            self._receive(wait=True)  # its view of this worker's leases settles them
         ahead = 2 * n  # two batches in hand: a slow worker hoards no chunk of a later epoch
         while self.available() < n:
             self._ask(n + ahead - self.available())
@@ -485,11 +495,14 @@ class Reader:
         """This worker leaves: what it did not train goes back to the ledger."""
         self.pending = 0
         self._send({"op": "back", "items": [list(it) for it in self.held]})
+        self._flush(patience=min(self.timeout, 20.0))  # a coordinator being replaced too
         self.held = []
 
     def forget(self) -> None:
-        """The ledger dropped this worker: its leases went to others."""
-        self.held, self.pending, self._asked, self._view = [], 0, None, None
+        """The job dropped this worker for a while (it missed generations): before its
+        next batch it asks the ledger which of its chunks it still holds (those of a
+        drop went to others; a new coordinator may have seeded them back to it)."""
+        self._recheck = True
 
     def reseed(self, *, now: bool = False) -> None:
         """A new coordinator: give it this worker's copy of the ledger and its leases
@@ -531,8 +544,15 @@ class Reader:
         if self._asked is None:
             return
         key = grant_key(self._member(), self._asked)
-        deadline = time.monotonic() + self.timeout
+        started = time.monotonic()
+        deadline, told = started + self.timeout, False
         while not self._store().check([key]):
+            if wait and not told and time.monotonic() - started > 2.0:
+                self.say(
+                    "waiting for data from the job's ledger: the coordinator may be "
+                    "restarting (or seeding a new ledger)"
+                )
+                told = True
             if self._reseed:  # the coordinator was replaced while we waited: ask again
                 self._seed()
                 self._ask(self.plan.length(0))
@@ -547,6 +567,11 @@ class Reader:
                 self._pump()
             else:
                 time.sleep(0.002)
+        if wait and not told and time.monotonic() - started > 2.0:  # blocked in a call
+            self.say(
+                f"waited {time.monotonic() - started:.0f}s for data from the job's ledger: "
+                "the coordinator may be restarting"
+            )
         grant = json.loads(self._store().get(key))
         self._store().delete_key(key)
         self._asked = None
@@ -564,7 +589,29 @@ class Reader:
         self._view = None
 
     def _send(self, request: dict[str, Any]) -> None:
-        submit(self._store(), {**request, "m": self._member()})
+        """Queue `request` for the ledger, in order; if the coordinator is away (being
+        replaced) it waits here and goes with the next call."""
+        self._unsent.append({**request, "m": self._member()})
+        self._flush()
+
+    def _flush(self, patience: float = 0.0) -> None:
+        deadline = time.monotonic() + patience
+        while self._unsent:
+            try:
+                submit(self._store(), self._unsent[0])
+            except (RuntimeError, TimeoutError) as e:
+                if not self._away:
+                    self.say(
+                        f"the job's coordinator is away ({str(e).splitlines()[0][:100]}); "
+                        "the coordinator may be restarting: data ledger reports wait for it"
+                    )
+                    self._away = True
+                if time.monotonic() > deadline:
+                    return
+                time.sleep(0.5)
+                continue
+            self._away = False
+            self._unsent.pop(0)
         if self._pump is not None:
             self._pump()
 
