@@ -121,25 +121,37 @@ if job.config.algorithm.name == "teleportation":  # moves models without optimiz
 else:
     inner = torch.optim.AdamW(model.parameters(), lr=0.1)
 opt = job.wrap(model, inner)
+batches = 0
 for xb, yb in job.batches(data):
     torch.nn.functional.mse_loss(model(xb), yb).backward()
     opt.step()
     opt.zero_grad()
+    batches += 1
 local = {k: float(os.environ[k]) for k in ("LOCAL_RANK", "LOCAL_WORLD_SIZE")}
-job.finish(start=start, end=mse(), **local)
+job.finish(start=start, end=mse(), batches=batches, **local)
 """
 
 
-@pytest.mark.parametrize("method", ["allreduce", "dpsgd", "gosgd", "dasgd", "teleportation"])
+@pytest.mark.parametrize(
+    "method", ["allreduce", "allreduce-timed", "dpsgd", "gosgd", "dasgd", "teleportation"]
+)
 def test_every_method_trains_a_users_loop_on_real_processes(tmp_path, method):
+    """... and with roundSeconds a round is as many of the loop's batches as fit in it
+    (slot 0, 3x slower, fits fewer), each ended by its opt.step()."""
     from dtj_trainer.config import TrainerConfig
     from dtj_trainer.launcher import LocalJob
 
     script = tmp_path / "train.py"
     script.write_text(REGRESSION)
-    algorithm: dict[str, object] = {"name": method}
+    algorithm: dict[str, object] = {"name": method.split("-")[0]}
+    env: dict[str, dict[str, str]] = {}
     if method == "teleportation":
         algorithm["activeNodes"] = 2
+    if method == "allreduce-timed":
+        algorithm["roundSeconds"] = 0.05
+        for slot in range(3):
+            env[str(slot)] = {"DTJ_SIMULATE_SAMPLE_SECONDS": "0.0002"}
+        env["0"]["DTJ_SIMULATE_SLOWDOWN"] = "3"
     cfg = TrainerConfig.model_validate(
         {
             "job": f"user-{method}",
@@ -149,7 +161,9 @@ def test_every_method_trains_a_users_loop_on_real_processes(tmp_path, method):
             "timeoutSeconds": 20,
         }
     )
-    job = LocalJob(cfg, logs=tmp_path / "logs", command=[sys.executable, str(script)])
+    job = LocalJob(
+        cfg, logs=tmp_path / "logs", command=[sys.executable, str(script)], extra_env=env
+    )
     try:
         for slot in range(3):
             job.start_worker(slot)
@@ -165,3 +179,8 @@ def test_every_method_trains_a_users_loop_on_real_processes(tmp_path, method):
         assert r.steps == 150 and r.metrics
         # the averaged model (what finish() reports on) fits far better than x0
         assert r.metrics["end"] < 0.1 * r.metrics["start"], r.metrics
+    batches = [results[slot].metrics["batches"] for slot in range(3)]
+    if method == "allreduce-timed":
+        assert 150 <= batches[0] < min(batches[1:]), batches  # >= 1 a round, by speed
+    else:
+        assert batches == [150, 150, 150], batches

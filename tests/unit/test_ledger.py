@@ -202,7 +202,9 @@ def test_with_dynamic_batching_and_a_3x_slower_worker_every_sample_is_drawn_alik
         return lease
 
     monkeypatch.setattr(Ledger, "done", record)
-    _, workers = simulator.simulate(job("ledger"), slowdowns={0: 3.0})
+    # Modelled compute per sample: a step's time grows with its batch (a tiny model's
+    # step is all fixed overhead, which gives the plan nothing to balance).
+    _, workers = simulator.simulate(job("ledger"), slowdowns={0: 3.0}, sample_seconds=2e-4)
     batches = [w.local.batch for w in workers]
     assert batches[0] < min(batches[1:]), batches  # the plan moved work to the fast
     plan = workers[0].local.sampler.reader.plan  # type: ignore[attr-defined]
@@ -225,7 +227,7 @@ def test_with_dynamic_batching_and_a_3x_slower_worker_every_sample_is_drawn_alik
         return real_next(self, batch)
 
     monkeypatch.setattr(data.Sampler, "next", counted)
-    _, fixed = simulator.simulate(job("iid"), slowdowns={0: 3.0})
+    _, fixed = simulator.simulate(job("iid"), slowdowns={0: 3.0}, sample_seconds=2e-4)
     rates = [drawn[id(w.local.sampler)] / len(w.local.sampler.y) for w in fixed]
     skew = max(rates) / min(rates)
     print(
@@ -233,3 +235,56 @@ def test_with_dynamic_batching_and_a_3x_slower_worker_every_sample_is_drawn_alik
         f"{draws.max() / epochs:.2f}; fixed shards, slowest to fastest shard {skew:.2f}x"
     )
     assert skew > 1.5  # what the ledger removes
+
+
+class Away:
+    """A coordinator's store that can be away: every call fails while `down`."""
+
+    def __init__(self, store: dist.Store) -> None:
+        self.store, self.down = store, False
+
+    def __getattr__(self, name: str) -> object:
+        if self.down:
+            raise RuntimeError("DistNetworkError: the client socket has timed out")
+        return getattr(self.store, name)
+
+
+def test_a_reader_waits_out_a_coordinator_replaced_under_its_requests() -> None:
+    """The coordinator goes away while a reader waits for a grant, and its requests queue
+    meanwhile; they reach the replacement before the reader hears of it (its store client
+    reconnects first), so a lease it asked for is granted there and the reader, reseeding,
+    asks again: the grant it never read is taken up from the ledger's view. No call fails,
+    and every sample of the epoch is trained exactly once."""
+    plan = Plan.even(600, 20, seed=4)
+    job = Job(plan)
+    store = Away(job.store)
+    said: list[str] = []
+
+    def pump() -> None:  # the coordinator's service, while there is one
+        if not store.down:
+            job.pump()
+
+    r = Reader(plan, lambda: store, lambda: "0.a", pump=pump, timeout=5, say=said.append)
+    trained: list[int] = []
+
+    def train(rounds: int) -> None:
+        for _ in range(rounds):
+            trained.extend(r.take(8).tolist())
+            r.commit()
+
+    train(5)
+    store.down = True  # the coordinator is lost: reports and a lease request queue up
+    train(2)
+    assert r._unsent and any(req["op"] == "lease" for req in r._unsent)
+    assert any("coordinator is away" in s for s in said)
+    store.store = dist.HashStore()  # the replacement: the client reconnects to it ...
+    job.store, store.down = store.store, False
+    job.service = Service(store.store, members=lambda: ["0.a"], log=lambda m: None)
+    r.commit()  # ... and what waited goes there (the lease request is granted)
+    job.pump()
+    r.reseed(now=True)  # ... then the worker hears of the new coordinator
+    job.pump()
+    while len(trained) < plan.size:
+        train(1)
+    counts = Counter(trained[: plan.size])
+    assert len(counts) == plan.size and max(counts.values()) == 1

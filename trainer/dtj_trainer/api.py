@@ -165,6 +165,7 @@ class Job:
         self._extras: dict[str, Stateful] = {}
         self._worker: Worker | None = None
         self._pending = False  # a batch is out and its step() has not come
+        self._wants: tuple[str, Any] | None = None  # the round asked for another batch
         self._outcome: Any = None  # what the training loop ended with
         self._result: Result | None = None
         self._finished = False
@@ -248,7 +249,9 @@ class Job:
         assert self._worker is not None
         sampler_owner = self._worker
         while True:
-            kind, value = self._turns.run(task)  # the method, up to its next gradient
+            # The method, up to its next gradient (a timed round may have asked already).
+            kind, value = self._wants or self._turns.run(task)
+            self._wants = None
             if kind == "done":
                 self._outcome = value
                 return
@@ -365,7 +368,9 @@ class Job:
         self._pending = False
         assert self._task is not None
         kind, value = self._turns.run(self._task)  # the rest of the round
-        if kind == "done":  # training ended (or broke) in this round
+        if kind == "compute":  # a round of several batches (roundSeconds): the next one
+            self._wants = (kind, value)
+        elif kind == "done":  # training ended (or broke) in this round
             self._outcome = value
             if not isinstance(value, (Result, Left, AlreadyDone)):
                 raise value

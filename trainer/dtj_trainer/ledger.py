@@ -54,6 +54,13 @@ def _order(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch, 7]).permutation(n)
 
 
+@functools.lru_cache(maxsize=4)  # a worker reads from a chunk or two at a time
+def _chunk_order(seed: int, epoch: int, chunk: int, n: int) -> np.ndarray:
+    order = np.random.default_rng([seed, epoch, chunk, 11]).permutation(n)
+    order.flags.writeable = False  # shared by every call
+    return order
+
+
 @dataclass(frozen=True)
 class Plan:
     """The chunks of a data set: chunk c is samples [starts[c], starts[c+1])."""
@@ -96,8 +103,7 @@ class Plan:
     def samples(self, item: Item) -> np.ndarray:
         """The sample indices of `item`, in the order they are trained."""
         epoch, c, begin, end = item
-        order = np.random.default_rng([self.seed, epoch, c, 11]).permutation(self.length(c))
-        return order[begin:end] + self.starts[c]
+        return _chunk_order(self.seed, epoch, c, self.length(c))[begin:end] + self.starts[c]
 
     def wire(self) -> dict[str, Any]:
         """What identifies the plan (workers must agree on it), and rebuilds it."""
@@ -135,9 +141,8 @@ class Ledger:
     def lease(self, member: str, k: int = 1) -> list[Item]:
         out = []
         for _ in range(k):
-            if self.pool:
-                self.pool.sort(key=lambda it: it[0])  # oldest epoch first (stable)
-                item = self.pool.pop(0)
+            if self.pool:  # the oldest epoch's first
+                item = self.pool.pop(min(range(len(self.pool)), key=lambda i: self.pool[i][0]))
             else:
                 if self.cursor >= self.plan.chunks:
                     self.epoch, self.cursor = self.epoch + 1, 0
@@ -424,6 +429,8 @@ class Reader:
         self._asked: int | None = None  # the outstanding lease request
         self._requests = 0
         self._view: list[Item] | None = None  # the ledger's leases of this worker
+        self._done: set[tuple[int, int]] = set()  # chunks reported done since the ask
+        self._view_done: set[tuple[int, int]] = set()  # ... as the view was taken
         self.epoch = 0  # the epoch of the last sample taken
         self._reseed = False  # a new coordinator wants this worker's copy
         self._recheck = False  # ask the ledger what this worker still holds
@@ -477,6 +484,7 @@ class Reader:
                 self.held.pop(0)
                 parts.append((e, c, b, end))
                 self._send({"op": "done", "item": [e, c, b, end]})
+                self._done.add((e, c))
             else:
                 self.held[0] = (e, c, b + left, end)
                 parts.append((e, c, b, b + left))
@@ -529,6 +537,7 @@ class Reader:
             return
         self._requests += 1
         self._asked = self._requests
+        self._done = set()
         k = max(1, -(-samples // self.plan.length(0)))
         self._send(
             {
@@ -546,7 +555,7 @@ class Reader:
         key = grant_key(self._member(), self._asked)
         started = time.monotonic()
         deadline, told = started + self.timeout, False
-        while not self._store().check([key]):
+        while not self._granted(key):
             if wait and not told and time.monotonic() - started > 2.0:
                 self.say(
                     "waiting for data from the job's ledger: the coordinator may be "
@@ -572,20 +581,49 @@ class Reader:
                 f"waited {time.monotonic() - started:.0f}s for data from the job's ledger: "
                 "the coordinator may be restarting"
             )
-        grant = json.loads(self._store().get(key))
-        self._store().delete_key(key)
+        try:
+            grant = json.loads(self._store().get(key))
+            self._store().delete_key(key)
+        except (RuntimeError, TimeoutError):  # gone between check and get: ask again
+            self._asked = None
+            return
         self._asked = None
         self.copy = grant["copy"]
         self._view = [_item(it) for it in grant["held"]]
+        self._view_done = set(self._done)
         self.held.extend(_item(it) for it in grant["items"])
         self._settle()
 
+    def _granted(self, key: str) -> bool:
+        """Whether the grant is there; a coordinator that is away (being replaced)
+        counts as not yet: its successor is seeded from the workers' copies."""
+        try:
+            self._flush()
+            return bool(self._store().check([key]))
+        except (RuntimeError, TimeoutError) as e:
+            self._said_away(e)
+            time.sleep(0.2)
+            return False
+
+    def _said_away(self, e: Exception) -> None:
+        if not self._away:
+            self.say(
+                f"the job's coordinator is away ({str(e).splitlines()[0][:100]}); "
+                "the coordinator may be restarting: data ledger reports wait for it"
+            )
+            self._away = True
+
     def _settle(self) -> None:
-        """Between rounds: keep only the chunks the ledger still has this worker hold."""
+        """Between rounds: hold what the ledger has this worker hold. Chunks it no
+        longer lists went to others (a drop); chunks it lists that this worker lacks
+        came in a grant this worker never read (asked of a coordinator just before
+        its replacement) and are taken up, bar those reported done after the ask."""
         if self._view is None or self.pending:
             return
         keep = {it[:2] for it in self._view}
         self.held = [it for it in self.held if it[:2] in keep]
+        mine = {it[:2] for it in self.held} | self._view_done
+        self.held.extend(it for it in self._view if it[:2] not in mine)
         self._view = None
 
     def _send(self, request: dict[str, Any]) -> None:
@@ -600,12 +638,7 @@ class Reader:
             try:
                 submit(self._store(), self._unsent[0])
             except (RuntimeError, TimeoutError) as e:
-                if not self._away:
-                    self.say(
-                        f"the job's coordinator is away ({str(e).splitlines()[0][:100]}); "
-                        "the coordinator may be restarting: data ledger reports wait for it"
-                    )
-                    self._away = True
+                self._said_away(e)
                 if time.monotonic() > deadline:
                     return
                 time.sleep(0.5)

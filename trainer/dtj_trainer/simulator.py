@@ -214,6 +214,7 @@ def simulate(
     on_round: EvalHook | None = None,
     latency: float = LATENCY,
     jitter: float = JITTER,
+    sample_seconds: float = 0.0,
 ) -> tuple[list[Result], list[Worker]]:
     """Run cfg.replicas virtual workers to the end; results in rank order.
 
@@ -222,7 +223,9 @@ def simulate(
     return a step at which every worker ends its run (a benchmark that has seen enough).
     Asynchronous methods: worker r's round takes slowdowns[r] (default 1) of
     virtual time, x (1 + jitter x U(-1, 1)) each round, and a message `latency`
-    more to arrive.
+    more to arrive. Synchronous methods run in wall time: `sample_seconds` of modelled
+    compute per sample (a sleep) makes a step's time grow with its batch, as on real
+    hardware, where a tiny model's step is all fixed overhead.
     """
 
     async def main() -> tuple[list[Result], list[Worker]]:
@@ -247,7 +250,9 @@ def simulate(
                 cfg,
                 t,
                 membership=members[t.rank],
-                emulation=Emulation(slowdown=(slowdowns or {}).get(t.rank, 1.0)),
+                emulation=Emulation(
+                    sample_seconds=sample_seconds, slowdown=(slowdowns or {}).get(t.rank, 1.0)
+                ),
             )
             for t in world.endpoints
         ]
