@@ -8,6 +8,7 @@ is exactly what a worker is told.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from dtj_trainer.config import (
@@ -36,8 +37,64 @@ COORDINATOR_ACCOUNT_MESSAGE = (
     "status); give the workers another service account"
 )
 MAX_NAME_LENGTH = 45  # leaves room for "-worker-NNNN" within a 63-character DNS label
+# The job's Service, its pods' hostnames and subdomain are named after it: a DNS-1035
+# label (no dots, a letter first), which the API server takes for a dtj's name otherwise.
+NAME_PATTERN = "^[a-z]([-a-z0-9]*[a-z0-9])?$"
 
 OBJECT_LIST = {"x-kubernetes-preserve-unknown-fields": True}
+# A resource quantity, as the Pod API takes it (the pattern of apimachinery's Quantity).
+QUANTITY_PATTERN = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]"
+    r"|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+_QUANTITIES: dict[str, Any] = {
+    "type": "object",
+    "maxProperties": 64,
+    "additionalProperties": {
+        "anyOf": [{"type": "integer"}, {"type": "string"}],
+        "pattern": QUANTITY_PATTERN,
+        "x-kubernetes-int-or-string": True,
+    },
+}
+RESOURCES_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,  # no free-form object: unknown fields are refused
+    "properties": {
+        "limits": {**_QUANTITIES, "description": "The most of each resource (core/v1)."},
+        "requests": {**_QUANTITIES, "description": "What each resource needs (core/v1)."},
+        "claims": {
+            "type": "array",
+            "maxItems": 16,
+            "items": {"type": "object", **OBJECT_LIST},
+            "description": "Dynamic resource claims used (core/v1 ResourceClaim names).",
+        },
+    },
+}
+
+
+def resources_problem(resources: Any) -> str | None:
+    """What is wrong with a template's resources, as the CRD's schema says it (for
+    objects stored before the schema had it), or None."""
+    if not isinstance(resources, dict):
+        return "template.resources must be an object (limits, requests, claims)"
+    unknown = sorted(set(resources) - {"limits", "requests", "claims"})
+    if unknown:
+        return f"template.resources: unknown fields {unknown}: use limits, requests, claims"
+    for section in ("limits", "requests"):
+        values = resources.get(section)
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            return f"template.resources.{section} must map resource names to quantities"
+        for name, v in values.items():
+            if isinstance(v, bool) or not isinstance(v, (int, str)):
+                return (
+                    f"template.resources.{section}.{name}: {v!r} is not a quantity; write an "
+                    'integer or a string such as "500m", "0.5", "16Gi"'
+                )
+            if isinstance(v, str) and not re.match(QUANTITY_PATTERN, v):
+                return f"template.resources.{section}.{name}: {v!r} is not a quantity"
+    return None
 
 
 def _k8s_objects(description: str) -> Any:
@@ -78,6 +135,10 @@ CONFIG_VOLUME, CONFIG_DIR = "config", "/etc/dtj"
 SCRATCH_VOLUME, SCRATCH_DIR = "tmp", "/tmp"
 RESERVED_VOLUMES = (CONFIG_VOLUME, SCRATCH_VOLUME)
 RESERVED_MOUNT_PATHS = (CONFIG_DIR, SCRATCH_DIR)
+# The same paths however written (/tmp/, //tmp, /etc//dtj/x): one RE2/Python pattern
+# for the CEL rule and the Python check alike.
+RESERVED_MOUNT_PATTERN = "^/+(etc/+dtj(/.*)?|tmp)/*$"
+assert CONFIG_DIR == "/etc/dtj" and SCRATCH_DIR == "/tmp", "RESERVED_MOUNT_PATTERN spells them"
 MAX_ITEMS = 64  # bounds the CEL rules' cost (the API server estimates it per list)
 
 
@@ -134,9 +195,10 @@ class WorkerTemplate(Model):
         default_factory=dict,
         description=(
             "Container resources (requests/limits), e.g. limits: {nvidia.com/gpu: 1}. "
-            "A GPU limit switches the trainer to the nccl backend."
+            'Quantities as in a Pod: integers or strings ("500m", "0.5", "16Gi"). '
+            "A GPU limit above 0 switches the trainer to the nccl backend."
         ),
-        json_schema_extra={"type": "object", **OBJECT_LIST},
+        json_schema_extra=RESOURCES_SCHEMA,
     )
     env: list[dict[str, Any]] = _bounded(
         "Extra environment variables (core/v1 EnvVar). The names the operator sets are "
@@ -314,6 +376,8 @@ class JobSpec(Model):
     @model_validator(mode="after")
     def _consistent(self) -> JobSpec:
         """The same rules as the CRD's CEL, for manifests that never meet an API server."""
+        if problem := resources_problem(self.template.resources):
+            raise ValueError(f"spec.{problem}")
         for rule in CEL_RULES:
             if not rule.check(self):
                 raise ValueError(f"{rule.field}: {rule.message}")
@@ -444,15 +508,13 @@ CEL_RULES = [
     ),
     _Rule(
         "!has(self.template.volumeMounts) || self.template.volumeMounts.all(m,"
-        " !has(m.mountPath) || !(m.mountPath in "
-        f"{list(RESERVED_MOUNT_PATHS)} || m.mountPath.startsWith('{CONFIG_DIR}/')))",
+        f" !has(m.mountPath) || !m.mountPath.matches('{RESERVED_MOUNT_PATTERN}'))",
         f"template.volumeMounts: {' and '.join(RESERVED_MOUNT_PATHS)} are the trainer's; "
         "mount somewhere else",
         "spec.template.volumeMounts",
         lambda s: (
             not any(
-                str(m.get("mountPath", "")).rstrip("/") in RESERVED_MOUNT_PATHS
-                or str(m.get("mountPath", "")).startswith(f"{CONFIG_DIR}/")
+                re.search(RESERVED_MOUNT_PATTERN, str(m.get("mountPath", "")))
                 for m in s.template.volume_mounts
             )
         ),

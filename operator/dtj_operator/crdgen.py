@@ -147,6 +147,12 @@ def crd() -> dict[str, Any]:
                 "(worker pod names and hostnames are derived from it)",
             },
             {
+                "rule": f"self.metadata.name.matches('{api.NAME_PATTERN}')",
+                "message": "metadata.name must be lowercase letters, digits and '-', starting "
+                "with a letter and ending with a letter or digit, without dots (the job's "
+                "Service and its pods' hostnames are named after it)",
+            },
+            {
                 "rule": "!has(self.spec.template.serviceAccountName)"
                 " || self.spec.template.serviceAccountName != self.metadata.name + '-coordinator'",
                 "message": api.COORDINATOR_ACCOUNT_MESSAGE,

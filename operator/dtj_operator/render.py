@@ -13,6 +13,7 @@ import json
 from typing import Any
 
 from dtj_trainer.config import TrainerConfig
+from kubernetes.utils import parse_quantity
 
 from . import api
 
@@ -117,8 +118,9 @@ def coordinator_name(job_name: str) -> str:
 
 
 def uses_gpu(job: api.DecentralizedTrainingJob) -> bool:
+    """A GPU limit above zero (`nvidia.com/gpu: "0"` is a CPU pod: gloo, not nccl)."""
     limits = job.spec.template.resources.get("limits", {}) or {}
-    return bool(limits.get(GPU_RESOURCE))
+    return parse_quantity(limits.get(GPU_RESOURCE, 0)) > 0
 
 
 def trainer_config(

@@ -149,6 +149,14 @@ INVALID = [
         {"template": {"volumeMounts": [{"name": "data", "mountPath": "/etc/dtj"}]}},
         "spec.template.volumeMounts",
     ),
+    # CEL and Python agree on the same path however written (issue 21)
+    (
+        {"template": {"volumeMounts": [{"name": "data", "mountPath": "/tmp/"}]}},
+        "spec.template.volumeMounts",
+    ),
+    ({"template": {"resources": {"limits": "1"}}}, "spec.template.resources.limits"),
+    ({"template": {"resources": {"limits": ["cpu"]}}}, "spec.template.resources.limits"),
+    ({"template": {"resources": {"limits": {"cpu": "lots"}}}}, "spec.template.resources.limits"),
     ({"template": {"labels": {"training.dtj.io/job": "other"}}}, "spec.template.labels"),
     (
         {"template": {"labels": {"app.kubernetes.io/managed-by": "me"}}},
@@ -174,6 +182,10 @@ def test_long_names_and_immutable_fields_are_rejected(crds: Kube, namespace):
     }
     proc = crds.run("apply", "-f", "-", input=json.dumps(long), check=False)
     assert proc.returncode != 0 and "metadata.name must be at most 45" in proc.stderr
+    for name in ("a.b", "1job"):  # a Service cannot have such a name
+        bad = {**long, "metadata": {"name": name, "namespace": namespace}}
+        proc = crds.run("apply", "-f", "-", input=json.dumps(bad), check=False)
+        assert proc.returncode != 0 and "without dots" in proc.stderr, (name, proc.stderr)
     ok = {**long, "metadata": {"name": "fixed", "namespace": namespace}}
     crds.run("apply", "-f", "-", input=json.dumps(ok))
     ok["spec"] = {"training": {"model": "logreg"}}

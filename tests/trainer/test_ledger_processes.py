@@ -62,9 +62,11 @@ def trained_batches(path: Path) -> list[list[int]]:
     return kept
 
 
+@pytest.mark.parametrize("loaders", [0, 2], ids=["inline", "dataloader"])
 def test_every_sample_once_through_leave_kill_join_scaling_and_a_new_coordinator(
-    tmp_path: Path,
+    tmp_path: Path, loaders: int
 ) -> None:
+    """... also with a torch DataLoader of `loaders` processes a worker loading ahead."""
     port = free_port()
     cfg = TrainerConfig.model_validate(
         {
@@ -93,6 +95,7 @@ def test_every_sample_once_through_leave_kill_join_scaling_and_a_new_coordinator
         "DTJ_SIMULATE_SAMPLE_SECONDS": "0.0015",  # ~48 ms a step: the events fit in an epoch
         "DTJ_RECORD": str(tmp_path),
         "RECORD_SAMPLES": str(SIZE),
+        "RECORD_LOADER_WORKERS": str(loaders),
     }
     procs: dict[str, subprocess.Popen[bytes]] = {}
 

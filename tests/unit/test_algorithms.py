@@ -114,8 +114,9 @@ def test_weighted_batch_average_is_the_full_batch_gradient():
 
 def test_a_time_bounded_round_weighs_each_worker_by_the_samples_it_computed():
     """algorithm.roundSeconds: a slow worker computes one mini-batch, fast ones several,
-    and the step is the sample-weighted mean over all of them (each worker's data is
-    one batch of its own, so its mini-batches share one gradient)."""
+    the last one cut to the time left, and the step is the sample-weighted mean over all
+    of them (each worker's data is one sample of its own, repeated, so its mini-batches
+    share one gradient whatever their size)."""
     cfg = config("allreduce", 3)
     per_batch = [0.15, 0.01, 0.01]  # modelled seconds of compute per mini-batch
     b = 4
@@ -124,8 +125,8 @@ def test_a_time_bounded_round_weighs_each_worker_by_the_samples_it_computed():
         import asyncio
 
         torch.manual_seed(0)
-        xs = [torch.randn(b, 64) for _ in workers]
-        ys = [torch.randint(0, 10, (b,)) for _ in workers]
+        xs = [torch.randn(1, 64).repeat(b, 1) for _ in workers]
+        ys = [torch.randint(0, 10, (1,)).repeat(b) for _ in workers]
         for w, x, y, t in zip(workers, xs, ys, per_batch, strict=True):
             w.local.sampler = Sampler(x, y, seed=0)
             w.local.batch = b

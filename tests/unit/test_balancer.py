@@ -16,16 +16,18 @@ def spec(**kw: int) -> BatchingSpec:
     return BatchingSpec.model_validate({"dynamic": True, **kw})
 
 
-def test_shares_follow_measured_speeds_with_damping():
+def test_shares_follow_measured_speeds_damping_noise_and_taking_real_changes_whole():
     bal = Balancer(spec(globalBatch=120, minPerWorker=1), beta=0.5)
     assert bal.start([1, 1, 1, 1]) == [30, 30, 30, 30]
     # Worker 0 is 3x faster: the first measurement replaces the hints outright...
     assert bal.replan([3.0, 1.0, 1.0, 1.0]) == [60, 20, 20, 20]
-    # ... later ones are damped: halfway from 60 to 30 when the speeds even out.
-    assert bal.replan([1.0, 1.0, 1.0, 1.0])[0] == 45
+    # ... a small change (noise: 0.464 against 0.5 of the samples) is damped, halfway...
+    assert bal.replan([2.6, 1.0, 1.0, 1.0])[0] == 58
     for _ in range(12):
-        plan = bal.replan([1.0, 1.0, 1.0, 1.0])
-    assert plan == [30, 30, 30, 30]
+        plan = bal.replan([2.6, 1.0, 1.0, 1.0])
+    assert plan[0] == 56
+    # ... and a real one (worker 0 slowed down 2.6x) is taken at once.
+    assert bal.replan([1.0, 1.0, 1.0, 1.0]) == [30, 30, 30, 30]
 
 
 def test_hints_seed_the_first_plan_and_unmeasured_members_keep_their_share():
@@ -88,5 +90,7 @@ def test_speed_is_an_average_of_compute_time_per_sample():
     assert bal.speed() == 0.0
     bal.observe(0.5, 50)  # 0.01 s/sample
     assert bal.speed() == pytest.approx(100.0)
-    bal.observe(0.3, 10)  # 0.03 s/sample: EMA 0.02
-    assert bal.speed() == pytest.approx(50.0)
+    bal.observe(0.12, 10)  # 0.012 s/sample, within noise: EMA 0.011
+    assert bal.speed() == pytest.approx(1 / 0.011)
+    bal.observe(0.3, 10)  # 0.03 s/sample: a real change, taken whole
+    assert bal.speed() == pytest.approx(1 / 0.03)

@@ -288,3 +288,50 @@ def test_a_reader_waits_out_a_coordinator_replaced_under_its_requests() -> None:
         train(1)
     counts = Counter(trained[: plan.size])
     assert len(counts) == plan.size and max(counts.values()) == 1
+
+
+def test_a_dataloader_loading_ahead_trains_each_sample_once() -> None:
+    """job.batches(num_workers=2): a DataLoader draws index batches ahead of their use.
+    A commit reports only the batches the round took; a failed round gives the same
+    batch again (what was loaded ahead is dropped and drawn again); a re-plan reaches
+    the batches drawn after it; a hand-back returns everything not trained."""
+    from dtj_trainer import data
+    from dtj_trainer.loader import Loaded
+
+    plan = Plan.even(480, 20, seed=2)
+    job = Job(plan)
+    r = job.reader("0.a")
+    sampler = data.LedgerSampler(data.Indices(480), data.Indices(480), r)
+    feed = Loaded(list(range(480)), sampler, torch_collate, num_workers=2, pin_memory=False)
+    trained: list[int] = []
+    sizes: list[int] = []
+    try:
+        for step in range(30):
+            batch, n = feed.next(8 if step < 10 else 12)
+            assert n == len(batch)
+            sizes.append(n)
+            if step in (4, 17):  # the round failed: the same batch comes again
+                sampler.rollback()
+                again, _ = feed.next(8 if step < 10 else 12)
+                assert again.tolist() == batch.tolist()
+                batch = again
+            trained.extend(batch.tolist())
+            sampler.commit()
+        assert r.pending > 0  # batches loaded ahead, not trained
+        sampler.hand_back()  # leaving: they go back to the ledger
+    finally:
+        feed.close()
+    assert 8 in sizes and sizes[-1] == 12  # the new size once the old draws are used
+    job.pump()
+    book = job.service.book
+    assert book is not None and not book.leases
+    rest = [i for it in book.pool for i in plan.samples(it).tolist()]
+    rest += [i for p in range(book.cursor, plan.chunks) for i in plan.samples(plan.fresh(0, p))]
+    counts = Counter(trained + rest)
+    assert len(counts) == 480 and max(counts.values()) == 1  # trained once, or still there
+
+
+def torch_collate(items: list[int]) -> object:
+    import torch
+
+    return torch.tensor(items)

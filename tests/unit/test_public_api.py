@@ -19,7 +19,8 @@ FROZEN = {
     "Job.track": "(self, **objects: 'Stateful') -> 'None'",
     "Job.batches": "(self, dataset: 'Any', *, collate: 'Callable[[list[Any]], Any]' = "
     "<function default_collate>, labels: 'Sequence[int] | None' = None, evaluate: "
-    "'Callable[[], Mapping[str, float]] | None' = None) -> 'Iterator[Any]'",
+    "'Callable[[], Mapping[str, float]] | None' = None, num_workers: 'int' = 0, "
+    "pin_memory: 'bool' = False) -> 'Iterator[Any]'",
     "Job.report": "(self, **metrics: 'float') -> 'None'",
     "Job.finish": "(self, **metrics: 'float') -> 'Result | None'",
     "Job.step": "property",

@@ -75,6 +75,9 @@ def test_gpu_limit_selects_nccl_and_quantities_become_strings():
     worker = by_kind(objs, "Pod")[1]
     assert worker["spec"]["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": "1"}
     assert render.trainer_config(job).backend == "nccl"
+    for none in (0, "0", "0m"):  # a zero GPU limit is a CPU pod (issue 21)
+        job, _ = children({"template": {"resources": {"limits": {"nvidia.com/gpu": none}}}})
+        assert render.trainer_config(job).backend == "gloo", none
 
 
 def test_the_users_command_args_and_working_dir_run_in_the_workers_only():

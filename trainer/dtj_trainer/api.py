@@ -42,7 +42,7 @@ import torch
 from torch import nn
 from torch.utils.data import default_collate
 
-from . import algorithms, data
+from . import algorithms, data, loader
 from .config import TrainerConfig
 from .elastic import AlreadyDone, Left
 from .entrypoint import Runtime, backend_for, load_runtime
@@ -208,6 +208,8 @@ class Job:
         collate: Callable[[list[Any]], Any] = default_collate,
         labels: Sequence[int] | None = None,
         evaluate: Callable[[], Mapping[str, float]] | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
     ) -> Iterator[Any]:
         """Mini-batches of this worker's shard of `dataset` (len() and [i]), as many and
         as large as the job's method, budget and batch plan ask; ends when training is
@@ -217,7 +219,10 @@ class Job:
         `evaluate()` scores the model whenever the job reports (every evalEvery
         steps, and before and after the final average); its numbers join the
         report. `test_accuracy` becomes the job's accuracy (status.result), and
-        `val_loss` is what teleportation's activeNodes: auto ranks k by."""
+        `val_loss` is what teleportation's activeNodes: auto ranks k by.
+        `num_workers` and `pin_memory` are torch DataLoader's: the next batches load
+        in that many processes while the round runs (loader.py: what was loaded
+        ahead and not trained goes back to the job's data, never lost)."""
         if self._model is None or self._optimizer is None:
             raise RuntimeError("call job.wrap(model, optimizer) before job.batches()")
         if self._worker is not None:
@@ -229,6 +234,8 @@ class Job:
                 "teleportation's activeNodes: auto ranks k by validation loss: pass "
                 "job.batches(..., evaluate=...) returning val_loss, or set activeNodes"
             )
+        if num_workers < 0:
+            raise ValueError(f"job.batches(num_workers={num_workers}): 0 or more processes")
         cfg = self.config
         size = len(dataset)
         if size == 0:
@@ -245,7 +252,26 @@ class Job:
             reader=elastic.reader,
             shard_sizes=getattr(dataset, "shard_sizes", None),
         )
+        feed = None
+        if num_workers or pin_memory:
+            feed = loader.Loaded(
+                dataset, sampler, collate, num_workers=num_workers, pin_memory=pin_memory
+            )
         task = self._start(sampler, size, evaluate)
+        try:
+            yield from self._serve(task, dataset, sampler, collate, feed)
+        finally:
+            if feed is not None:
+                feed.close()
+
+    def _serve(
+        self,
+        task: asyncio.Task[Any],
+        dataset: Any,
+        sampler: data.Sampler,
+        collate: Callable[[list[Any]], Any],
+        feed: loader.Loaded | None,
+    ) -> Iterator[Any]:
         assert self._worker is not None
         sampler_owner = self._worker
         while True:
@@ -256,9 +282,12 @@ class Job:
                 self._outcome = value
                 return
             t0 = time.perf_counter()
-            indices, _ = sampler.next(value)
-            batch = collate([dataset[int(i)] for i in indices])
             local = sampler_owner.local
+            if feed is None:
+                indices, _ = sampler.next(value)
+                batch = collate([dataset[int(i)] for i in indices])
+            else:
+                batch, local.drawn = feed.next(value)
             local.data_seconds += time.perf_counter() - t0
             self._pending = True
             yield batch

@@ -7,6 +7,11 @@ everyone's compute take about the same time, so nobody waits
 
     s_i  = samples per second of compute on worker i (an EMA; waiting excluded)
     p_i  = (1 - beta) p_i + beta s_i / sum_j s_j          damped share
+
+Damping filters noise (jittery steps); a change beyond `jump` (25%) in a
+worker's speed or share is a real one (a node slowed down, a neighbour's job
+started) and is taken at once, so the plan follows it within a re-plan or two
+instead of closing the gap by halves.
     b_i  = p_i B, clamped to [minPerWorker, maxPerWorker], sum b_i = B kept
 
 The update stays the unbiased sample-weighted mean of the workers' gradients,
@@ -82,6 +87,7 @@ class Balancer:
     spec: BatchingSpec
     beta: float = 0.5  # damping: how far one re-plan moves the shares
     smoothing: float = 0.5  # EMA weight of the newest measurement
+    jump: float = 0.25  # a relative change beyond this is taken whole, not damped
     seconds_per_sample: float | None = None
     shares: list[float] = field(default_factory=list)
     measured: bool = False  # every member's speed has been measured once
@@ -101,7 +107,10 @@ class Balancer:
             latest = self._seconds / self._samples
             old = self.seconds_per_sample
             a = self.smoothing
-            self.seconds_per_sample = latest if old is None else a * latest + (1 - a) * old
+            if old is None or abs(latest / old - 1) > self.jump:  # a change, not noise
+                self.seconds_per_sample = latest
+            else:
+                self.seconds_per_sample = a * latest + (1 - a) * old
             self._seconds, self._samples = 0.0, 0
         return 0.0 if not self.seconds_per_sample else 1.0 / self.seconds_per_sample
 
@@ -118,8 +127,9 @@ class Balancer:
         if len(self.shares) != n:
             self.shares = [1.0 / n] * n
         measured = [s for s in speeds if s > 0]
-        # The first measurements replace the hints outright; later ones are damped.
-        beta = self.beta if self.measured else 1.0
+        # The first measurements replace the hints outright; later ones are damped,
+        # unless a share is to move by more than `jump` (a real change of speed).
+        first = not self.measured
         self.measured = self.measured or len(measured) == n
         if measured:
             # Unmeasured members keep their share of the measured members' total.
@@ -128,6 +138,10 @@ class Balancer:
             target = [
                 known * s / total if s > 0 else p for p, s in zip(self.shares, speeds, strict=True)
             ]
+            moved = any(
+                abs(t / p - 1) > self.jump for p, t in zip(self.shares, target, strict=True) if p
+            )
+            beta = 1.0 if first or moved else self.beta
             self.shares = [
                 (1 - beta) * p + beta * t for p, t in zip(self.shares, target, strict=True)
             ]

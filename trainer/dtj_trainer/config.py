@@ -92,8 +92,9 @@ class AlgorithmSpec(Model):
         gt=0,
         description=(
             "allreduce: bound each round by time instead of by batch: every worker computes "
-            "mini-batches of its batch size (accumulating their gradients) until this many "
-            "seconds have passed, then the round's gradient is the mean over all the "
+            "mini-batches of its batch size (accumulating their gradients, the last one cut "
+            "to what the time left fits) until this many seconds have passed, then the "
+            "round's gradient is the mean over all the "
             "samples the workers computed, each worker weighted by its count. A slow, "
             "jittery or newly slowed worker contributes fewer samples, nobody waits for "
             "it. Aim for about ten of the fastest worker's mini-batches."

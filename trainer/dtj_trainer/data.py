@@ -182,6 +182,16 @@ class Sampler:
         idx = torch.cat(take)
         return self.x[idx], self.y[idx]
 
+    def ahead(self, batch: int) -> Any:
+        """The next batch's `x` (indices, in a user's loop), to be loaded ahead of its
+        use (`used`): the loader's side of `next`."""
+        return self.next(batch)[0]
+
+    def used(self, n: int) -> None:
+        """`n` samples given out by `ahead` went into this round."""
+
+    on_flush: Callable[[], None] | None = None  # drops what a loader loaded ahead
+
     epoch: int | None = None  # the ledger's epoch of the last batch (fixed shards: none)
 
     def commit(self) -> None:
@@ -216,6 +226,7 @@ class LedgerSampler(Sampler):
 
     def __init__(self, x: Any, y: Any, reader: ledger.Reader) -> None:
         self.x, self.y, self.reader = x, y, reader
+        self._used = 0  # samples of this round (the rest of the taken are loaded ahead)
 
     @property
     def epoch(self) -> int | None:  # type: ignore[override]
@@ -223,19 +234,36 @@ class LedgerSampler(Sampler):
 
     def next(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.from_numpy(self.reader.take(batch))
+        self._used += len(idx)
         return self.x[idx], self.y[idx]
 
+    def ahead(self, batch: int) -> Any:
+        return self.x[torch.from_numpy(self.reader.take(batch))]
+
+    def used(self, n: int) -> None:
+        self._used += n
+
     def commit(self) -> None:
-        self.reader.commit()
+        self.reader.commit(self._used)
+        self._used = 0
 
     def rollback(self) -> None:
+        self._flush()
         self.reader.rollback()
+        self._used = 0
 
     def hand_back(self) -> None:
+        self._flush()
         self.reader.hand_back()
 
     def forget(self) -> None:
+        self._flush()  # what was loaded ahead may be another worker's now
+        self.reader.unread(self.reader.pending - self._used)
         self.reader.forget()
+
+    def _flush(self) -> None:
+        if self.on_flush is not None:
+            self.on_flush()
 
     def reseed(self, *, now: bool = False) -> None:
         self.reader.reseed(now=now)

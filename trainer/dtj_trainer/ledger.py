@@ -430,7 +430,6 @@ class Reader:
         self._requests = 0
         self._view: list[Item] | None = None  # the ledger's leases of this worker
         self._done: set[tuple[int, int]] = set()  # chunks reported done since the ask
-        self._view_done: set[tuple[int, int]] = set()  # ... as the view was taken
         self.epoch = 0  # the epoch of the last sample taken
         self._reseed = False  # a new coordinator wants this worker's copy
         self._recheck = False  # ask the ledger what this worker still holds
@@ -474,9 +473,11 @@ class Reader:
         self.pending += n
         return np.concatenate(out)
 
-    def commit(self) -> None:
-        """The samples taken since the last commit are trained."""
-        left, parts = self.pending, []
+    def commit(self, n: int | None = None) -> None:
+        """The first `n` samples taken since the last commit (all of them by default)
+        are trained; the rest (loaded ahead) stay taken."""
+        left, parts = self.pending if n is None else min(n, self.pending), []
+        self.pending -= left
         while left > 0:
             e, c, b, end = self.held[0]
             if b + left >= end:
@@ -489,14 +490,20 @@ class Reader:
                 self.held[0] = (e, c, b + left, end)
                 parts.append((e, c, b, b + left))
                 left = 0
-        self.pending = 0
         if self.on_commit is not None:
             self.on_commit(parts)
         self._settle()
 
     def rollback(self) -> None:
-        """The round that trained them failed: the same samples come again."""
+        """The round that trained them failed: the same samples come again (and so do
+        any loaded ahead)."""
         self.pending = 0
+        self._settle()
+
+    def unread(self, n: int) -> None:
+        """The last `n` samples taken were not used (loaded ahead, then dropped): they
+        come again."""
+        self.pending -= min(n, self.pending)
         self._settle()
 
     def hand_back(self) -> None:
@@ -590,8 +597,12 @@ class Reader:
         self._asked = None
         self.copy = grant["copy"]
         self._view = [_item(it) for it in grant["held"]]
-        self._view_done = set(self._done)
         self.held.extend(_item(it) for it in grant["items"])
+        # Chunks the ledger has this worker hold that it lacks came in a grant it never
+        # read (asked of a coordinator just before its replacement): taken up now (at
+        # the end of the queue), bar those it reported done after asking.
+        mine = {it[:2] for it in self.held} | self._done
+        self.held.extend(it for it in self._view if it[:2] not in mine)
         self._settle()
 
     def _granted(self, key: str) -> bool:
@@ -614,16 +625,12 @@ class Reader:
             self._away = True
 
     def _settle(self) -> None:
-        """Between rounds: hold what the ledger has this worker hold. Chunks it no
-        longer lists went to others (a drop); chunks it lists that this worker lacks
-        came in a grant this worker never read (asked of a coordinator just before
-        its replacement) and are taken up, bar those reported done after the ask."""
+        """Once nothing taken is pending: let go of the chunks the ledger's last view
+        no longer lists (a drop gave them to others)."""
         if self._view is None or self.pending:
             return
         keep = {it[:2] for it in self._view}
         self.held = [it for it in self.held if it[:2] in keep]
-        mine = {it[:2] for it in self.held} | self._view_done
-        self.held.extend(it for it in self._view if it[:2] not in mine)
         self._view = None
 
     def _send(self, request: dict[str, Any]) -> None:

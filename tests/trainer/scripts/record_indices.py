@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 SIZE = int(os.environ.get("RECORD_SAMPLES", "60000"))
+LOADERS = int(os.environ.get("RECORD_LOADER_WORKERS", "0"))  # DataLoader processes
 
 
 class Indexed(torch.utils.data.Dataset):
@@ -37,7 +38,7 @@ model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 10))
 opt = job.wrap(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
 out = Path(os.environ["DTJ_RECORD"]) / f"trained-{job.rank}-{os.getpid()}.jsonl"
 with out.open("a") as record:
-    for x, y, idx in job.batches(Indexed(SIZE)):
+    for x, y, idx in job.batches(Indexed(SIZE), num_workers=LOADERS):
         loss = nn.functional.cross_entropy(model(x), y)
         loss.backward()
         opt.step()

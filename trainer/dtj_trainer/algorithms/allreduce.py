@@ -39,30 +39,37 @@ class AllReduce:
         loss = await local.grad()
         if self.t.size == 1:  # alone: the gradient is the mean already
             local.step()
-            return RoundStats(loss, local.batch)
-        b = float(local.batch)
+            return RoundStats(loss, local.drawn)
+        b = float(local.drawn)
         packed = torch.cat([local.flat_grad() * b, torch.tensor([b])])
         mean = await self.t.all_reduce_mean(packed)
         local.set_flat_grad(mean[:-1] / mean[-1])
         local.step()
-        return RoundStats(loss, local.batch)
+        return RoundStats(loss, local.drawn)
 
     async def _timed_round(self, local: Local, seconds: float) -> RoundStats:
-        """Mini-batches until `seconds` are over (at least one; another only if it is
-        expected to end in time, judged by the last one), then one all-reduce of the
-        gradient sums and sample counts: the sample-weighted mean over everything the
-        workers computed this round."""
+        """Mini-batches until `seconds` are over (at least one), the last cut to what
+        the time left is expected to fit (judged by the one before; none if under an
+        eighth of a batch), then one all-reduce of the gradient sums and sample
+        counts: the sample-weighted mean over everything the workers computed."""
         start = time.perf_counter()
         total, samples, losses = None, 0, []
-        while True:
-            t0 = time.perf_counter()
-            losses.append(await local.grad())
-            g = local.flat_grad() * local.batch
-            total = g if total is None else total.add_(g)
-            samples += local.batch
-            now = time.perf_counter()
-            if now - start + (now - t0) > seconds:
-                break
+        planned = local.batch
+        try:
+            while True:
+                t0 = time.perf_counter()
+                losses.append(await local.grad())
+                g = local.flat_grad() * local.drawn
+                total = g if total is None else total.add_(g)
+                samples += local.drawn
+                now = time.perf_counter()
+                per_sample = (now - t0) / max(local.drawn, 1)
+                fits = int((seconds - (now - start)) / max(per_sample, 1e-9))
+                if fits < max(1, planned // 8):
+                    break
+                local.batch = min(planned, fits)
+        finally:
+            local.batch = planned
         assert total is not None
         packed = torch.cat([total, torch.tensor([float(samples)])])
         mean = packed if self.t.size == 1 else await self.t.all_reduce_mean(packed)

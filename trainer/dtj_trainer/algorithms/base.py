@@ -73,6 +73,9 @@ class Local:
     emulation: Emulation = field(default_factory=Emulation)
     # Dynamic batching: n b_i / sum_j b_j, so equal-weight averages are sample-weighted.
     grad_scale: float = 1.0
+    # The size of the batch last computed: `batch` but for a user's loop that loads
+    # ahead (job.batches(num_workers=...)), whose batch may predate a re-plan.
+    drawn: int = 0
     compute_seconds: float = 0.0  # this worker's compute time so far (never waiting)
     data_seconds: float = 0.0  # time spent reading and collating batches
     precision: str = "fp32"  # training.precision
@@ -91,6 +94,7 @@ class Local:
         # (dasgd applies the peers' before this one), and a user's loop zeroes after
         # its step, so its backward would add to them.
         self.optimizer.zero_grad(set_to_none=True)
+        self.drawn = self.batch  # a driver that loaded ahead says otherwise
         if self.driver is not None:
             value = await self.driver.compute(self)
         else:
@@ -106,7 +110,7 @@ class Local:
                 if p.grad is not None:
                     p.grad.mul_(self.grad_scale)
         real = time.perf_counter() - t0
-        modelled = self.emulation.extra_seconds(real, self.batch)
+        modelled = self.emulation.extra_seconds(real, self.drawn)
         if modelled > 0:
             time.sleep(modelled)
         self.compute_seconds += real + modelled

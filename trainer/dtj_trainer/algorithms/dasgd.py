@@ -76,7 +76,7 @@ class DASGD:
         for peer in self.peers():
             self.t.post(payload, peer)
         mean = sum(stale) / len(stale) if stale else None
-        return RoundStats(loss, local.batch, mean, tuple(stale), self.dropped - dropped)
+        return RoundStats(loss, local.drawn, mean, tuple(stale), self.dropped - dropped)
 
     async def finish(self, local: Local) -> float:
         received, _ = self._fresh(await self.t.drain())

@@ -46,7 +46,7 @@ class DPSGD:
         x = local.params()
         received = await self.t.exchange(x, [p for p in w if p != self.t.rank])
         local.set_params(mix(self.t.rank, x, received, w))
-        return RoundStats(loss, local.batch)
+        return RoundStats(loss, local.drawn)
 
     async def finish(self, local: Local) -> float:
         return 1.0

@@ -52,7 +52,7 @@ class GoSGD:
             peer = self._rng.choice([r for r in range(self.t.size) if r != self.t.rank])
             self.a /= 2
             self.t.post(torch.cat([local.params(), torch.tensor([self.a])]), peer)
-        return RoundStats(loss, local.batch)
+        return RoundStats(loss, local.drawn)
 
     async def finish(self, local: Local) -> float:
         self._merge(local, await self.t.drain())

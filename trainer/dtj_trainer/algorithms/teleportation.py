@@ -75,7 +75,7 @@ class Teleportation:
         received = await self.t.exchange(x, [cur[s] for s in w if s != slot])
         by_slot = {cur.index(p): xp for p, xp in received.items()}
         local.set_params(mix(slot, x, by_slot, w))
-        return RoundStats(loss, local.batch)
+        return RoundStats(loss, local.drawn)
 
     async def finish(self, local: Local) -> float:
         return 1.0 if self.holding else 0.0
