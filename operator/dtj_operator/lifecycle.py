@@ -169,14 +169,19 @@ def pods_to_clean(job: api.DecentralizedTrainingJob, pods: list[dict[str, Any]])
     policy = job.spec.run_policy.clean_pod_policy
     if policy == "None":
         return []
-    out = []
-    for p in pods:
-        if status.is_terminating(p):
-            continue
-        phase = (p.get("status") or {}).get("phase")
-        if policy == "All" or phase in ("Running", "Pending"):
-            out.append(p["metadata"]["name"])
-    return out
+    if policy == "All":
+        return [p["metadata"]["name"] for p in pods if not status.is_terminating(p)]
+    return still_running(pods)
+
+
+def still_running(pods: list[dict[str, Any]]) -> list[str]:
+    """The pods that are running or about to (not being deleted)."""
+    return [
+        p["metadata"]["name"]
+        for p in pods
+        if not status.is_terminating(p)
+        and (p.get("status") or {}).get("phase") in ("Running", "Pending")
+    ]
 
 
 def ttl_left(

@@ -34,6 +34,7 @@ METRICS_FROM = render.equality_selector(
 )
 # How long a create or delete may take to show in the cache before a pass looks again.
 EXPECTATION_SECONDS = 30.0
+RACE_SECONDS = 1.0  # a count that lost a write race is tried again this soon
 
 
 @dataclass
@@ -137,6 +138,13 @@ def reconcile(obs: Observed, cluster: Cluster) -> Pass:
         done.status = _invalid(body, err)
         if status.differs(body.get("status"), done.status):
             _write(act, body, done.status)
+        # The job has failed: its pods stop (they would keep training, and holding
+        # GPUs, on a spec nobody can read); nothing is left to count, so nothing holds them.
+        for pod in pods:
+            if pod["metadata"].get("deletionTimestamp"):
+                cluster.release(pod, render.TRACKING_FINALIZER)
+            elif pod["metadata"]["name"] in lifecycle.still_running([pod]):
+                act.delete_pod(pod)
         return done
 
     # Observe and sort: what the cache shows, plus deletions it has not shown yet.
@@ -156,10 +164,15 @@ def reconcile(obs: Observed, cluster: Cluster) -> Pass:
         return done
     counted = _account(act, job, body, pods, verdict)
     if counted is None:
-        done.status = old  # the job changed meanwhile: its event runs the next pass
+        # The job changed meanwhile (a 409): try again soon, whatever changed it (a
+        # progress-only update may bring no pass of its own).
+        done.status = old
+        done.requeue_after = RACE_SECONDS
         return done
-    for pod in verdict.failed + verdict.preempted:
-        # Counted; the replacement comes on a later pass, once the old pod is gone.
+    # Counted, also in an earlier pass that ended before its delete (a crash, a
+    # hand-over, a 5xx): the replacement comes on a later pass, once the pod is gone.
+    lost = verdict.failed + verdict.preempted + _counted_alive(pods, counted)
+    for pod in lost:
         act.delete_pod(pod)
     for pod in ended_coordinators(pods):
         # Crashed, OOM-killed, evicted or exited: the job depends on it, so it is
@@ -179,7 +192,7 @@ def reconcile(obs: Observed, cluster: Cluster) -> Pass:
         _write(act, body, done.status)
         _clean(act, job, pods)
         return done
-    gone = {p["metadata"]["name"] for p in verdict.failed + verdict.preempted}
+    gone = {p["metadata"]["name"] for p in lost}
     # A terminating pod still holds its name: its replacement comes once it is gone.
     existing = {p["metadata"]["name"] for p in pods} | obs.created
 
@@ -251,6 +264,11 @@ def reconcile(obs: Observed, cluster: Cluster) -> Pass:
         EXPECTATION_SECONDS if obs.created or obs.deleting else None,
     )
     return done
+
+
+def _counted_alive(pods: list[dict[str, Any]], counted: set[str]) -> list[dict[str, Any]]:
+    """Pods already counted as lost and not yet being deleted (their delete was missed)."""
+    return [p for p in pods if p["metadata"].get("uid") in counted and not status.is_terminating(p)]
 
 
 def api_message(e: ApiException) -> str:

@@ -113,3 +113,93 @@ def test_a_running_coordinator_is_left_alone():
     cluster = Recorder()
     reconcile(observed.Observed(body=body, pods=[live], children=[]), cluster)  # type: ignore[arg-type]
     assert cluster.named("delete_pod") == []
+
+
+def test_a_spec_made_invalid_while_running_fails_the_job_and_stops_its_pods():
+    """Issue 21: an edit the API server admitted but the operator cannot read (stored
+    before a rule existed) turned the job Failed and left its pods training."""
+    spec = {**SPEC, "template": {**SPEC["template"], "resources": {"limits": "1"}}}
+    body = job_body(spec) | {"status": {"phase": "Running"}}  # admitted by an older schema
+    owner = body["metadata"]["uid"]
+    running = _coordinator("Running", owner)
+    worker = observed.pod(
+        {
+            "metadata": {
+                "name": "demo-worker-0",
+                "namespace": "ns",
+                "uid": "w0",
+                "labels": {render.LABEL_JOB: "demo", render.LABEL_COMPONENT: render.WORKER},
+                "ownerReferences": [{"uid": owner}],
+                "finalizers": [render.TRACKING_FINALIZER],
+            },
+            "status": {"phase": "Running"},
+        }
+    )
+    leaving = _leftover("demo-worker-1", owner=owner)
+    cluster = Recorder()
+    done = reconcile(
+        observed.Observed(body=body, pods=[running, worker, leaving], children=[]),
+        cluster,  # type: ignore[arg-type]
+    )
+    assert done.status["phase"] == "Failed"
+    failed = next(c for c in done.status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "InvalidSpec" and "resources" in failed["message"]
+    assert sorted(a[1] for a in cluster.named("delete_pod")) == [
+        "demo-coordinator",
+        "demo-worker-0",
+    ]
+    assert [a[0]["metadata"]["name"] for a in cluster.named("release")] == ["demo-worker-1"]
+    assert not cluster.named("create")
+
+
+def _failed_worker(owner: str, uid: str = "w0") -> dict[str, Any]:
+    return observed.pod(
+        {
+            "metadata": {
+                "name": "demo-worker-0",
+                "namespace": "ns",
+                "uid": uid,
+                "labels": {render.LABEL_JOB: "demo", render.LABEL_COMPONENT: render.WORKER},
+                "ownerReferences": [{"uid": owner}],
+                "finalizers": [render.TRACKING_FINALIZER],
+            },
+            "status": {"phase": "Failed"},
+        }
+    )
+
+
+def test_a_failure_counted_by_a_pass_that_died_before_its_delete_is_deleted_by_the_next():
+    """Issue 21: the count is written before the delete; a crash, a hand-over or a 5xx in
+    between left a Failed pod whose uid was counted: skipped by the count (rightly), its
+    name taken, never deleted, its slot never refilled."""
+    body = job_body(SPEC)
+    body["status"] = {"phase": "Running", "failures": 1, "countedPods": ["w0"]}
+    body["metadata"]["resourceVersion"] = "9"
+    cluster = Recorder()
+    reconcile(
+        observed.Observed(body=body, pods=[_failed_worker(body["metadata"]["uid"])], children=[]),
+        cluster,  # type: ignore[arg-type]
+    )
+    assert cluster.named("delete_pod") == [("ns", "demo-worker-0", "w0")]
+    counts = [a[2] for a in cluster.named("patch_status") if "failures" in a[2]]
+    assert not counts, "counted twice"
+    created = [a[0]["metadata"]["name"] for a in cluster.named("create")]
+    assert "demo-worker-0" not in created  # once it is gone
+
+
+def test_a_count_that_loses_a_write_race_is_tried_again_soon():
+    """Issue 21: a 409 on the count's patch returned and waited for the job's next event,
+    which a progress-only update filters out."""
+    from kubernetes.client.exceptions import ApiException
+
+    class Conflict(Recorder):
+        def patch_status(self, *args: Any, **kw: Any) -> Any:
+            raise ApiException(status=409, reason="Conflict")
+
+    body = job_body(SPEC) | {"status": {"phase": "Running"}}
+    body["metadata"]["resourceVersion"] = "9"
+    done = reconcile(
+        observed.Observed(body=body, pods=[_failed_worker(body["metadata"]["uid"])], children=[]),
+        Conflict(),  # type: ignore[arg-type]
+    )
+    assert done.requeue_after is not None and done.requeue_after <= 2
