@@ -304,7 +304,10 @@ class RunPolicy(Model):
         None, ge=0, description="Delete the job this long after it succeeded or failed."
     )
     clean_pod_policy: Literal["All", "Running", "None"] = Field(
-        "Running", description="Which pods to delete when the job finishes."
+        "Running",
+        description="Which pods to delete when the job finishes: All, Running (those "
+        "still running), None (keep them). A job that failed (its deadline, its backoff "
+        "limit) stops its running pods whatever this says, as a batch/v1 Job does.",
     )
     suspend: bool = Field(
         False, description="Delete the workers but keep the job (queueing systems set this)."

@@ -92,7 +92,10 @@ async def _pass(key: Key) -> float | None:
     except ApiException as e:
         if e.status != 404 or await loop.run_in_executor(_executor, _cluster().job_exists, *key):
             raise
-        _cache.forget(key)  # gone (with its namespace) before the watch said so
+        # Gone (with its namespace) before the watch said so: its terminating pods
+        # have nobody left to count them either.
+        await loop.run_in_executor(_executor, _release_orphans, key)
+        _cache.forget(key)
         return None
     _cache.remember(key, obs, done)
     phase = done.status.get("phase") or (obs.body.get("status") or {}).get("phase") or "Pending"

@@ -164,11 +164,15 @@ def assess(
     return a
 
 
-def pods_to_clean(job: api.DecentralizedTrainingJob, pods: list[dict[str, Any]]) -> list[str]:
-    """Pods to delete once the job is over, per cleanPodPolicy."""
+def pods_to_clean(
+    job: api.DecentralizedTrainingJob, pods: list[dict[str, Any]], *, failed: bool = False
+) -> list[str]:
+    """Pods to delete once the job is over, per cleanPodPolicy. A job that failed (its
+    deadline, its backoff limit) stops what still runs whatever the policy, as batch/v1
+    Jobs do: None keeps the pods that ended, for their logs."""
     policy = job.spec.run_policy.clean_pod_policy
     if policy == "None":
-        return []
+        return still_running(pods) if failed else []
     if policy == "All":
         return [p["metadata"]["name"] for p in pods if not status.is_terminating(p)]
     return still_running(pods)

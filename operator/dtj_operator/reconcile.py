@@ -190,7 +190,7 @@ def reconcile(obs: Observed, cluster: Cluster) -> Pass:
             job, body, pods, finished=(verdict.phase, verdict.reason, verdict.message)
         )
         _write(act, body, done.status)
-        _clean(act, job, pods)
+        _clean(act, job, pods, verdict.phase)
         return done
     gone = {p["metadata"]["name"] for p in lost}
     # A terminating pod still holds its name: its replacement comes once it is gone.
@@ -244,7 +244,7 @@ def reconcile(obs: Observed, cluster: Cluster) -> Pass:
         )
         done.status = status.compute(job, body, pods, finished=("Failed", "InvalidSpec", msg))
         _write(act, body, done.status)
-        _clean(act, job, pods)
+        _clean(act, job, pods, "Failed")
         return done
     for pod in pods:
         if pod["metadata"]["name"] not in wanted and act.delete_pod(pod):
@@ -293,9 +293,11 @@ def _going(pod: dict[str, Any]) -> dict[str, Any]:
     return pod | {"metadata": meta}
 
 
-def _clean(act: _Acting, job: api.DecentralizedTrainingJob, pods: list[dict[str, Any]]) -> None:
-    """Delete what cleanPodPolicy says a finished job should not keep."""
-    names = set(lifecycle.pods_to_clean(job, pods))
+def _clean(
+    act: _Acting, job: api.DecentralizedTrainingJob, pods: list[dict[str, Any]], phase: str
+) -> None:
+    """Delete what cleanPodPolicy says a job that ended in `phase` should not keep."""
+    names = set(lifecycle.pods_to_clean(job, pods, failed=phase == "Failed"))
     for pod in pods:
         if pod["metadata"]["name"] in names:
             act.delete_pod(pod)
@@ -391,7 +393,7 @@ def _fail_on_failures(
     for pod in verdict.failed:
         act.cluster.warn(body, "WorkerFailed", lifecycle.failure_note(pod))
     log.info("job %s/%s failed: %s", ns, name, verdict.message)
-    _clean(act, job, pods)
+    _clean(act, job, pods, "Failed")
     return new
 
 
@@ -406,7 +408,7 @@ def _finished(
     """A finished job: keep its pods cleaned up and honour ttlSecondsAfterFinished;
     returns the seconds until its TTL runs out."""
     meta = body["metadata"]
-    _clean(act, job, pods)
+    _clean(act, job, pods, str(old.get("phase")))
     for pod in pods:  # a finished job counts no more losses
         if status.is_terminating(pod):
             act.cluster.release(pod, render.TRACKING_FINALIZER)

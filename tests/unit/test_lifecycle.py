@@ -93,7 +93,10 @@ def test_clean_pod_policy():
         "demo-worker-0",
         "demo-worker-1",
     ]
-    assert lifecycle.pods_to_clean(job({"runPolicy": {"cleanPodPolicy": "None"}}), pods) == []
+    keep = job({"runPolicy": {"cleanPodPolicy": "None"}})
+    assert lifecycle.pods_to_clean(keep, pods) == []
+    # A failed job (DeadlineExceeded, BackoffLimitExceeded) stops what still runs (issue 21).
+    assert lifecycle.pods_to_clean(keep, pods, failed=True) == ["demo-worker-0"]
 
 
 def deleted(pod, *, requested: str, grace: int, finished: str, code: int):

@@ -1,0 +1,39 @@
+"""The pass around reconcile: what happens when the job vanished mid-pass."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from dtj_operator import handlers, render
+from kubernetes.client.exceptions import ApiException
+
+
+def test_a_job_deleted_during_its_pass_releases_its_terminating_pods(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 21: a 404 from a pass whose job is gone forgot the job and left its
+    terminating pods held by the tracking finalizer (no later pass would come)."""
+    key = ("ns", "demo")
+    going = {"metadata": {"name": "demo-worker-0", "deletionTimestamp": "2026-01-01T00:00:00Z"}}
+    released: list[str] = []
+
+    class Cluster:
+        def release(self, pod: dict[str, Any], finalizer: str) -> None:
+            assert finalizer == render.TRACKING_FINALIZER
+            released.append(pod["metadata"]["name"])
+
+        def job_exists(self, *_: Any) -> bool:
+            return False
+
+    def gone(_obs: Any) -> Any:
+        raise ApiException(status=404, reason="Not Found")
+
+    monkeypatch.setattr(handlers, "_cluster", Cluster)
+    monkeypatch.setattr(handlers, "_run_pass", gone)
+    monkeypatch.setattr(handlers._cache, "snapshot", lambda _k: object())
+    monkeypatch.setattr(handlers._cache, "forget", lambda _k: None)
+    monkeypatch.setitem(handlers._cache.indexes, "pods", {key: [going]})
+    assert asyncio.run(handlers._pass(key)) is None
+    assert released == ["demo-worker-0"]
