@@ -19,6 +19,16 @@ PREEMPTION_REASONS = frozenset(
     {"Evicted", "Preempting", "Preempted", "NodeLost", "NodeShutdown", "Shutdown", "Terminated"}
 )
 TERMINAL = ("Succeeded", "Failed")
+# The kubelet refused the pod at admission (no free GPU on the node after all, a
+# device plugin error, a node label that changed): the node's doing, not the
+# worker's, so it is replaced without spending backoffLimit.
+ADMISSION_REASONS = frozenset({"UnexpectedAdmissionError", "NodeAffinity"})
+
+
+def rejected_by_node(pod: dict[str, Any]) -> bool:
+    reason = str((pod.get("status") or {}).get("reason") or "")
+    return reason in ADMISSION_REASONS or reason.startswith("OutOf")
+
 
 # Taints that announce a node is about to go away: its workers leave at once (a
 # graceful hand-off) instead of dying with it. Listed in the README.
@@ -47,7 +57,7 @@ def disruption(node: dict[str, Any]) -> str | None:
 
 def is_preempted(pod: dict[str, Any]) -> bool:
     st = pod.get("status") or {}
-    if st.get("reason") in PREEMPTION_REASONS:
+    if st.get("reason") in PREEMPTION_REASONS or rejected_by_node(pod):
         return True
     return any(
         c.get("type") == "DisruptionTarget" and c.get("status") == "True"
@@ -80,6 +90,8 @@ def preemption_note(pod: dict[str, Any], why: str | None = None) -> str:
         return f"{name}: {st['reason'].lower()}" + (
             f" ({st['message'][:300]})" if st.get("message") else ""
         )
+    if rejected_by_node(pod):
+        return f"{name}: rejected by its node ({st['reason']}: {str(st.get('message'))[:300]})"
     return f"{name}: deleted"
 
 

@@ -43,6 +43,24 @@ def test_evictions_are_preemptions_and_exits_are_failures():
     assert notes[1].startswith("demo-worker-2: ")
 
 
+def test_a_pod_its_node_rejected_at_admission_is_replaced_without_spending_backoff():
+    """Issue 21: the kubelet's admission refusals (no free GPU after all, a device
+    plugin error) counted as the worker's failures and spent backoffLimit."""
+    pods = [
+        worker(0, "Failed", reason="OutOfnvidia.com/gpu"),
+        worker(1, "Failed", reason="UnexpectedAdmissionError"),
+        worker(2, "Failed", code=1),
+    ]
+    a = lifecycle.assess(job({"runPolicy": {"backoffLimit": 0}}), pods, {}, NOW)
+    assert [p["metadata"]["name"] for p in a.preempted] == ["demo-worker-0", "demo-worker-1"]
+    assert [p["metadata"]["name"] for p in a.failed] == ["demo-worker-2"]
+    pods[0]["status"]["message"] = "Node didn't have enough resource: nvidia.com/gpu"
+    assert lifecycle.preemption_note(pods[0]) == (
+        "demo-worker-0: rejected by its node (OutOfnvidia.com/gpu: Node didn't have enough "
+        "resource: nvidia.com/gpu)"
+    )
+
+
 def test_backoff_limit_counts_failures_only():
     a = lifecycle.assess(
         job({"runPolicy": {"backoffLimit": 1}}),
