@@ -107,3 +107,46 @@ def test_workers_wait_out_a_long_coordinator_outage_and_finish(tmp_path: Path) -
         for p in [first, *workers]:
             if p.poll() is None:
                 p.kill()
+
+
+def test_a_worker_started_before_its_coordinator_waits_for_it(tmp_path: Path) -> None:
+    """A worker may start while its coordinator is being replaced, or before it listens
+    (pods start in any order): it says so and waits, as running workers do, instead of
+    exiting 1 on its first connection (seen with a replacement worker starting while the
+    coordinator was replaced)."""
+    port = free_port()
+    cfg = TrainerConfig.model_validate(
+        {
+            "job": "early",
+            "replicas": 1,
+            "algorithm": {"name": "allreduce"},
+            "training": {"steps": 30, "evalEvery": 10},
+            "storeHost": "127.0.0.1",
+            "storePort": port,
+            "timeoutSeconds": 2,
+        }
+    )
+    path = tmp_path / "config.json"
+    path.write_text(cfg.model_dump_json(by_alias=True))
+    env = {**os.environ, "DTJ_CONFIG": str(path), "OMP_NUM_THREADS": "1", "DTJ_RANK": "0"}
+    log = tmp_path / "worker.log"
+    with log.open("wb") as out:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "dtj_trainer"], env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    coordinator = None
+    try:
+        deadline = time.monotonic() + 60
+        while "does not answer yet" not in log.read_text():
+            assert worker.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        time.sleep(3)  # longer than timeoutSeconds: one connection attempt would have failed
+        cmd = [sys.executable, "-m", "dtj_trainer.coordinator", "--host=127.0.0.1"]
+        coordinator = subprocess.Popen([*cmd, f"--port={port}"], env=env)
+        assert worker.wait(timeout=120) == 0, log.read_text()[-3000:]
+    finally:
+        for p in (worker, coordinator):
+            if p is not None and p.poll() is None:
+                p.kill()
+    assert '"steps": 30' in log.read_text()

@@ -182,5 +182,7 @@ def test_every_method_trains_a_users_loop_on_real_processes(tmp_path, method):
     batches = [results[slot].metrics["batches"] for slot in range(3)]
     if method == "allreduce-timed":
         assert 150 <= batches[0] < min(batches[1:]), batches  # >= 1 a round, by speed
+    elif method == "teleportation":  # the 2 active workers of each round compute
+        assert sum(batches) == 2 * 150 and max(batches) <= 150, batches
     else:
         assert batches == [150, 150, 150], batches

@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from dataclasses import asdict, dataclass
 from typing import Any, cast
 
-from .elastic import AlreadyDone, Elastic, Left, patiently, reseed
+from .elastic import COORDINATOR_PATIENCE, AlreadyDone, Elastic, Left, patiently, reseed
 from .entrypoint import Runtime, env_int, say
 from .loop import Worker
 from .membership import Generation, Member
@@ -93,9 +94,32 @@ def open_session(rt: Runtime, backend: str) -> Session:
     def reach() -> Any:
         return connect_store(cfg.store_host, cfg.store_port, timeout=cfg.timeout_seconds)
 
+    def first_reach() -> Any:
+        """A worker may start while its coordinator is being replaced (or still
+        starting): it waits for it as the running workers do, saying so."""
+        patience = COORDINATOR_PATIENCE * cfg.timeout_seconds
+        deadline, told = time.monotonic() + patience, False
+        while True:
+            try:
+                return reach()
+            except RuntimeError as e:  # DistNetworkError: nobody listens there yet
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"the job's coordinator ({cfg.store_host}:{cfg.store_port}) has not "
+                        f"answered for {patience:.0f}s: {str(e).splitlines()[0][:200]}"
+                    ) from e
+                if not told:
+                    say(
+                        f"the job's coordinator ({cfg.store_host}:{cfg.store_port}) does not "
+                        "answer yet (starting, or being replaced): waiting for it"
+                    )
+                    told = True
+                time.sleep(1.0)
+
     # Two connections (the heartbeat thread has its own); both follow a replaced
     # coordinator, and the heartbeat's registers this worker with it again.
-    store, beat_store = StoreLink(reach), StoreLink(reach)
+    store = StoreLink(reach, store=first_reach())
+    beat_store = StoreLink(reach, store=first_reach())
 
     def on_newer(g: int) -> None:  # from the heartbeat thread
         worker = session.worker

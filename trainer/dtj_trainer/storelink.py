@@ -19,11 +19,14 @@ T = TypeVar("T")
 
 class StoreLink:
     def __init__(
-        self, connect: Callable[[], Any], on_reconnect: Callable[[], None] | None = None
+        self,
+        connect: Callable[[], Any],
+        on_reconnect: Callable[[], None] | None = None,
+        store: Any = None,
     ) -> None:
         self._connect = connect
         self.on_reconnect = on_reconnect
-        self.store = connect()
+        self.store = connect() if store is None else store  # `store`: connected already
         self._lock = threading.Lock()
 
     def call(self, op: Callable[[Any], T]) -> T:
