@@ -144,6 +144,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
         election = leader.Election(
             namespace=args.lease_namespace or os.environ.get("POD_NAMESPACE") or "default",
             identity=os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}",
+            name=args.lease_name,
         )
         return leader.run(election, cmd, args.liveness)
     os.execvp(cmd[0], cmd)
@@ -208,7 +209,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--leader-elect",
         action="store_true",
-        help="run only while holding the Lease dtj-operator (for several replicas)",
+        help="run only while holding the Lease --lease-name (for several replicas)",
+    )
+    p.add_argument(
+        "--lease-name",
+        default="dtj-operator",
+        help="the Lease the replicas share (the chart: its release's full name, so two "
+        "releases in one namespace do not take turns)",
     )
     p.add_argument(
         "--lease-namespace",

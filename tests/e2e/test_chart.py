@@ -50,6 +50,8 @@ def test_the_chart_lints_and_renders_what_the_operator_needs(helm: str):
     sec = pod["containers"][0]["securityContext"]
     assert sec["allowPrivilegeEscalation"] is False and sec["readOnlyRootFilesystem"] is True
     assert "--leader-elect" in pod["containers"][0]["args"]
+    # its own Lease: two releases in one namespace do not share one (issue 21)
+    assert f"--lease-name={deploy['metadata']['name']}" in pod["containers"][0]["args"]
     for crd in (ROOT / "crds").glob("*.yaml"):  # one source of truth for the CRD
         assert filecmp.cmp(crd, CHART / "crds" / crd.name, shallow=False), crd.name
 
