@@ -239,6 +239,8 @@ def vanished_worker(
         return None
     if job.spec.run_policy.suspend or old_status.get("phase") in TERMINAL:
         return None
+    if render.ANNOTATION_RELEASED in (pod["metadata"].get("annotations") or {}):
+        return None  # the operator removed it (suspended, scaled away) before a resume
     if int(labels.get(render.LABEL_SLOT, "0")) >= job.spec.replicas:
         return None
     phase = (pod.get("status") or {}).get("phase")

@@ -246,9 +246,15 @@ def reconcile(obs: Observed, cluster: Cluster) -> Pass:
         _write(act, body, done.status)
         _clean(act, job, pods, "Failed")
         return done
+    why = "suspended" if job.spec.run_policy.suspend else "scaled away"
     for pod in pods:
-        if pod["metadata"]["name"] not in wanted and act.delete_pod(pod):
-            log.info("deleted pod %s/%s (no longer desired)", ns, pod["metadata"]["name"])
+        pod_name = pod["metadata"]["name"]
+        if pod_name in wanted or status.is_terminating(pod):
+            continue
+        if render.tracked(pod):  # so a resume or a scale back up does not count it lost
+            cluster.annotate_pod(ns, pod_name, {render.ANNOTATION_RELEASED: why})
+        if act.delete_pod(pod):
+            log.info("deleted pod %s/%s (no longer desired: %s)", ns, pod_name, why)
 
     # Status, once.
     live = [p for p in pods if p["metadata"]["name"] not in gone]

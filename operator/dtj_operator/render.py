@@ -85,6 +85,9 @@ def owner_reference(body: dict[str, Any]) -> dict[str, Any]:
 TRACKING_FINALIZER = "training.dtj.io/worker-tracking"
 # Set on a pod the operator moves off a node that announced its end: why, in words.
 ANNOTATION_MOVED = "training.dtj.io/moved-away"
+# Set on a worker the operator removes on purpose (suspended, scaled away) before its
+# delete: seen terminating after a resume or a scale back up, it is not a loss.
+ANNOTATION_RELEASED = "training.dtj.io/released"
 
 
 def tracked(pod: dict[str, Any]) -> bool:

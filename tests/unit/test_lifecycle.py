@@ -61,6 +61,17 @@ def test_a_pod_its_node_rejected_at_admission_is_replaced_without_spending_backo
     )
 
 
+def test_a_worker_the_operator_released_is_no_loss_when_the_job_resumes_before_it_is_gone():
+    """Issue 21: suspend then resume (or scale down then up) while the released pods
+    still terminate counted each of them as a preemption."""
+    pod = worker(1)
+    pod["metadata"]["deletionTimestamp"] = "2026-01-01T11:59:00Z"
+    resumed = job({"replicas": 2})
+    assert lifecycle.vanished_worker(resumed, pod, {"phase": "Running"}) == "preemptions"
+    pod["metadata"]["annotations"] = {render.ANNOTATION_RELEASED: "suspended"}
+    assert lifecycle.vanished_worker(resumed, pod, {"phase": "Running"}) is None
+
+
 def test_backoff_limit_counts_failures_only():
     a = lifecycle.assess(
         job({"runPolicy": {"backoffLimit": 1}}),

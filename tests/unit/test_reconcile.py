@@ -203,3 +203,30 @@ def test_a_count_that_loses_a_write_race_is_tried_again_soon():
         Conflict(),  # type: ignore[arg-type]
     )
     assert done.requeue_after is not None and done.requeue_after <= 2
+
+
+def test_a_suspended_jobs_workers_are_marked_released_before_their_delete():
+    body = job_body({**SPEC, "runPolicy": {"suspend": True}}) | {"status": {"phase": "Running"}}
+    owner = body["metadata"]["uid"]
+    running = observed.pod(
+        {
+            "metadata": {
+                "name": "demo-worker-1",
+                "namespace": "ns",
+                "uid": "w1",
+                "labels": {
+                    render.LABEL_JOB: "demo",
+                    render.LABEL_COMPONENT: render.WORKER,
+                    render.LABEL_SLOT: "1",
+                },
+                "ownerReferences": [{"uid": owner}],
+                "finalizers": [render.TRACKING_FINALIZER],
+            },
+            "status": {"phase": "Running"},
+        }
+    )
+    cluster = Recorder()
+    reconcile(observed.Observed(body=body, pods=[running], children=[]), cluster)  # type: ignore[arg-type]
+    names = [n for n, _ in cluster.calls if n in ("annotate_pod", "delete_pod")]
+    assert names == ["annotate_pod", "delete_pod"]
+    assert cluster.named("annotate_pod")[0][2] == {render.ANNOTATION_RELEASED: "suspended"}
