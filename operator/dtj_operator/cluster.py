@@ -19,12 +19,30 @@ from . import api, metrics
 log = logging.getLogger(__name__)
 
 
+# Every request ends within this (connect, read) many seconds: a black-holed connection
+# cannot hang a pass thread (or the leader's renewals) for good; the pass fails, the
+# queue retries it with backoff, and a new connection is made.
+REQUEST_TIMEOUT = (10.0, 60.0)
+
+
 class _CountingApiClient(client.ApiClient):
-    """Counts every request in dtj_operator_api_requests_total, by method."""
+    """Counts every request in dtj_operator_api_requests_total, by method, and bounds
+    each by `timeout` (connect, read seconds) unless the call set its own."""
+
+    timeout: tuple[float, float] = REQUEST_TIMEOUT
 
     def call_api(self, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
         metrics.API_REQUESTS.labels(method=method.upper()).inc()
+        if len(args) < 4 and kwargs.get("_request_timeout") is None:
+            kwargs["_request_timeout"] = self.timeout
         return super().call_api(method, url, *args, **kwargs)
+
+
+def timed_client(timeout: tuple[float, float] = REQUEST_TIMEOUT) -> client.ApiClient:
+    """An API client whose every request ends within `timeout`."""
+    api_client = _CountingApiClient()
+    api_client.timeout = timeout
+    return api_client
 
 
 def _unparsed(call: Any, *args: Any, **kwargs: Any) -> None:
@@ -39,7 +57,7 @@ class Cluster:
             config.load_incluster_config()
         except config.ConfigException:
             config.load_kube_config()
-        self._api = _CountingApiClient()
+        self._api = timed_client()
         self.core = client.CoreV1Api(self._api)
         self.rbac = client.RbacAuthorizationV1Api(self._api)
         self.networking = client.NetworkingV1Api(self._api)

@@ -24,6 +24,8 @@ from kubernetes import client, config
 from kubernetes.leaderelection import electionconfig, leaderelection
 from kubernetes.leaderelection.resourcelock.leaselock import LeaseLock
 
+from .cluster import timed_client
+
 log = logging.getLogger("dtj.leader")
 
 
@@ -78,6 +80,11 @@ def run(election: Election, command: list[str], liveness: str | None) -> int:
         config.load_kube_config()
     logging.getLogger("leaderelection").setLevel(logging.WARNING)  # one line per retry
     lock = LeaseLock(election.name, election.namespace, election.identity)
+    # Renewals end within the renew deadline, however the connection hangs: a leader
+    # that cannot renew gives up in time instead of hanging while another takes over.
+    lock.api_instance = client.CoordinationV1Api(
+        timed_client((2.0, float(election.renew_deadline_seconds) / 2))
+    )
     elector = leaderelection.LeaderElection(
         electionconfig.Config(
             lock,
