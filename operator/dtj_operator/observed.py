@@ -96,3 +96,5 @@ class Observed:
     created: set[str] = field(default_factory=set)  # pod names created, not yet seen
     deleting: set[str] = field(default_factory=set)  # pod uids deleted, not yet seen going
     seen_version: str = ""  # the job's resourceVersion in the cache
+    refusals: int = 0  # passes in a row whose pod creates were refused (quota, webhook)
+    create_backoff: float = 0.0  # seconds until pod creates may be tried again

@@ -25,8 +25,16 @@ from .observed import Observed, digest
 
 log = logging.getLogger(__name__)
 
-# Retry a refused create (quota, admission) this much later, without an event.
-RETRY_SECONDS = 10.0
+# Retry a refused create (quota, admission) this much later, doubling with each pass
+# refused in a row up to MAX_RETRY_SECONDS: one POST per wait, not one per missing pod.
+RETRY_SECONDS, MAX_RETRY_SECONDS = 10.0, 300.0
+
+
+def create_backoff(refusals: int) -> float:
+    """How long pod creates wait after `refusals` refused passes in a row."""
+    return 0.0 if refusals <= 0 else min(RETRY_SECONDS * 2 ** (refusals - 1), MAX_RETRY_SECONDS)
+
+
 # Namespaces whose pods may scrape the workers' metrics port past the job's
 # NetworkPolicy (the chart's networkPolicy.metricsFrom; "" lets none).
 METRICS_FROM = render.equality_selector(
@@ -46,6 +54,7 @@ class Pass:
     created: set[str] = field(default_factory=set)  # pod names
     deleted: set[str] = field(default_factory=set)  # pod uids
     requeue_after: float | None = None
+    refusals: int | None = None  # the new count of refused passes in a row (None: as it was)
 
 
 class _Acting:
@@ -202,9 +211,18 @@ def reconcile(obs: Observed, cluster: Cluster) -> Pass:
     children = {(c["kind"], c["name"]): c for c in obs.children}
     problems: list[str] = []
     refused: list[str] = []  # the API server finds the spec invalid: retrying cannot help
+    pods_blocked = obs.create_backoff > 0  # refused lately: wait, then try one
     for obj in desired:
         kind, child = obj["kind"], obj["metadata"]["name"]
         if kind == "Pod" and child in existing:
+            continue
+        if kind == "Pod" and pods_blocked:
+            if obs.create_backoff > 0 and done.requeue_after is None:
+                problems.append(
+                    f"pod creates were refused {obs.refusals} time(s) in a row (quota or "
+                    f"admission); trying again in {obs.create_backoff:.0f}s"
+                )
+                done.requeue_after = obs.create_backoff
             continue
         if kind == "Pod" and child in leftovers:
             problems.append(
@@ -228,12 +246,18 @@ def reconcile(obs: Observed, cluster: Cluster) -> Pass:
             if e.status == 422:
                 refused.append(f"{kind} {child}: {api_message(e)}")
                 break
-            # Quota, admission or RBAC refusals: say so in the status and try
-            # again a little later, instead of failing the handler.
-            reason = e.reason or "error"
-            problems.append(f"cannot create {kind} {child}: {reason} ({e.status})")
+            # Quota, admission or RBAC refusals: say so in the status, create no more
+            # pods this pass, and try again later, waiting longer each time.
+            problems.append(f"cannot create {kind} {child}: {api_message(e)[:300]} ({e.status})")
             log.warning("cannot create %s %s/%s: %s", kind, ns, child, e.reason)
-            done.requeue_after = RETRY_SECONDS
+            if kind == "Pod":
+                pods_blocked = True
+                done.refusals = obs.refusals + 1
+                done.requeue_after = create_backoff(done.refusals)
+            else:
+                done.requeue_after = RETRY_SECONDS
+    if obs.refusals and not pods_blocked:
+        done.refusals = 0  # every pod create went through again
     if refused:
         # An admitted spec the API server will not turn into pods (a mount of an
         # undeclared volume, a bad env var): end the job saying which field, not

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .observed import Observed
-from .reconcile import EXPECTATION_SECONDS, Pass
+from .reconcile import EXPECTATION_SECONDS, Pass, create_backoff
 
 Key = tuple[str, str]  # (namespace, job name)
 Index = Mapping[Any, Iterable[Any]]  # what kopf.Index looks like from here
@@ -38,6 +38,7 @@ class WatchCache:
     clock: Any = time.monotonic
     _fresher: dict[Key, tuple[str, dict[str, Any]]] = field(default_factory=dict)
     _expected: dict[Key, _Expected] = field(default_factory=dict)
+    _refused: dict[Key, tuple[int, float]] = field(default_factory=dict)  # count, until
 
     def attach(self, **indexes: Index) -> None:
         """Keep kopf's index objects (they are live views, passed to every handler)."""
@@ -71,6 +72,7 @@ class WatchCache:
             self._expected[key] = exp
         else:
             self._expected.pop(key, None)
+        refusals, until = self._refused.get(key, (0, now))
         return Observed(
             body=body,
             pods=pods,
@@ -78,12 +80,20 @@ class WatchCache:
             created=set(exp.created),
             deleting=set(exp.deleting),
             seen_version=seen_version,
+            refusals=refusals,
+            create_backoff=max(0.0, until - now),
         )
 
     def remember(self, key: Key, obs: Observed, done: Pass) -> None:
         """What the pass did, until the watch shows it."""
         if done.written is not None:
             self._fresher[key] = (obs.seen_version, done.written)
+        if done.refusals is not None:
+            if done.refusals:
+                until = self.clock() + create_backoff(done.refusals)
+                self._refused[key] = (done.refusals, until)
+            else:
+                self._refused.pop(key, None)
         if done.created or done.deleted:
             until = self.clock() + EXPECTATION_SECONDS
             exp = self._expected.setdefault(key, _Expected())
@@ -92,4 +102,5 @@ class WatchCache:
 
     def forget(self, key: Key) -> None:
         self._fresher.pop(key, None)
+        self._refused.pop(key, None)
         self._expected.pop(key, None)

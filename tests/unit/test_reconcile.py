@@ -230,3 +230,53 @@ def test_a_suspended_jobs_workers_are_marked_released_before_their_delete():
     names = [n for n, _ in cluster.calls if n in ("annotate_pod", "delete_pod")]
     assert names == ["annotate_pod", "delete_pod"]
     assert cluster.named("annotate_pod")[0][2] == {render.ANNOTATION_RELEASED: "suspended"}
+
+
+def test_refused_pod_creates_back_off_instead_of_storming_the_api_server():
+    """Issue 21: behind a quota every missing pod was POSTed on every pass (a 1,000-worker
+    job made ~100 refused POSTs a second). Now a pass stops at the first refusal, and the
+    next pod create waits 10 s, then 20 s, 40 s ... however many passes run meanwhile."""
+    from dtj_operator.watchcache import WatchCache
+    from kubernetes.client.exceptions import ApiException
+
+    class Quota(Recorder):
+        full = True
+
+        def create(self, obj: dict[str, Any]) -> bool:
+            self.calls.append(("create", (obj,)))
+            if obj["kind"] == "Pod" and self.full:
+                raise ApiException(status=403, reason="Forbidden: exceeded quota")
+            return True
+
+        def patch_status(self, _ns: str, _name: str, patch: dict[str, Any], **_: Any) -> Any:
+            self.calls.append(("patch_status", (patch,)))
+            return {**body, "status": {**body["status"], **patch}}  # the job as written
+
+    body = job_body({**SPEC, "replicas": 50}) | {"status": {"phase": "Pending"}}
+    key = ("ns", "demo")
+    clock = [0.0]
+    cache = WatchCache(clock=lambda: clock[0])
+    cache.attach(jobs={key: [body]}, pods={key: []})
+    cluster = Quota()
+
+    def one_pass() -> tuple[int, float | None]:
+        before = len([a for a in cluster.named("create") if a[0]["kind"] == "Pod"])
+        obs = cache.snapshot(key)
+        assert obs is not None
+        done = reconcile(obs, cluster)  # type: ignore[arg-type]
+        cache.remember(key, obs, done)
+        after = len([a for a in cluster.named("create") if a[0]["kind"] == "Pod"])
+        return after - before, done.requeue_after
+
+    assert one_pass() == (1, 10.0)  # one refused POST, not 51
+    for _ in range(20):  # passes that pod or job events bring meanwhile: no POST at all
+        clock[0] += 0.4
+        assert one_pass()[0] == 0
+    clock[0] = 10.1
+    assert one_pass() == (1, 20.0)  # tried again after 10 s, then waits twice as long
+    clock[0] = 20.0
+    assert one_pass()[0] == 0
+    clock[0] = 30.2
+    cluster.full = False  # the quota was raised: every pod at once
+    assert one_pass()[0] == 51
+    assert cache.snapshot(key).refusals == 0  # type: ignore[union-attr]
