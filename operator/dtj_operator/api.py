@@ -140,6 +140,7 @@ RESERVED_MOUNT_PATHS = (CONFIG_DIR, SCRATCH_DIR)
 RESERVED_MOUNT_PATTERN = "^/+(etc/+dtj(/.*)?|tmp)/*$"
 assert CONFIG_DIR == "/etc/dtj" and SCRATCH_DIR == "/tmp", "RESERVED_MOUNT_PATTERN spells them"
 MAX_ITEMS = 64  # bounds the CEL rules' cost (the API server estimates it per list)
+MAX_STRING = 1024  # ... and per string the rules read (a name, a mount path)
 
 
 def _bounded(description: str, **known: str) -> Any:
@@ -150,6 +151,7 @@ def _bounded(description: str, **known: str) -> Any:
             "type": t,
             "description": f"{k} (as in the Kubernetes API).",
             **(OBJECT_LIST if t == "object" else {}),
+            **({"maxLength": MAX_STRING} if t == "string" else {}),  # bounds the rules' cost
         }
         for k, t in known.items()
     }
