@@ -83,6 +83,30 @@ class Cluster:
             raise
         return True
 
+    def owners(self, kind: str, namespace: str, name: str) -> list[str] | None:
+        """The owner uids of that object, or None if it is gone."""
+        read: Any = {
+            "Service": self.core.read_namespaced_service,
+            "ConfigMap": self.core.read_namespaced_config_map,
+            "ServiceAccount": self.core.read_namespaced_service_account,
+            "Role": self.rbac.read_namespaced_role,
+            "RoleBinding": self.rbac.read_namespaced_role_binding,
+            "NetworkPolicy": self.networking.read_namespaced_network_policy,
+        }[kind]
+        try:
+            obj = read(name, namespace)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+        return [r.uid for r in obj.metadata.owner_references or []]
+
+    def update_network_policy(self, namespace: str, name: str, obj: dict[str, Any]) -> None:
+        """Its spec (and the digest annotation) as `obj` has them: a merge patch replaces
+        the rule lists whole."""
+        patch = {"metadata": {"annotations": obj["metadata"]["annotations"]}, "spec": obj["spec"]}
+        _unparsed(self.networking.patch_namespaced_network_policy, name, namespace, patch)
+
     def patch_config_map(self, namespace: str, name: str, data: dict[str, str]) -> None:
         _unparsed(self.core.patch_namespaced_config_map, name, namespace, {"data": data})
 

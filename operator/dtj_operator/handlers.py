@@ -64,8 +64,18 @@ def _run_pass(obs: observed.Observed) -> Any:
     with metrics.RECONCILE_SECONDS.time():
         try:
             done = reconcile(obs, _cluster())
-        except Exception:
+        except Exception as e:
             metrics.RECONCILES.labels(result="error").inc()
+            if not (isinstance(e, ApiException) and e.status == 404):
+                # On the object, not only in the operator's log (`kubectl describe dtj`);
+                # the queue's backoff (10 s doubling to 300 s) bounds how often.
+                first = (str(e).splitlines() or [""])[0][:300]
+                _cluster().warn(
+                    obs.body,
+                    "ReconcileFailed",
+                    f"the operator could not reconcile this job ({type(e).__name__}: "
+                    f"{first}); it tries again with backoff",
+                )
             raise
     metrics.RECONCILES.labels(result="ok").inc()
     return done

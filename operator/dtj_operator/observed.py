@@ -54,6 +54,11 @@ def pod(body: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# On a child whose spec the operator keeps up to date (the NetworkPolicy): the digest of
+# the spec it last wrote, so a changed desired spec (the chart's metricsFrom) is applied.
+SPEC_DIGEST = "training.dtj.io/spec-digest"
+
+
 def child(body: dict[str, Any]) -> dict[str, Any]:
     """A Service, ConfigMap, ServiceAccount, Role or RoleBinding: who owns it and,
     for the ConfigMap, a digest of its data (to update the config after a scale)."""
@@ -63,6 +68,7 @@ def child(body: dict[str, Any]) -> dict[str, Any]:
         "name": meta.get("name"),
         "owners": [r.get("uid") for r in meta.get("ownerReferences") or []],
         "digest": digest(body.get("data")),
+        "applied": (meta.get("annotations") or {}).get(SPEC_DIGEST),
     }
 
 

@@ -21,7 +21,7 @@ from kubernetes.client.exceptions import ApiException
 
 from . import api, lifecycle, metrics, render, status
 from .cluster import Cluster
-from .observed import Observed, digest
+from .observed import SPEC_DIGEST, Observed, digest
 
 log = logging.getLogger(__name__)
 
@@ -212,9 +212,12 @@ def reconcile(obs: Observed, cluster: Cluster) -> Pass:
     problems: list[str] = []
     refused: list[str] = []  # the API server finds the spec invalid: retrying cannot help
     pods_blocked = obs.create_backoff > 0  # refused lately: wait, then try one
+    foreign = False  # a child's name is taken by an object not this job's: no pods
     for obj in desired:
         kind, child = obj["kind"], obj["metadata"]["name"]
         if kind == "Pod" and child in existing:
+            continue
+        if kind == "Pod" and foreign:
             continue
         if kind == "Pod" and pods_blocked:
             if obs.create_backoff > 0 and done.requeue_after is None:
@@ -232,12 +235,26 @@ def reconcile(obs: Observed, cluster: Cluster) -> Pass:
             continue
         have = children.get((kind, child))
         if have is not None:
-            ours = kind == "ConfigMap" and meta["uid"] in have["owners"]
-            if ours and have["digest"] != digest(obj.get("data")):
+            if meta["uid"] not in have["owners"]:
+                problems.append(_not_ours(kind, child, name))
+                foreign = True
+            elif kind == "ConfigMap" and have["digest"] != digest(obj.get("data")):
                 cluster.patch_config_map(ns, child, obj["data"])
+            elif (
+                kind == "NetworkPolicy"
+                and have.get("applied") != (obj["metadata"]["annotations"][SPEC_DIGEST])
+            ):
+                cluster.update_network_policy(ns, child, obj)
+                log.info("updated NetworkPolicy %s/%s", ns, child)
             continue
         try:
-            if act.create(obj):
+            if not act.create(obj):
+                # It exists (409): ours, not yet in the cache, or someone else's.
+                owners = cluster.owners(kind, ns, child) if kind != "Pod" else None
+                if owners is not None and meta["uid"] not in owners:
+                    problems.append(_not_ours(kind, child, name))
+                    foreign = True
+            else:
                 log.info("created %s %s/%s", kind, ns, child)
                 component = obj["metadata"]["labels"].get(render.LABEL_COMPONENT)
                 if kind == "Pod" and component == render.WORKER:
@@ -294,6 +311,14 @@ def reconcile(obs: Observed, cluster: Cluster) -> Pass:
         EXPECTATION_SECONDS if obs.created or obs.deleting else None,
     )
     return done
+
+
+def _not_ours(kind: str, child: str, job: str) -> str:
+    """Why the job waits: an object it would create exists and belongs to another."""
+    return (
+        f"{kind} {child} exists and is not this job's (no owner reference to job {job}): "
+        "the job will not use it, nor start its pods, until it is deleted or renamed"
+    )
 
 
 def _counted_alive(pods: list[dict[str, Any]], counted: set[str]) -> list[dict[str, Any]]:

@@ -16,6 +16,7 @@ from dtj_trainer.config import TrainerConfig
 from kubernetes.utils import parse_quantity
 
 from . import api
+from .observed import SPEC_DIGEST, digest
 
 STORE_PORT = 29400
 METRICS_PORT = 9400
@@ -420,11 +421,14 @@ def network_policy(
                 "ports": [{"port": "metrics", "protocol": "TCP"}],
             }
         )
+    spec = {"podSelector": own, "policyTypes": ["Ingress"], "ingress": ingress}
+    meta = _meta(job, job.name, "network", owner)
+    meta["annotations"] = {SPEC_DIGEST: digest(spec)}  # a changed policy reaches old jobs
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
-        "metadata": _meta(job, job.name, "network", owner),
-        "spec": {"podSelector": own, "policyTypes": ["Ingress"], "ingress": ingress},
+        "metadata": meta,
+        "spec": spec,
     }
 
 

@@ -37,3 +37,31 @@ def test_a_job_deleted_during_its_pass_releases_its_terminating_pods(
     monkeypatch.setitem(handlers._cache.indexes, "pods", {key: [going]})
     assert asyncio.run(handlers._pass(key)) is None
     assert released == ["demo-worker-0"]
+
+
+def test_a_failed_pass_is_told_on_the_job_as_a_warning_event(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 21: a pass that raised was retried with backoff and logged by the operator
+    only: nothing on the object said why it stood still."""
+    warned: list[tuple[str, str]] = []
+
+    class Cluster:
+        def warn(self, _body: Any, reason: str, message: str) -> None:
+            warned.append((reason, message))
+
+    def broken(*_: Any) -> Any:
+        raise RuntimeError("the API server answered 500: etcdserver: request timed out")
+
+    monkeypatch.setattr(handlers, "_cluster", Cluster)
+    monkeypatch.setattr(handlers, "reconcile", broken)
+    obs = type("Obs", (), {"body": {"metadata": {"name": "demo", "namespace": "ns"}}})()
+    with pytest.raises(RuntimeError):
+        handlers._run_pass(obs)  # type: ignore[arg-type]
+    assert warned == [
+        (
+            "ReconcileFailed",
+            "the operator could not reconcile this job (RuntimeError: the API server answered "
+            "500: etcdserver: request timed out); it tries again with backoff",
+        )
+    ]

@@ -280,3 +280,58 @@ def test_refused_pod_creates_back_off_instead_of_storming_the_api_server():
     cluster.full = False  # the quota was raised: every pod at once
     assert one_pass()[0] == 51
     assert cache.snapshot(key).refusals == 0  # type: ignore[union-attr]
+
+
+def test_an_object_with_a_childs_name_that_the_job_does_not_own_is_reported_not_used():
+    """Issue 21: a pre-existing Service (or NetworkPolicy, or <job>-config) with a child's
+    name was used as if it were the job's (409 counted as success): isolation could be
+    missing with Created=ChildrenCreated. Now no pod starts and Created says which."""
+    body = job_body(SPEC)
+    impostor = {"kind": "Service", "name": "demo", "owners": ["someone-else"], "digest": ""}
+    cluster = Recorder()
+    done = reconcile(observed.Observed(body=body, pods=[], children=[impostor]), cluster)  # type: ignore[arg-type]
+    assert not [a for a in cluster.named("create") if a[0]["kind"] == "Pod"]
+    created = next(c for c in done.status["conditions"] if c["type"] == "Created")
+    assert (
+        created["status"] == "False"
+        and "Service demo exists and is not this job's" in (created["message"])
+    )
+
+    class Taken(Recorder):  # not in the cache at all (no labels): the create says 409
+        def create(self, obj: dict[str, Any]) -> bool:
+            self.calls.append(("create", (obj,)))
+            return obj["kind"] != "NetworkPolicy"
+
+        def owners(self, kind: str, _ns: str, name: str) -> list[str]:
+            return ["someone-else"]
+
+    cluster = Taken()
+    done = reconcile(observed.Observed(body=body, pods=[], children=[]), cluster)  # type: ignore[arg-type]
+    assert not [a for a in cluster.named("create") if a[0]["kind"] == "Pod"]
+    created = next(c for c in done.status["conditions"] if c["type"] == "Created")
+    assert "NetworkPolicy" in created["message"] and "is not this job's" in created["message"]
+
+
+def test_a_changed_network_policy_reaches_a_job_created_before_the_change():
+    """Issue 21: children were create-only, so a changed networkPolicy.metricsFrom (or a
+    fixed rule) never reached existing jobs. The policy carries the digest of the spec
+    the operator wrote; a different desired spec is patched in."""
+    from dtj_operator.reconcile import METRICS_FROM
+
+    body = job_body(SPEC)
+    uid = body["metadata"]["uid"]
+    children = render.desired_children(job_of(body), body, METRICS_FROM)
+    policy = next(o for o in children if o["kind"] == "NetworkPolicy")
+    current = policy["metadata"]["annotations"][observed.SPEC_DIGEST]
+    mine = {"kind": "NetworkPolicy", "name": "demo", "owners": [uid], "digest": ""}
+    for applied, updates in ((current, []), ("old", ["demo"])):
+        cluster = Recorder()
+        seen = observed.Observed(body=body, pods=[], children=[mine | {"applied": applied}])
+        reconcile(seen, cluster)  # type: ignore[arg-type]
+        assert [a[1] for a in cluster.named("update_network_policy")] == updates
+
+
+def job_of(body: dict[str, Any]) -> Any:
+    from dtj_operator import api
+
+    return api.DecentralizedTrainingJob.from_body(body)

@@ -49,16 +49,17 @@ true
   verbs: ["list", "watch", "create", "delete", "patch"]  # patch: tracking finalizer, move-away note
 - apiGroups: [""]
   resources: ["services", "configmaps", "serviceaccounts"]
-  verbs: ["list", "watch", "create", "patch"]  # list, watch: the operator's cache
+  # list, watch: the operator's cache; get: whose is an object that has a child's name
+  verbs: ["get", "list", "watch", "create", "patch"]
 # Each job's NetworkPolicy: only its own pods reach its ports.
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
-  verbs: ["list", "watch", "create"]
+  verbs: ["get", "list", "watch", "create", "patch"]  # patch: a changed policy reaches old jobs
 # Each job's coordinator may patch that job's status (progress); granting it
 # needs the same permission here, which the operator has anyway.
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles", "rolebindings"]
-  verbs: ["list", "watch", "create"]
+  verbs: ["get", "list", "watch", "create"]
 - apiGroups: ["", "events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
