@@ -40,6 +40,11 @@ MAX_NAME_LENGTH = 45  # leaves room for "-worker-NNNN" within a 63-character DNS
 # The job's Service, its pods' hostnames and subdomain are named after it: a DNS-1035
 # label (no dots, a letter first), which the API server takes for a dtj's name otherwise.
 NAME_PATTERN = "^[a-z]([-a-z0-9]*[a-z0-9])?$"
+NAME_MESSAGE = (
+    f"at most {MAX_NAME_LENGTH} lowercase letters, digits and '-', starting with a letter "
+    "and ending with a letter or digit, without dots (the job's Service and its pods' "
+    "hostnames are named after it)"
+)
 
 OBJECT_LIST = {"x-kubernetes-preserve-unknown-fields": True}
 # A resource quantity, as the Pod API takes it (the pattern of apimachinery's Quantity).
@@ -689,6 +694,10 @@ class DecentralizedTrainingJob(Model):
         sa = self.spec.template.service_account_name
         if self.name and sa == f"{self.name}-coordinator":
             raise ValueError(f"spec.template.serviceAccountName: {COORDINATOR_ACCOUNT_MESSAGE}")
+        if self.name and (
+            len(self.name) > MAX_NAME_LENGTH or not re.match(NAME_PATTERN, self.name)
+        ):
+            raise ValueError(f"metadata.name {self.name!r}: {NAME_MESSAGE}")
         return self
 
     @classmethod

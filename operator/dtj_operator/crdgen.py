@@ -148,9 +148,7 @@ def crd() -> dict[str, Any]:
             },
             {
                 "rule": f"self.metadata.name.matches('{api.NAME_PATTERN}')",
-                "message": "metadata.name must be lowercase letters, digits and '-', starting "
-                "with a letter and ending with a letter or digit, without dots (the job's "
-                "Service and its pods' hostnames are named after it)",
+                "message": f"metadata.name must be {api.NAME_MESSAGE}",
             },
             {
                 "rule": "!has(self.spec.template.serviceAccountName)"

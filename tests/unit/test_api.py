@@ -48,6 +48,12 @@ def test_invalid_specs_name_the_field(spec, field):
         parse(spec)
 
 
+@pytest.mark.parametrize("name", ["a.b", "1job", "x" * 46, "Upper"])
+def test_names_a_service_cannot_have_are_refused_as_the_crd_refuses_them(name):
+    with pytest.raises(pydantic.ValidationError, match=r"metadata\.name"):
+        api.DecentralizedTrainingJob.model_validate({"metadata": {"name": name}, "spec": {}})
+
+
 def test_defaults_fill_every_section():
     job = parse({})
     assert job.spec.replicas == 4
