@@ -238,6 +238,7 @@ def reconcile(obs: Observed, cluster: Cluster) -> Pass:
             if meta["uid"] not in have["owners"]:
                 problems.append(_not_ours(kind, child, name))
                 foreign = True
+                done.requeue_after = _earliest(done.requeue_after, RETRY_SECONDS)
             elif kind == "ConfigMap" and have["digest"] != digest(obj.get("data")):
                 cluster.patch_config_map(ns, child, obj["data"])
             elif (
@@ -254,6 +255,7 @@ def reconcile(obs: Observed, cluster: Cluster) -> Pass:
                 if owners is not None and meta["uid"] not in owners:
                     problems.append(_not_ours(kind, child, name))
                     foreign = True
+                    done.requeue_after = _earliest(done.requeue_after, RETRY_SECONDS)
             else:
                 log.info("created %s %s/%s", kind, ns, child)
                 component = obj["metadata"]["labels"].get(render.LABEL_COMPONENT)

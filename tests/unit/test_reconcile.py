@@ -296,6 +296,7 @@ def test_an_object_with_a_childs_name_that_the_job_does_not_own_is_reported_not_
         created["status"] == "False"
         and "Service demo exists and is not this job's" in (created["message"])
     )
+    assert done.requeue_after == 10.0  # it looks again (an earlier namesake's goes with GC)
 
     class Taken(Recorder):  # not in the cache at all (no labels): the create says 409
         def create(self, obj: dict[str, Any]) -> bool:
