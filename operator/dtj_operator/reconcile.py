@@ -235,7 +235,7 @@ def reconcile(obs: Observed, cluster: Cluster) -> Pass:
             continue
         have = children.get((kind, child))
         if have is not None:
-            if meta["uid"] not in have["owners"]:
+            if _foreign(have["owners"], meta["uid"]):
                 problems.append(_not_ours(kind, child, name))
                 foreign = True
                 done.requeue_after = _earliest(done.requeue_after, RETRY_SECONDS)
@@ -252,7 +252,7 @@ def reconcile(obs: Observed, cluster: Cluster) -> Pass:
             if not act.create(obj):
                 # It exists (409): ours, not yet in the cache, or someone else's.
                 owners = cluster.owners(kind, ns, child) if kind != "Pod" else None
-                if owners is not None and meta["uid"] not in owners:
+                if owners is not None and _foreign(owners, meta["uid"]):
                     problems.append(_not_ours(kind, child, name))
                     foreign = True
                     done.requeue_after = _earliest(done.requeue_after, RETRY_SECONDS)
@@ -313,6 +313,14 @@ def reconcile(obs: Observed, cluster: Cluster) -> Pass:
         EXPECTATION_SECONDS if obs.created or obs.deleting else None,
     )
     return done
+
+
+def _foreign(owners: list[str], uid: str) -> bool:
+    """Whether an object with a child's name belongs to someone else. One with no owner
+    at all is used as before: it is what `--cascade=orphan` leaves of an earlier job of
+    this name (the garbage collector drops the owner references); refusing those too
+    needs the operator to delete them, which it may not (yet)."""
+    return bool(owners) and uid not in owners
 
 
 def _not_ours(kind: str, child: str, job: str) -> str:
