@@ -61,7 +61,8 @@ def test_the_readme_install_section_works_as_written(helm: str, tmp_path: Path):
         assert running
         holder = wait_for(
             "a replica holding the Lease",
-            lambda: kube.json("get", "lease", "dtj-operator")["spec"].get("holderIdentity"),
+            # named after the release (dtj + the chart's name), as its service account
+            lambda: kube.json("get", "lease", "dtj-dtj-operator")["spec"].get("holderIdentity"),
         )
         assert holder in {p["metadata"]["name"] for p in operators()}
         for p in operators():
