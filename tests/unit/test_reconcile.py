@@ -122,19 +122,7 @@ def test_a_spec_made_invalid_while_running_fails_the_job_and_stops_its_pods():
     body = job_body(spec) | {"status": {"phase": "Running"}}  # admitted by an older schema
     owner = body["metadata"]["uid"]
     running = _coordinator("Running", owner)
-    worker = observed.pod(
-        {
-            "metadata": {
-                "name": "demo-worker-0",
-                "namespace": "ns",
-                "uid": "w0",
-                "labels": {render.LABEL_JOB: "demo", render.LABEL_COMPONENT: render.WORKER},
-                "ownerReferences": [{"uid": owner}],
-                "finalizers": [render.TRACKING_FINALIZER],
-            },
-            "status": {"phase": "Running"},
-        }
-    )
+    worker = _worker(owner, "Running")
     leaving = _leftover("demo-worker-1", owner=owner)
     cluster = Recorder()
     done = reconcile(
@@ -152,18 +140,24 @@ def test_a_spec_made_invalid_while_running_fails_the_job_and_stops_its_pods():
     assert not cluster.named("create")
 
 
-def _failed_worker(owner: str, uid: str = "w0") -> dict[str, Any]:
+def _worker(owner: str, phase: str, slot: int = 0) -> dict[str, Any]:
+    """A tracked worker pod of the job owned by `owner`."""
+    labels = {
+        render.LABEL_JOB: "demo",
+        render.LABEL_COMPONENT: render.WORKER,
+        render.LABEL_SLOT: str(slot),
+    }
     return observed.pod(
         {
             "metadata": {
-                "name": "demo-worker-0",
+                "name": f"demo-worker-{slot}",
                 "namespace": "ns",
-                "uid": uid,
-                "labels": {render.LABEL_JOB: "demo", render.LABEL_COMPONENT: render.WORKER},
+                "uid": f"w{slot}",
+                "labels": labels,
                 "ownerReferences": [{"uid": owner}],
                 "finalizers": [render.TRACKING_FINALIZER],
             },
-            "status": {"phase": "Failed"},
+            "status": {"phase": phase},
         }
     )
 
@@ -175,9 +169,10 @@ def test_a_failure_counted_by_a_pass_that_died_before_its_delete_is_deleted_by_t
     body = job_body(SPEC)
     body["status"] = {"phase": "Running", "failures": 1, "countedPods": ["w0"]}
     body["metadata"]["resourceVersion"] = "9"
+    failed = _worker(body["metadata"]["uid"], "Failed")
     cluster = Recorder()
     reconcile(
-        observed.Observed(body=body, pods=[_failed_worker(body["metadata"]["uid"])], children=[]),
+        observed.Observed(body=body, pods=[failed], children=[]),
         cluster,  # type: ignore[arg-type]
     )
     assert cluster.named("delete_pod") == [("ns", "demo-worker-0", "w0")]
@@ -198,8 +193,9 @@ def test_a_count_that_loses_a_write_race_is_tried_again_soon():
 
     body = job_body(SPEC) | {"status": {"phase": "Running"}}
     body["metadata"]["resourceVersion"] = "9"
+    failed = _worker(body["metadata"]["uid"], "Failed")
     done = reconcile(
-        observed.Observed(body=body, pods=[_failed_worker(body["metadata"]["uid"])], children=[]),
+        observed.Observed(body=body, pods=[failed], children=[]),
         Conflict(),  # type: ignore[arg-type]
     )
     assert done.requeue_after is not None and done.requeue_after <= 2
@@ -208,23 +204,7 @@ def test_a_count_that_loses_a_write_race_is_tried_again_soon():
 def test_a_suspended_jobs_workers_are_marked_released_before_their_delete():
     body = job_body({**SPEC, "runPolicy": {"suspend": True}}) | {"status": {"phase": "Running"}}
     owner = body["metadata"]["uid"]
-    running = observed.pod(
-        {
-            "metadata": {
-                "name": "demo-worker-1",
-                "namespace": "ns",
-                "uid": "w1",
-                "labels": {
-                    render.LABEL_JOB: "demo",
-                    render.LABEL_COMPONENT: render.WORKER,
-                    render.LABEL_SLOT: "1",
-                },
-                "ownerReferences": [{"uid": owner}],
-                "finalizers": [render.TRACKING_FINALIZER],
-            },
-            "status": {"phase": "Running"},
-        }
-    )
+    running = _worker(owner, "Running", slot=1)
     cluster = Recorder()
     reconcile(observed.Observed(body=body, pods=[running], children=[]), cluster)  # type: ignore[arg-type]
     names = [n for n, _ in cluster.calls if n in ("annotate_pod", "delete_pod")]

@@ -609,7 +609,8 @@ class Reader:
         """Whether the grant is there; a coordinator that is away (being replaced)
         counts as not yet: its successor is seeded from the workers' copies."""
         try:
-            self._flush()
+            if self._unsent:  # what waited for the coordinator goes first (it pumps too)
+                self._flush()
             return bool(self._store().check([key]))
         except (RuntimeError, TimeoutError) as e:
             self._said_away(e)
