@@ -9,7 +9,8 @@ is seeded from the workers' copies of the ledger); scale down to 3 (SIGTERM
 two). Each worker records the indices it trained. Then:
 
 - no index was trained twice, except samples of the killed worker's chunk,
-  which the ledger reissued and counted (at most one chunk);
+  which the ledger reissued and counted (at most one chunk; two when a
+  DataLoader loading ahead had crossed into the next);
 - nothing was lost: every index is trained, or still in the ledger (handed
   back, or not handed out yet), per the new coordinator's final state.
 """
@@ -189,7 +190,10 @@ def test_every_sample_once_through_leave_kill_join_scaling_and_a_new_coordinator
         f"ledger: {len(counts)} samples trained, {repeated} twice, {sum(untrained.values())} "
         f"still in the ledger; reissued {book.reissued}, handed back {book.handed_back}"
     )
-    assert book.reissued <= CHUNK  # one kill: at most its one chunk
+    # One kill: at most the chunks it held, its one chunk, or two when its DataLoader
+    # (2 processes x prefetch 2 batches of 32, well under a chunk) had loaded ahead
+    # across a chunk's end.
+    assert book.reissued <= CHUNK * (2 if loaders else 1)
     assert repeated + both <= book.reissued, (repeated, both, book.reissued)
     assert max(untrained.values()) == 1
     assert set(counts) | set(untrained) == set(range(SIZE))  # nothing lost

@@ -431,13 +431,15 @@ def init(env: Mapping[str, str] | None = None) -> Job:
 
 def _standalone(env: Mapping[str, str]) -> dict[str, str]:
     """A one-worker job on this machine: its coordinator in this process."""
+    import atexit
     import tempfile
 
     from .coordinator import serve, start_registrar
 
     store = serve("127.0.0.1", 0)
     cfg = TrainerConfig(job="standalone", replicas=1, store_port=store.port)
-    start_registrar(cfg, "127.0.0.1", store.port, threading.Event())
+    stop = threading.Event()
+    atexit.register(start_registrar(cfg, "127.0.0.1", store.port, stop).halt, stop)
     _keep.append(store)
     path = Path(tempfile.mkdtemp(prefix="dtj-standalone-")) / "config.json"
     path.write_text(cfg.model_dump_json(by_alias=True))

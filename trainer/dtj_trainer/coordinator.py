@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import threading
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -73,12 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     say(f"store listening on {args.host}:{store.port}")
-    registrar = start_registrar(cfg, args.host, store.port, stop)
+    authority = start_registrar(cfg, args.host, store.port, stop)
     if args.report_status:
         writer = progress.StatusWriter.in_cluster(os.environ["DTJ_NAMESPACE"], cfg.job)
-        report_loop(store, registrar, writer, stop, args.interval)
+        report_loop(store, authority.registrar, writer, stop, args.interval)
     stop.wait()
     say("stopping")
+    authority.halt(stop)
     return 0
 
 
@@ -86,10 +88,24 @@ def say(message: str) -> None:
     print(f"dtj-coordinator: {message}", flush=True)
 
 
-def start_registrar(
-    cfg: TrainerConfig, host: str, port: int, stop: threading.Event
-) -> membership.Registrar:
-    """The job's membership authority, on a store connection of its own, in a thread."""
+@dataclass(frozen=True)
+class Authority:
+    """The job's registrar and its ledger service, each on a thread of its own."""
+
+    registrar: membership.Registrar
+    threads: tuple[threading.Thread, ...]
+
+    def halt(self, stop: threading.Event, timeout: float = 5.0) -> None:
+        """Stop both threads and wait for them: a daemon thread still inside a store call
+        while the interpreter exits aborts the process ("terminate called without an
+        active exception": its C++ frames are torn down under it)."""
+        stop.set()
+        for thread in self.threads:
+            thread.join(timeout)
+
+
+def start_registrar(cfg: TrainerConfig, host: str, port: int, stop: threading.Event) -> Authority:
+    """The job's membership authority and ledger, on store connections of their own."""
     from .transport import connect_store
 
     client = connect_store(
@@ -99,7 +115,9 @@ def start_registrar(
         client, min_members=cfg.min_replicas or cfg.replicas, expected=cfg.replicas, log=say
     )
     registrar.on_removed = lambda m: ledger.submit(client, {"op": "drop", "m": m})
-    threading.Thread(target=registrar.run, args=(stop,), name="dtj-registrar", daemon=True).start()
+    threads = [
+        threading.Thread(target=registrar.run, args=(stop,), name="dtj-registrar", daemon=True)
+    ]
     book = ledger.Service(
         connect_store(
             "127.0.0.1" if host in ("", "0.0.0.0") else host, port, timeout=cfg.timeout_seconds
@@ -107,8 +125,10 @@ def start_registrar(
         members=lambda: list(registrar.members),
         log=say,
     )
-    threading.Thread(target=book.run, args=(stop,), name="dtj-ledger", daemon=True).start()
-    return registrar
+    threads.append(threading.Thread(target=book.run, args=(stop,), name="dtj-ledger", daemon=True))
+    for thread in threads:
+        thread.start()
+    return Authority(registrar, tuple(threads))
 
 
 def follow_spec(writer: progress.StatusWriter, registrar: membership.Registrar) -> None:

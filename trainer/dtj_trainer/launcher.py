@@ -109,7 +109,8 @@ class LocalJob:
         self.stop = threading.Event()
         from .coordinator import start_registrar
 
-        self.registrar = start_registrar(self.cfg, "127.0.0.1", self.store.port, self.stop)
+        self.authority = start_registrar(self.cfg, "127.0.0.1", self.store.port, self.stop)
+        self.registrar = self.authority.registrar
         self.registrar.log = lambda _: None
         self.start_time = time.perf_counter()
 
@@ -170,7 +171,7 @@ class LocalJob:
                 os.killpg(p.pid, signal.SIGKILL)
         for p in self.procs.values():
             p.wait()
-        self.stop.set()
+        self.authority.halt(self.stop)
         self._tmp.cleanup()
 
     def result(self) -> LocalResult:
