@@ -32,9 +32,54 @@ SINGULAR = "decentralizedtrainingjob"
 SHORT_NAMES = ["dtj"]
 API_VERSION = f"{GROUP}/{VERSION}"
 DEFAULT_IMAGE = "ghcr.io/dtj-project/dtj-trainer:0.1.0"
+COORDINATOR_ACCOUNT_SUFFIX = "-coordinator"
 COORDINATOR_ACCOUNT_MESSAGE = (
-    "<job>-coordinator is the job's coordinator account (it may write the job's "
-    "status); give the workers another service account"
+    "template.serviceAccountName: names ending in -coordinator are the jobs' coordinator "
+    "accounts (each may write its job's status); give the workers another service account"
+)
+# Pod Security "restricted" admits these volume types only; the CRD refuses the others
+# by name (CEL reads only declared fields, so the other types are declared below).
+RESTRICTED_VOLUME_TYPES = (
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "image",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+)
+OTHER_VOLUME_TYPES = (
+    "awsElasticBlockStore",
+    "azureDisk",
+    "azureFile",
+    "cephfs",
+    "cinder",
+    "fc",
+    "flexVolume",
+    "flocker",
+    "gcePersistentDisk",
+    "gitRepo",
+    "glusterfs",
+    "hostPath",
+    "iscsi",
+    "nfs",
+    "photonPersistentDisk",
+    "portworxVolume",
+    "quobyte",
+    "rbd",
+    "scaleIO",
+    "storageos",
+    "vsphereVolume",
+)
+# A job's pods carry no API credentials (automountServiceAccountToken: false); a
+# projected token would hand them back. System priority classes outrank the cluster's
+# own components, and the control-plane taints keep workloads off the control plane.
+SYSTEM_PRIORITY_PREFIX = "system-"
+CONTROL_PLANE_TAINTS = (
+    "node-role.kubernetes.io/control-plane",
+    "node-role.kubernetes.io/master",
 )
 MAX_NAME_LENGTH = 45  # leaves room for "-worker-NNNN" within a 63-character DNS label
 # The job's Service, its pods' hostnames and subdomain are named after it: a DNS-1035
@@ -102,15 +147,6 @@ def resources_problem(resources: Any) -> str | None:
     return None
 
 
-def _k8s_objects(description: str) -> Any:
-    """A list of Kubernetes-typed objects (validated by the Pod API, not re-declared here)."""
-    return Field(
-        default_factory=list,
-        description=description,
-        json_schema_extra={"items": {"type": "object", **OBJECT_LIST}},
-    )
-
-
 # What the template may not set: the job's own identity and plumbing (the operator's
 # labels, the trainer's DTJ_* settings, its config and scratch volumes) and the node.
 RESERVED_PREFIX = f"{GROUP}/"
@@ -148,18 +184,40 @@ MAX_ITEMS = 64  # bounds the CEL rules' cost (the API server estimates it per li
 MAX_STRING = 1024  # ... and per string the rules read (a name, a mount path)
 
 
-def _bounded(description: str, **known: str) -> Any:
-    """A bounded list of Kubernetes objects; `known` declares the fields the CEL rules
-    read (name -> type), the rest is left to the Pod API to validate."""
-    props: dict[str, Any] = {
-        k: {
-            "type": t,
-            "description": f"{k} (as in the Kubernetes API).",
-            **(OBJECT_LIST if t == "object" else {}),
-            **({"maxLength": MAX_STRING} if t == "string" else {}),  # bounds the rules' cost
-        }
-        for k, t in known.items()
+def _known(name: str, kind: str | dict[str, Any]) -> dict[str, Any]:
+    """A field the CEL rules read: a type name, or a schema of its own."""
+    if isinstance(kind, dict):
+        return {"description": f"{name} (as in the Kubernetes API).", **kind}
+    return {
+        "type": kind,
+        "description": f"{name} (as in the Kubernetes API).",
+        **(OBJECT_LIST if kind == "object" else {}),
+        **({"maxLength": MAX_STRING} if kind == "string" else {}),  # bounds the rules' cost
     }
+
+
+# A projected volume's sources, declared so that a rule can find a serviceAccountToken.
+_PROJECTED: dict[str, Any] = {
+    "type": "object",
+    **OBJECT_LIST,
+    "properties": {
+        "sources": {
+            "type": "array",
+            "maxItems": MAX_ITEMS,
+            "items": {
+                "type": "object",
+                **OBJECT_LIST,
+                "properties": {"serviceAccountToken": {"type": "object", **OBJECT_LIST}},
+            },
+        }
+    },
+}
+
+
+def _bounded(description: str, **known: str | dict[str, Any]) -> Any:
+    """A bounded list of Kubernetes objects; `known` declares the fields the CEL rules
+    read (name -> type or schema), the rest is left to the Pod API to validate."""
+    props = {k: _known(k, t) for k, t in known.items()}
     item: dict[str, Any] = {"type": "object", **OBJECT_LIST}
     if props:
         item["properties"] = props
@@ -213,10 +271,13 @@ class WorkerTemplate(Model):
         name="string",
     )
     volumes: list[dict[str, Any]] = _bounded(
-        "Extra pod volumes (core/v1 Volume). hostPath volumes and the names config and "
-        "tmp (the trainer's) are refused.",
+        "Extra pod volumes (core/v1 Volume): the types Pod Security 'restricted' admits ("
+        f"{', '.join(RESTRICTED_VOLUME_TYPES)}), without projected serviceAccountToken "
+        "sources (the pods carry no API credentials). The names config and tmp are the "
+        "trainer's.",
         name="string",
-        hostPath="object",
+        projected=_PROJECTED,
+        **dict.fromkeys(OTHER_VOLUME_TYPES, "object"),
     )
     volume_mounts: list[dict[str, Any]] = _bounded(
         "Extra container volume mounts (core/v1 VolumeMount). /etc/dtj and /tmp are the "
@@ -226,8 +287,10 @@ class WorkerTemplate(Model):
     )
     service_account_name: str | None = Field(
         None,
+        max_length=253,
         description="Service account of the worker pods (default: the namespace default); its "
-        "token is not mounted. The job's coordinator account (<job>-coordinator) is refused.",
+        "token is not mounted. Names ending in -coordinator (the jobs' coordinator accounts) "
+        "are refused.",
     )
     labels: dict[str, str] = Field(
         default_factory=dict,
@@ -249,7 +312,10 @@ class WorkerTemplate(Model):
         json_schema_extra={"maxProperties": MAX_ITEMS},
     )
     priority_class_name: str | None = Field(
-        None, description="PriorityClass of the worker pods (the coordinator's too)."
+        None,
+        max_length=253,
+        description="PriorityClass of the worker pods (the coordinator's too). The system- "
+        "classes (the cluster's own components') are refused.",
     )
     scheduler_name: str | None = Field(
         None, description="Scheduler of every pod of the job (default: the cluster's)."
@@ -273,8 +339,11 @@ class NodePool(Model):
     node_selector: dict[str, str] = Field(
         default_factory=dict, description="Node labels a worker of this pool requires."
     )
-    tolerations: list[dict[str, Any]] = _k8s_objects(
-        "Tolerations for the pool's taints (core/v1 Toleration)."
+    tolerations: list[dict[str, Any]] = _bounded(
+        "Tolerations for the pool's taints (core/v1 Toleration). Each names its taint's "
+        "key (an empty key tolerates every taint); the control-plane taints "
+        f"({', '.join(CONTROL_PLANE_TAINTS)}) are refused.",
+        key="string",
     )
     max_workers: int | None = Field(
         None, ge=0, description="At most this many workers in the pool (unset = no limit)."
@@ -374,7 +443,9 @@ class JobSpec(Model):
     )
     node_pools: list[NodePool] = Field(
         default_factory=list,
-        description="Node pools to spread workers over, in order of preference.",
+        max_length=MAX_ITEMS,
+        description="Node pools to spread workers over, in order of preference. When every "
+        "pool has maxWorkers, replicas may not exceed their sum.",
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
     )
     run_policy: RunPolicy = Field(
@@ -504,16 +575,82 @@ CEL_RULES = [
         lambda s: not any(e.get("name") in RESERVED_ENV for e in s.template.env),
     ),
     _Rule(
-        "!has(self.template.volumes) || self.template.volumes.all(v, !has(v.hostPath)"
-        f" && (!has(v.name) || !(v.name in {list(RESERVED_VOLUMES)})))",
-        "template.volumes: hostPath volumes are refused (a worker must not reach into its "
-        f"node) and the names {', '.join(RESERVED_VOLUMES)} are the trainer's; use another "
-        "volume type or name",
+        "!has(self.template.volumes) || self.template.volumes.all(v, "
+        + " && ".join(f"!has(v.{t})" for t in OTHER_VOLUME_TYPES)
+        + ")",
+        "template.volumes: only the volume types Pod Security 'restricted' admits are "
+        f"allowed ({', '.join(RESTRICTED_VOLUME_TYPES)}); a worker must not reach into its "
+        "node or mount storage the job's namespace does not hold",
+        "spec.template.volumes",
+        lambda s: not any(t in v for v in s.template.volumes for t in OTHER_VOLUME_TYPES),
+    ),
+    _Rule(
+        "!has(self.template.volumes) || self.template.volumes.all(v, !has(v.projected)"
+        " || !has(v.projected.sources)"
+        " || v.projected.sources.all(p, !has(p.serviceAccountToken)))",
+        "template.volumes: projected serviceAccountToken sources are refused (the worker "
+        "pods carry no API credentials); mount a secret the job's namespace holds instead",
         "spec.template.volumes",
         lambda s: (
             not any(
-                "hostPath" in v or v.get("name") in RESERVED_VOLUMES for v in s.template.volumes
+                "serviceAccountToken" in src
+                for v in s.template.volumes
+                for src in ((v.get("projected") or {}).get("sources") or [])
+                if isinstance(src, dict)
             )
+        ),
+    ),
+    _Rule(
+        "!has(self.template.volumes) || self.template.volumes.all(v, !has(v.name)"
+        f" || !(v.name in {list(RESERVED_VOLUMES)}))",
+        f"template.volumes: the names {', '.join(RESERVED_VOLUMES)} are the trainer's; "
+        "use another volume name",
+        "spec.template.volumes",
+        lambda s: not any(v.get("name") in RESERVED_VOLUMES for v in s.template.volumes),
+    ),
+    _Rule(
+        "!has(self.template.serviceAccountName)"
+        f" || !self.template.serviceAccountName.endsWith('{COORDINATOR_ACCOUNT_SUFFIX}')",
+        COORDINATOR_ACCOUNT_MESSAGE,
+        "spec.template.serviceAccountName",
+        lambda s: not (s.template.service_account_name or "").endswith(COORDINATOR_ACCOUNT_SUFFIX),
+    ),
+    _Rule(
+        "!has(self.template.priorityClassName)"
+        f" || !self.template.priorityClassName.startsWith('{SYSTEM_PRIORITY_PREFIX}')",
+        f"template.priorityClassName: the {SYSTEM_PRIORITY_PREFIX} classes belong to the "
+        "cluster's own components (a job's pods would preempt them); use one of the "
+        "cluster's workload classes",
+        "spec.template.priorityClassName",
+        lambda s: not (s.template.priority_class_name or "").startswith(SYSTEM_PRIORITY_PREFIX),
+    ),
+    _Rule(
+        "!has(self.nodePools) || self.nodePools.all(p, !has(p.tolerations)"
+        " || p.tolerations.all(t, has(t.key) && t.key != ''"
+        f" && !(t.key in {list(CONTROL_PLANE_TAINTS)})))",
+        "nodePools[].tolerations: each toleration names its taint's key (an empty key "
+        "tolerates every taint) and the control-plane taints "
+        f"({', '.join(CONTROL_PLANE_TAINTS)}) are refused: workers stay off the control "
+        "plane",
+        "spec.nodePools",
+        lambda s: all(
+            isinstance(t, dict) and t.get("key") and t.get("key") not in CONTROL_PLANE_TAINTS
+            for p in s.node_pools
+            for t in p.tolerations
+        ),
+    ),
+    _Rule(
+        "!has(self.nodePools) || size(self.nodePools) == 0"
+        " || !self.nodePools.all(p, has(p.maxWorkers))"
+        " || self.replicas <= self.nodePools.map(p, p.maxWorkers).sum()",
+        "replicas must not exceed the sum of the node pools' maxWorkers (every pool is "
+        "bounded, so the rest would have nowhere to run); raise a pool's maxWorkers or add "
+        "a pool without one",
+        "spec.replicas",
+        lambda s: (
+            not s.node_pools
+            or any(p.max_workers is None for p in s.node_pools)
+            or s.replicas <= sum(p.max_workers or 0 for p in s.node_pools)
         ),
     ),
     _Rule(
@@ -691,9 +828,6 @@ class DecentralizedTrainingJob(Model):
     @model_validator(mode="after")
     def _own_identity(self) -> DecentralizedTrainingJob:
         """The CRD's root rule, for manifests that never meet an API server."""
-        sa = self.spec.template.service_account_name
-        if self.name and sa == f"{self.name}-coordinator":
-            raise ValueError(f"spec.template.serviceAccountName: {COORDINATOR_ACCOUNT_MESSAGE}")
         if self.name and (
             len(self.name) > MAX_NAME_LENGTH or not re.match(NAME_PATTERN, self.name)
         ):

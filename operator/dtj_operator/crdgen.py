@@ -150,12 +150,6 @@ def crd() -> dict[str, Any]:
                 "rule": f"self.metadata.name.matches('{api.NAME_PATTERN}')",
                 "message": f"metadata.name must be {api.NAME_MESSAGE}",
             },
-            {
-                "rule": "!has(self.spec.template.serviceAccountName)"
-                " || self.spec.template.serviceAccountName != self.metadata.name + '-coordinator'",
-                "message": api.COORDINATOR_ACCOUNT_MESSAGE,
-                "fieldPath": ".spec.template.serviceAccountName",
-            },
         ],
     }
     columns = [

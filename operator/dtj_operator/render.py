@@ -177,8 +177,8 @@ def assign_pools(job: api.DecentralizedTrainingJob) -> list[api.NodePool | None]
     """The pool of each worker slot: pools in spec order, each filled up to maxWorkers.
 
     Slots left over once every pool is full go to the last pool without a
-    limit, or to no pool when all pools are bounded (they stay Pending: the
-    cluster autoscaler's signal).
+    limit. The API refuses more replicas than all-bounded pools hold; a job
+    stored before that rule gets its overflow without a pool.
     """
     pools = job.spec.node_pools
     if not pools:

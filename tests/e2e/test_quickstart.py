@@ -170,6 +170,41 @@ INVALID = [
         {"template": {"serviceAccountName": "bad-coordinator"}},
         "spec.template.serviceAccountName",
     ),
+    # What creating a job allows: nothing beyond what its namespace holds (issue 21).
+    (
+        {"template": {"volumes": [{"name": "n", "nfs": {"server": "s", "path": "/"}}]}},
+        "spec.template.volumes",
+    ),
+    (
+        {
+            "template": {
+                "volumes": [
+                    {
+                        "name": "token",
+                        "projected": {"sources": [{"serviceAccountToken": {"path": "t"}}]},
+                    }
+                ]
+            }
+        },
+        "spec.template.volumes",
+    ),
+    (
+        {"template": {"priorityClassName": "system-cluster-critical"}},
+        "spec.template.priorityClassName",
+    ),
+    ({"nodePools": [{"name": "a", "tolerations": [{"operator": "Exists"}]}]}, "spec.nodePools"),
+    (
+        {
+            "nodePools": [
+                {
+                    "name": "a",
+                    "tolerations": [{"key": "node-role.kubernetes.io/control-plane"}],
+                }
+            ]
+        },
+        "spec.nodePools",
+    ),
+    ({"replicas": 3, "nodePools": [{"name": "a", "maxWorkers": 2}]}, "spec.replicas"),
 ]
 
 

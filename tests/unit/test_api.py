@@ -6,6 +6,9 @@ import pydantic
 import pytest
 from dtj_operator import api
 
+TOKEN = {"serviceAccountToken": {"path": "token"}}
+CONTROL_PLANE = "node-role.kubernetes.io/control-plane"
+
 
 def parse(spec):
     return api.DecentralizedTrainingJob.model_validate({"metadata": {"name": "x"}, "spec": spec})
@@ -25,7 +28,26 @@ def parse(spec):
         ({"training": {"steps": 10, "budget": {"samples": 100}}}, "steps or budget"),
         ({"training": {"budget": {"samples": 10, "epochs": 1}}}, "samples or epochs"),
         ({"template": {"env": [{"name": "DTJ_RANK", "value": "0"}]}}, "template.env"),
-        ({"template": {"volumes": [{"name": "h", "hostPath": {}}]}}, "hostPath"),
+        ({"template": {"volumes": [{"name": "h", "hostPath": {}}]}}, "restricted"),
+        ({"template": {"volumes": [{"name": "n", "nfs": {"server": "s", "path": "/"}}]}}, "admits"),
+        (
+            {"template": {"volumes": [{"name": "t", "projected": {"sources": [TOKEN]}}]}},
+            "serviceAccountToken",
+        ),
+        ({"template": {"serviceAccountName": "other-job-coordinator"}}, "-coordinator"),
+        ({"template": {"priorityClassName": "system-node-critical"}}, "priorityClassName"),
+        ({"nodePools": [{"name": "a", "tolerations": [{"operator": "Exists"}]}]}, "empty key"),
+        (
+            {"nodePools": [{"name": "a", "tolerations": [{"key": CONTROL_PLANE}]}]},
+            "control-plane",
+        ),
+        (
+            {
+                "replicas": 4,
+                "nodePools": [{"name": "a", "maxWorkers": 1}, {"name": "b", "maxWorkers": 2}],
+            },
+            "sum of the node pools",
+        ),
         ({"template": {"volumes": [{"name": "tmp", "emptyDir": {}}]}}, "template.volumes"),
         ({"template": {"volumeMounts": [{"name": "d", "mountPath": "/tmp/"}]}}, "volumeMounts"),
         ({"template": {"volumeMounts": [{"name": "d", "mountPath": "//etc/dtj/x"}]}}, "Mounts"),
@@ -78,7 +100,27 @@ def test_the_template_may_add_what_is_not_reserved():
                 "labels": {"kueue.x-k8s.io/queue-name": "gpus"},
                 "annotations": {"cluster-autoscaler.kubernetes.io/safe-to-evict": "false"},
                 "serviceAccountName": "trainer",
+                "priorityClassName": "spot-training",
             }
         }
     )
     assert job.spec.template.labels == {"kueue.x-k8s.io/queue-name": "gpus"}
+
+
+@pytest.mark.parametrize("kind", api.RESTRICTED_VOLUME_TYPES)
+def test_the_volume_types_pod_security_restricted_admits_are_admitted(kind):
+    job = parse({"template": {"volumes": [{"name": "v", kind: {}}]}})
+    assert kind in job.spec.template.volumes[0]
+
+
+def test_a_projected_volume_without_a_token_is_admitted():
+    cm = {"configMap": {"name": "c"}}
+    job = parse({"template": {"volumes": [{"name": "p", "projected": {"sources": [cm]}}]}})
+    assert job.spec.template.volumes[0]["projected"]["sources"] == [cm]
+
+
+def test_pools_with_room_for_every_replica_or_an_unbounded_one_are_admitted():
+    bounded = [{"name": "a", "maxWorkers": 1}, {"name": "b", "maxWorkers": 3}]
+    assert parse({"replicas": 4, "nodePools": bounded}).spec.replicas == 4
+    tolerant = [{"name": "a", "maxWorkers": 1}, {"name": "spot", "tolerations": [{"key": "spot"}]}]
+    assert parse({"replicas": 9, "nodePools": tolerant}).spec.replicas == 9

