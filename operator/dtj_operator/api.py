@@ -202,12 +202,19 @@ _PROJECTED: dict[str, Any] = {
     **OBJECT_LIST,
     "properties": {
         "sources": {
+            "description": "sources (as in the Kubernetes API).",
             "type": "array",
             "maxItems": MAX_ITEMS,
             "items": {
                 "type": "object",
                 **OBJECT_LIST,
-                "properties": {"serviceAccountToken": {"type": "object", **OBJECT_LIST}},
+                "properties": {
+                    "serviceAccountToken": {
+                        "description": "serviceAccountToken (as in the Kubernetes API): refused.",
+                        "type": "object",
+                        **OBJECT_LIST,
+                    }
+                },
             },
         }
     },
@@ -696,7 +703,9 @@ CEL_RULES = [
 
 
 Phase = Literal["Pending", "Running", "Suspended", "Succeeded", "Failed"]
-ConditionType = Literal["Created", "Running", "Degraded", "Suspended", "Succeeded", "Failed"]
+ConditionType = Literal[
+    "Created", "Running", "Degraded", "Suspended", "Succeeded", "Failed", "Reconciled"
+]
 
 
 class Condition(Model):

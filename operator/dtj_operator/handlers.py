@@ -14,17 +14,20 @@ import asyncio
 import concurrent.futures
 import fnmatch
 import functools
+import logging
 import os
 from typing import Any
 
 import kopf
 from kubernetes.client.exceptions import ApiException
 
-from . import api, lifecycle, metrics, observed, render
+from . import api, lifecycle, metrics, observed, render, status
 from .cluster import Cluster
 from .reconcile import reconcile
 from .watchcache import Key, WatchCache
 from .workqueue import WorkQueue
+
+log = logging.getLogger(__name__)
 
 MANAGED = {"app.kubernetes.io/managed-by": render.MANAGED_BY}
 # (group, version, plural) of the children other than pods, each with its index.
@@ -70,15 +73,34 @@ def _run_pass(obs: observed.Observed) -> Any:
                 # On the object, not only in the operator's log (`kubectl describe dtj`);
                 # the queue's backoff (10 s doubling to 300 s) bounds how often.
                 first = (str(e).splitlines() or [""])[0][:300]
-                _cluster().warn(
-                    obs.body,
-                    "ReconcileFailed",
+                message = (
                     f"the operator could not reconcile this job ({type(e).__name__}: "
-                    f"{first}); it tries again with backoff",
+                    f"{first}); it tries again with backoff"
                 )
+                _cluster().warn(obs.body, "ReconcileFailed", message)
+                _mark_failed(obs.body, message)
             raise
     metrics.RECONCILES.labels(result="ok").inc()
     return done
+
+
+def _where(meta: dict[str, Any]) -> tuple[str, str]:
+    return meta["namespace"], meta["name"]
+
+
+def _mark_failed(body: dict[str, Any], message: str) -> None:
+    """Reconciled=False on the job, unless someone wrote it since the body was read
+    (then a newer pass decides) or the API server refuses this write too."""
+    meta = body["metadata"]
+    try:
+        _cluster().patch_status(
+            meta["namespace"],
+            meta["name"],
+            status.failed_pass(body, message),
+            resource_version=meta.get("resourceVersion"),
+        )
+    except ApiException as e:
+        log.warning("could not mark %s/%s not reconciled: %s", *_where(meta), e.reason)
 
 
 def _release_orphans(key: Key) -> None:

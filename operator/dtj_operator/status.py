@@ -164,6 +164,7 @@ def compute(
         msg if suspended else "",
         generation,
     )
+    conds = set_condition(conds, "Reconciled", True, "Reconciled", "", generation)
     status = {
         "phase": phase,
         "conditions": conds,
@@ -187,6 +188,22 @@ def compute(
     if finished is not None and not old.get("completionTime"):
         status["completionTime"] = now()
     return status
+
+
+def failed_pass(body: dict[str, Any], message: str) -> dict[str, Any]:
+    """The status patch of a pass that raised: Reconciled turns False saying why, so
+    `kubectl get dtj -o yaml` (and whatever waits on conditions) sees the job stand
+    still; the next pass that succeeds turns it True again."""
+    old = body.get("status") or {}
+    conds = set_condition(
+        list(old.get("conditions") or []),
+        "Reconciled",
+        False,
+        "ReconcileFailed",
+        message,
+        body["metadata"].get("generation"),
+    )
+    return {"conditions": conds}
 
 
 def differs(old: dict[str, Any] | None, new: dict[str, Any]) -> bool:

@@ -150,7 +150,9 @@ def test_a_time_bounded_round_weighs_each_worker_by_the_samples_it_computed():
         return x0, workers[0].local.params(), grads, [s.samples for s in stats]
 
     x0, x1, grads, samples = simulator.run_rounds(cfg, body)
-    assert samples[0] == b and min(samples[1:]) >= 2 * b, samples  # by time, not by batch
+    # By time, not by batch: the fast ones computed more than one mini-batch (how many
+    # more depends on the machine's load; a batch-bounded round computes exactly b).
+    assert samples[0] == b and min(samples[1:]) > b, samples
     expected = sum(g * n for g, n in zip(grads, samples, strict=True)) / sum(samples)
     assert torch.allclose(x0 - x1, expected, atol=1e-6)
 

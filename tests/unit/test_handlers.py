@@ -45,17 +45,24 @@ def test_a_failed_pass_is_told_on_the_job_as_a_warning_event(
     """Issue 21: a pass that raised was retried with backoff and logged by the operator
     only: nothing on the object said why it stood still."""
     warned: list[tuple[str, str]] = []
+    patched: list[tuple[str, dict[str, Any], str | None]] = []
 
     class Cluster:
         def warn(self, _body: Any, reason: str, message: str) -> None:
             warned.append((reason, message))
+
+        def patch_status(self, _ns: str, name: str, patch: dict[str, Any], **kw: Any) -> None:
+            patched.append((name, patch, kw.get("resource_version")))
 
     def broken(*_: Any) -> Any:
         raise RuntimeError("the API server answered 500: etcdserver: request timed out")
 
     monkeypatch.setattr(handlers, "_cluster", Cluster)
     monkeypatch.setattr(handlers, "reconcile", broken)
-    obs = type("Obs", (), {"body": {"metadata": {"name": "demo", "namespace": "ns"}}})()
+    meta = {"name": "demo", "namespace": "ns", "resourceVersion": "7", "generation": 2}
+    running = {"type": "Running", "status": "True", "reason": "WorkersReady"}
+    body = {"metadata": meta, "status": {"conditions": [running]}}
+    obs = type("Obs", (), {"body": body})()
     with pytest.raises(RuntimeError):
         handlers._run_pass(obs)  # type: ignore[arg-type]
     assert warned == [
@@ -65,3 +72,13 @@ def test_a_failed_pass_is_told_on_the_job_as_a_warning_event(
             "500: etcdserver: request timed out); it tries again with backoff",
         )
     ]
+    # ... and the job's Reconciled condition turns False saying the same, written
+    # only over the status the pass read (a newer pass decides otherwise).
+    ((name, patch, version),) = patched
+    assert (name, version) == ("demo", "7")
+    conds = {c["type"]: c for c in patch["conditions"]}
+    assert conds["Running"] == running
+    assert conds["Reconciled"]["status"] == "False"
+    assert conds["Reconciled"]["reason"] == "ReconcileFailed"
+    assert conds["Reconciled"]["message"] == warned[0][1]
+    assert conds["Reconciled"]["observedGeneration"] == 2

@@ -146,3 +146,19 @@ def test_a_started_job_short_of_min_replicas_stays_running_and_degraded():
     assert degraded["status"] == "True" and "fewer than minReplicas 3" in degraded["message"]
     never = compute({"replicas": 4, "minReplicas": 3}, [pod(0), pod(1)])
     assert never["phase"] == "Pending"  # not started yet: waiting, not degraded
+
+
+def test_a_failed_pass_turns_reconciled_false_and_the_next_good_pass_true_again():
+    body = job_body({"replicas": 1})
+    st = compute({"replicas": 1}, [pod(0)])
+    assert cond(st, "Reconciled")["status"] == "True"
+    body["status"] = {**st, **status.failed_pass({**body, "status": st}, "etcd timed out")}
+    failed = cond(body["status"], "Reconciled")
+    assert (failed["status"], failed["reason"], failed["message"]) == (
+        "False",
+        "ReconcileFailed",
+        "etcd timed out",
+    )
+    assert cond(body["status"], "Running") == cond(st, "Running")  # the rest untouched
+    again = compute({"replicas": 1}, [pod(0)], old=body["status"])
+    assert cond(again, "Reconciled")["status"] == "True"
