@@ -7,6 +7,7 @@ Thin verbs with the conflict handling reconcile needs: create-if-absent
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import socket
 from typing import Any
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 # cannot hang a pass thread (or the leader's renewals) for good; the pass fails, the
 # queue retries it with backoff, and a new connection is made.
 REQUEST_TIMEOUT = (10.0, 60.0)
+METADATA_LIST = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
 
 
 class _CountingApiClient(client.ApiClient):
@@ -201,6 +203,22 @@ class Cluster:
             _unparsed(self.core.create_namespaced_event, meta["namespace"], event)
         except ApiException as e:  # an Event is a courtesy: never fail a pass for it
             log.warning("could not post event %s on %s: %s", reason, meta["name"], e.reason)
+
+    def pod_uids(self, selector: str, namespace: str | None = None) -> set[str]:
+        """The uids of the pods `selector` matches now (in `namespace`, or all): their
+        metadata only (PartialObjectMetadataList), however many pods there are."""
+        kw: dict[str, Any] = {
+            "label_selector": selector,
+            "_preload_content": False,
+            "_headers": {"Accept": METADATA_LIST},
+        }
+        resp: Any = (
+            self.core.list_namespaced_pod(namespace, **kw)
+            if namespace
+            else self.core.list_pod_for_all_namespaces(**kw)
+        )
+        items = json.loads(resp.read()).get("items") or []
+        return {i["metadata"]["uid"] for i in items}
 
     def job_exists(self, namespace: str, name: str) -> bool:
         try:

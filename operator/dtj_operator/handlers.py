@@ -56,6 +56,10 @@ _cache = WatchCache(children_indexes=tuple(CHILDREN))
 _seen: dict[Any, Any] = {}  # object -> its last projection: skip events that change nothing
 _moving: set[str] = set()  # uids of workers being moved off a disrupted node
 _executor = concurrent.futures.ThreadPoolExecutor(PASSES_AT_ONCE, thread_name_prefix="pass")
+_tasks: set[asyncio.Task[None]] = set()  # the resync loop, while the operator runs
+# Every so often the pods are listed: what a watch gap hid is found (watchcache.stale).
+RESYNC_SECONDS = 300
+MANAGED_SELECTOR = f"app.kubernetes.io/managed-by={render.MANAGED_BY}"
 
 
 @functools.cache
@@ -164,12 +168,43 @@ def configure(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: Any) ->
     # no namespace listing or CRD re-scans, which that Role does not allow.
     settings.scanning.disabled = os.environ.get("DTJ_ONE_NAMESPACE") == "1"
     # Only this operator's objects come over the wire (not every pod of the cluster).
-    selector = f"app.kubernetes.io/managed-by={render.MANAGED_BY}"
     for group, version, plural in [("", "v1", "pods"), *CHILDREN.values()]:
-        settings.watching.label_selectors[group, version, plural] = selector
+        settings.watching.label_selectors[group, version, plural] = MANAGED_SELECTOR
     port = metrics.serve_from_env()
     if port is not None:
         logger.info("serving the operator's metrics on port %d (/metrics)", port)
+    _tasks.add(asyncio.get_running_loop().create_task(_resync_forever()))
+
+
+@kopf.on.cleanup()
+async def stop_resync(**_: Any) -> None:
+    for task in _tasks:
+        task.cancel()
+    _tasks.clear()
+
+
+def _resync() -> set[Key]:
+    """One resync: the pods the index holds that the API server no longer has."""
+    indexed = _cache.indexed_pods() if "pods" in _cache.indexes else {}
+    one = NAMESPACES if os.environ.get("DTJ_ONE_NAMESPACE") == "1" else None
+    listed = _cluster().pod_uids(MANAGED_SELECTOR, one)
+    return _cache.purge(indexed, listed)
+
+
+async def _resync_forever() -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(RESYNC_SECONDS)
+        try:
+            stale = await loop.run_in_executor(_executor, _resync)
+        except Exception as e:  # the API server is away: the next resync looks again
+            log.warning(
+                "pod resync failed (%s: %s); next in %ds", type(e).__name__, e, RESYNC_SECONDS
+            )
+            continue
+        for key in stale:
+            log.info("resync: pods of %s/%s deleted during a watch gap; reconciling", *key)
+            _queue().kick(key)
 
 
 # The watch caches. kopf fills them before it runs any other handler.

@@ -9,6 +9,11 @@ moment (client-go's "expectations"):
 - pods it deleted, until they show as terminating (no second delete),
 - the job as its last status write returned it, until the watch delivers that
   version or a newer one (no pass working from the status before its own write).
+
+And what the indexes can get wrong: after a watch gap (410 Gone) kopf relists
+but keeps objects the relist no longer has, so a pod deleted in the gap would
+stay indexed and its slot would never be refilled. A periodic resync lists the
+pods and hides those (client-go's informer does this in `Replace()`).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ class WatchCache:
     _fresher: dict[Key, tuple[str, dict[str, Any]]] = field(default_factory=dict)
     _expected: dict[Key, _Expected] = field(default_factory=dict)
     _refused: dict[Key, tuple[int, float]] = field(default_factory=dict)  # count, until
+    _gone: set[str] = field(default_factory=set)  # uids of indexed pods the API lacks
 
     def attach(self, **indexes: Index) -> None:
         """Keep kopf's index objects (they are live views, passed to every handler)."""
@@ -60,7 +66,9 @@ class WatchCache:
                 body = fresher[1]  # the watch has not delivered our write yet
             else:
                 del self._fresher[key]
-        pods = list(self.indexes["pods"].get(key, ()))
+        pods = [
+            p for p in self.indexes["pods"].get(key, ()) if p["metadata"]["uid"] not in self._gone
+        ]
         children = [c for name in self.children_indexes for c in self.indexes[name].get(key, ())]
         now = self.clock()
         exp = self._expected.get(key, _Expected())
@@ -100,7 +108,29 @@ class WatchCache:
             exp.created.update(dict.fromkeys(done.created, until))
             exp.deleting.update(dict.fromkeys(done.deleted, until))
 
+    def indexed_pods(self) -> dict[Key, set[str]]:
+        """The uids the pod index holds now, by job (read before a resync's listing)."""
+        return {k: {p["metadata"]["uid"] for p in pods} for k, pods in self.indexes["pods"].items()}
+
+    def purge(self, indexed: dict[Key, set[str]], listed: set[str]) -> set[Key]:
+        """Hide the pods indexed before the listing that it did not hold (deleted
+        meanwhile, their DELETED event lost); returns the jobs to reconcile."""
+        gone = stale(indexed, listed)
+        now = set().union(*self.indexed_pods().values())
+        self._gone = (self._gone & now) | set().union(*gone.values())  # bounded by the index
+        return set(gone)
+
     def forget(self, key: Key) -> None:
         self._fresher.pop(key, None)
         self._refused.pop(key, None)
         self._expected.pop(key, None)
+
+
+def stale(indexed: dict[Key, set[str]], listed: set[str]) -> dict[Key, set[str]]:
+    """The pods of each job that were indexed before the listing and are not in it.
+
+    The index is read first: a pod that existed then and still exists at the
+    listing is in it, so one missing was deleted. (A pod created after the
+    read is not looked at: it may be indexed and not yet listed.)"""
+    out = {key: uids - listed for key, uids in indexed.items()}
+    return {key: uids for key, uids in out.items() if uids}

@@ -6,9 +6,13 @@ session's operator process, whose metrics endpoint is on loopback.
 
 from __future__ import annotations
 
+import json
 import urllib.request
 
 import pytest
+from dtj_operator import handlers
+from dtj_operator.cluster import Cluster
+from kubernetes.config import kube_config
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.kube import ROOT, Kube, running_pods, wait_for
@@ -126,3 +130,27 @@ def test_a_job_recreated_under_the_same_name_does_not_adopt_old_pods(
     assert all(p["metadata"]["ownerReferences"][0]["uid"] == uid for p in pods)
     status = kube.json("get", "dtj", "quickstart", *ns)["status"]
     assert not status.get("preemptions") and not status.get("failures"), status
+
+
+def test_the_resync_lists_the_operators_pods_by_metadata_only(
+    kube: Kube, namespace, monkeypatch: pytest.MonkeyPatch
+):
+    """The periodic resync (watchcache.stale) asks the real API server for the
+    managed pods' metadata (PartialObjectMetadataList): it must get every uid."""
+
+    def pod(name: str, labels: dict[str, str]) -> str:
+        manifest = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name, "labels": labels},
+            "spec": {"containers": [{"name": "c", "image": "busybox"}]},
+        }
+        kube.run("apply", "-n", namespace, "-f", "-", input=json.dumps(manifest))
+        return kube.json("get", "pod", name, "-n", namespace)["metadata"]["uid"]
+
+    ours = pod("ours", {"app.kubernetes.io/managed-by": "dtj-operator"})
+    other = pod("other", {"app.kubernetes.io/managed-by": "someone-else"})
+    monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kube.kubeconfig))
+    listed = Cluster().pod_uids(handlers.MANAGED_SELECTOR, namespace)
+    assert ours in listed and other not in listed
+    assert ours in Cluster().pod_uids(handlers.MANAGED_SELECTOR)  # every namespace

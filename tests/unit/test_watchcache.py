@@ -6,7 +6,7 @@ import asyncio
 
 from dtj_operator import observed
 from dtj_operator.reconcile import EXPECTATION_SECONDS, Pass
-from dtj_operator.watchcache import WatchCache
+from dtj_operator.watchcache import WatchCache, stale
 from dtj_operator.workqueue import WorkQueue
 
 KEY = ("ns", "job")
@@ -167,3 +167,25 @@ def test_a_failing_pass_is_retried():
 
     asyncio.run(main())
     assert calls == 1
+
+
+def test_a_resync_hides_pods_deleted_in_a_watch_gap_and_only_those():
+    """Issue 21: after a 410 Gone kopf relists but keeps what the relist lacks: a pod
+    deleted in the gap stayed indexed, its name taken, its slot never refilled."""
+    a, b = _pod("job-worker-0", "a"), _pod("job-worker-1", "b")
+    c, _ = cache(_job("1"), [a, b])
+    before = c.indexed_pods()
+    late = _pod("job-worker-2", "c")  # created after the index was read, not yet listed
+    c.indexes["pods"][KEY].append(late)
+    assert c.purge(before, listed={"a"}) == {KEY}  # b went during the gap
+    assert [p["metadata"]["uid"] for p in c.snapshot(KEY).pods] == ["a", "c"]
+    # Once kopf drops b itself, the cache forgets it: what it hides stays bounded.
+    c.indexes["pods"][KEY].remove(b)
+    assert c.purge(c.indexed_pods(), listed={"a", "c"}) == set()
+    assert c._gone == set()
+
+
+def test_stale_is_what_was_indexed_before_the_listing_and_missing_from_it():
+    indexed = {("ns", "x"): {"1", "2"}, ("ns", "y"): {"3"}}
+    assert stale(indexed, {"1", "3", "9"}) == {("ns", "x"): {"2"}}
+    assert stale(indexed, {"1", "2", "3"}) == {}
