@@ -173,7 +173,12 @@ def configure(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: Any) ->
     port = metrics.serve_from_env()
     if port is not None:
         logger.info("serving the operator's metrics on port %d (/metrics)", port)
-    _tasks.add(asyncio.get_running_loop().create_task(_resync_forever()))
+
+
+@kopf.on.startup()
+async def start_resync(**_: Any) -> None:
+    """The periodic pod resync, on kopf's event loop until the operator stops."""
+    _tasks.add(asyncio.create_task(_resync_forever()))
 
 
 @kopf.on.cleanup()

@@ -5,6 +5,7 @@ nothing but the chart's RBAC (its service account's token, not system:masters)."
 from __future__ import annotations
 
 import filecmp
+import functools
 import json
 import subprocess
 from pathlib import Path
@@ -52,6 +53,15 @@ def test_the_chart_lints_and_renders_what_the_operator_needs(helm: str):
     assert "--leader-elect" in pod["containers"][0]["args"]
     # its own Lease: two releases in one namespace do not share one (issue 21)
     assert f"--lease-name={deploy['metadata']['name']}" in pod["containers"][0]["args"]
+    aggregated = {
+        d["metadata"]["name"]: d["metadata"]["labels"]
+        for d in docs
+        if d["kind"] == "ClusterRole" and d["metadata"]["name"].endswith(("-edit", "-view"))
+    }
+    assert aggregated["dtj-dtj-operator-edit"]["rbac.authorization.k8s.io/aggregate-to-edit"]
+    assert aggregated["dtj-dtj-operator-view"]["rbac.authorization.k8s.io/aggregate-to-view"]
+    off = render(helm, "userRoles.aggregate=false")
+    assert not [d for d in off if d["metadata"]["name"].endswith(("-edit", "-view"))]
     for crd in (ROOT / "crds").glob("*.yaml"):  # one source of truth for the CRD
         assert filecmp.cmp(crd, CHART / "crds" / crd.name, shallow=False), crd.name
 
@@ -63,6 +73,10 @@ def token_kubeconfig(kube: Kube, token: str, path: Path) -> Path:
         user["user"] = {"token": token}
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def answers(kube: Kube, args: list[str], expected: str) -> bool:
+    return kube.run(*args, check=False).stdout.strip() == expected
 
 
 def render(helm: str, *values: str) -> list[dict]:
@@ -124,6 +138,27 @@ def test_helm_install_and_the_operator_works_with_only_the_charts_rbac(
             scope = [f"--subresource={sub}"] if sub else []
             got = kube.run("auth", "can-i", verb, resource, *scope, f"--as={who}", check=False)
             assert got.stdout.strip() == allowed, (verb, what, got.stdout)
+        # The built-in roles gain the job's rights (aggregated ClusterRoles): a
+        # namespace's editors run jobs there, its viewers read them.
+        for user, role in (("alice", "edit"), ("bob", "view")):
+            binding = [f"--clusterrole={role}", f"--user={user}", "-n", ns]
+            kube.run("create", "rolebinding", user, *binding)
+        for user, verb, what, allowed in [
+            ("alice", "create", "decentralizedtrainingjobs.training.dtj.io", "yes"),
+            ("alice", "patch", "decentralizedtrainingjobs.training.dtj.io:scale", "yes"),
+            ("alice", "patch", "decentralizedtrainingjobs.training.dtj.io:status", "no"),
+            ("bob", "list", "decentralizedtrainingjobs.training.dtj.io", "yes"),
+            ("bob", "create", "decentralizedtrainingjobs.training.dtj.io", "no"),
+            ("bob", "delete", "decentralizedtrainingjobs.training.dtj.io", "no"),
+        ]:
+            resource, _, sub = what.partition(":")
+            args = ["auth", "can-i", verb, resource, "-n", ns, f"--as={user}"]
+            args += [f"--subresource={sub}"] if sub else []
+            wait_for(
+                f"{user} {'may' if allowed == 'yes' else 'may not'} {verb} {what}",
+                functools.partial(answers, kube, args, allowed),
+                timeout=30,
+            )
 
         # Its uninstall hook runs for real, on an executing node (the virtualenv is the image).
         values = ["--set", "replicas=0", "--set", f"watchNamespace={ns}"]

@@ -42,16 +42,17 @@ def test_ledger_hands_back_and_reissues() -> None:
     assert book.lease("c", 2)[0] == a[1]
 
 
-def test_reseeded_keeps_the_members_leases_and_returns_the_lost() -> None:
+def test_reseeded_takes_each_members_word_and_keeps_the_unheards_leases() -> None:
     book = Ledger(Plan.even(100, 10))
     book.lease("a", 1)
     book.lease("b", 1)
     copy = book.snapshot()
-    lost = book.held("b")
+    book.lease("a", 1)  # granted after the newest copy: a's word has it
     new = Ledger.reseeded(book.plan, [copy], {"a": book.held("a")})
     assert new.held("a") == book.held("a")
-    assert new.pool == lost and new.reissued == 10  # b never came back
-    assert new.cursor == 2 and new.version > copy["version"]
+    assert new.held("b") == book.held("b") and new.pool == [] and new.reissued == 0
+    assert new.unheard({"a"}) == {"b"}
+    assert new.version > copy["version"]
 
 
 class Job:
@@ -335,3 +336,58 @@ def torch_collate(items: list[int]) -> object:
     import torch
 
     return torch.tensor(items)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_member_late_to_a_new_coordinator_keeps_its_chunks_and_a_lost_one_loses_them() -> None:
+    """Issue 20 (seen in the multi-process ledger test under load): a replacement
+    coordinator stopped waiting for the members' copies after its seeding wait and
+    gave the chunks of those that had not spoken to others, while they, slow to
+    regroup, went on training them: trained twice, not counted. Now it waits for
+    every registered member (alive: it speaks at its next batch), and keeps the
+    leases of a holder that never registers until the unheard wait is over (then
+    they go to others, counted as reissued)."""
+    clock = Clock()
+    job = Job(Plan.even(2000, 40, seed=4))
+    members = ["0.a", "1.a", "2.a"]
+    readers = {m: job.reader(m) for m in members}
+    for m in reversed(members):  # the others' copies know of 2.a's leases
+        job.train(readers[m], m, 16, 2)
+    job.store = dist.HashStore()
+    registered = ["0.a", "1.a"]  # 2.a died with the old coordinator
+    job.service = Service(
+        job.store,
+        members=lambda: registered,
+        seed_wait=5,
+        unheard_wait=60,
+        clock=clock,
+        log=lambda m: None,
+    )
+    readers["0.a"].reseed(now=True)
+    job.pump()
+    clock.now = 6.0  # past the seeding wait: 1.a is registered, so it is waited for
+    job.pump()
+    assert job.service.book is None
+    readers["1.a"].reseed(now=True)  # 1.a speaks, late
+    job.pump()
+    book = job.service.book
+    assert book is not None and book.unheard({"0.a", "1.a"}) == {"2.a"}
+    for _ in range(6):
+        for m in ("0.a", "1.a"):
+            job.train(readers[m], m, 16, 1)
+    assert max(job.counts().values()) == 1 and book.reissued == 0
+    clock.now = 70.0  # 2.a never came back: its leases go to others, counted
+    job.pump()
+    assert book.reissued == 40 and "2.a" not in book.leases  # the chunk it had begun
+    for _ in range(20):
+        job.train(readers["0.a"], "0.a", 16, 1)
+    counts = job.counts()
+    repeated = sum(n - 1 for n in counts.values() if n > 1)
+    assert 0 < repeated <= book.reissued

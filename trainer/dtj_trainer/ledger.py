@@ -39,6 +39,9 @@ Item = tuple[int, int, int, int]  # (epoch, chunk, begin, end): offsets in the c
 COUNT = "ledger/n"
 STATE = "ledger/state"
 SEED_WAIT_SECONDS = 10.0  # a replacement coordinator waits this long for the members' copies
+# ... then grants, and gives a holder that has not spoken yet this long (it may be stuck
+# reconnecting, still training its chunks) before its leases go to others as reissued.
+UNHEARD_SECONDS = 60.0
 
 
 def request_key(i: int) -> str:
@@ -226,22 +229,31 @@ class Ledger:
         """A replacement coordinator's ledger from the members' copies of the old one's
         (the newest wins) and what each member says it holds (the truth for it; `was`:
         the id a member had before a restart from its checkpoint). Leases of members
-        that did not speak return to the pool, counted as reissued."""
+        that did not speak stay theirs: a member late to reach the new coordinator
+        trains them meanwhile (the Service drops it if it never speaks, `unheard`)."""
         newest = max(copies, key=lambda s: int(s["version"]), default=None)
         book = cls(plan) if newest is None else cls.restore(plan, newest)
         for old in (was or {}).values():
             book.leases.pop(old, None)  # its own held leases replace them
         for member, items in held.items():
-            keys = {it[:2] for it in items}
-            book.pool = [it for it in book.pool if it[:2] not in keys]
-            for other, theirs in book.leases.items():
-                if other != member:
-                    theirs[:] = [it for it in theirs if it[:2] not in keys]
-            book.leases[member] = list(items)
-        for member in [m for m in book.leases if m not in held]:
-            book.drop(member)
+            book.adopt(member, items)
         book.version += 1
         return book
+
+    def adopt(self, member: str, items: list[Item]) -> None:
+        """What `member` says it holds is the truth for it: those chunks are its, not
+        the pool's or another member's (a copy can be older than what it was granted)."""
+        keys = {it[:2] for it in items}
+        self.pool = [it for it in self.pool if it[:2] not in keys]
+        for other, theirs in self.leases.items():
+            if other != member:
+                theirs[:] = [it for it in theirs if it[:2] not in keys]
+        self.leases[member] = list(items)
+        self.version += 1
+
+    def unheard(self, heard: set[str]) -> set[str]:
+        """Members holding leases that are not in `heard`."""
+        return {m for m, items in self.leases.items() if items and m not in heard}
 
 
 def _item(raw: Any) -> Item:
@@ -268,11 +280,13 @@ class Service:
         store: Any,
         members: Callable[[], list[str]] = list,
         seed_wait: float = SEED_WAIT_SECONDS,
+        unheard_wait: float = UNHEARD_SECONDS,
         clock: Callable[[], float] = time.monotonic,
         log: Callable[[str], None] = print,
     ) -> None:
         self.store, self.members = store, members
-        self.seed_wait, self.clock = seed_wait, clock
+        self.seed_wait, self.unheard_wait, self.clock = seed_wait, unheard_wait, clock
+        self._unheard: dict[str, float] = {}  # holders seeding did not hear -> drop time
         self.log = log
         self.book: Ledger | None = None
         self._next = 1
@@ -302,12 +316,28 @@ class Service:
             self._next += 1
             self.apply(request)
         self._finish_seeding()
+        self._drop_unheard()
         if self.book is not None and self.book.version != self._published:
             self.store.set(STATE, json.dumps(self.book.snapshot()))
             self._published = self.book.version
 
+    def _drop_unheard(self) -> None:
+        now = self.clock()
+        for member in [m for m, t in self._unheard.items() if now >= t]:
+            del self._unheard[member]
+            if self.book is not None and (n := self.book.drop(member)):
+                self.log(
+                    f"ledger: {member} never reached this coordinator; its chunk of {n} "
+                    "samples goes to another worker"
+                )
+
     def apply(self, req: dict[str, Any]) -> None:
         op, member = req["op"], req["m"]
+        if member in self._unheard and self.book is not None and self._seeding_since is None:
+            if op in ("lease", "seed") and "held" in req:  # late, alive: its word stands
+                self.book.adopt(member, [_item(it) for it in req["held"]])
+            if op != "done":
+                del self._unheard[member]
         if op in ("lease", "seed") and self._wants_seed(req):
             self._copies.append(req["copy"])
             if op == "seed":
@@ -370,21 +400,31 @@ class Service:
             return
         waited = self.clock() - self._seeding_since
         # Who to wait for: every worker that held leases in the newest copy (one that
-        # died is waited for `seed_wait`), and the registrar's members.
+        # died is waited for `seed_wait`), and the registrar's members: alive, they
+        # speak at their next batch, however long their regrouping takes under load
+        # (up to `unheard_wait`); a chunk granted after the newest copy is known only
+        # to its holder, so granting before it spoke would hand that chunk out twice.
         newest = max(self._copies, key=lambda c: int(c["version"]))
         holders = {m for m, items in newest["leases"].items() if items}
         was = set(self._was.values())
-        expected = {m for m in holders if m not in was} | set(self.members())
-        if not expected <= set(self._held) and waited < self.seed_wait:
+        registered = set(self.members()) - was
+        expected = {m for m in holders if m not in was} | registered
+        heard = set(self._held)
+        if not expected <= heard and waited < self.seed_wait:
+            return
+        if not registered <= heard and waited < self.unheard_wait:
             return
         plan_req = next((r for r in self._deferred if r.get("plan")), None)
         if plan_req is None:
             return  # nothing to grant yet; keep the copies until a lease comes
         plan = plan_req["plan"]
         self.book = Ledger.reseeded(Plan.from_wire(plan), self._copies, self._held, self._was)
+        unheard = self.book.unheard(set(self._held))
+        self._unheard = dict.fromkeys(unheard, self.clock() + self.unheard_wait)
         self.log(
             f"ledger: seeded from {len(self._held)} members at epoch {self.book.epoch}, "
             f"{self.book.cursor} of {self.book.plan.chunks} chunks handed out"
+            + (f"; waiting for {', '.join(sorted(unheard))}" if unheard else "")
         )
         self._seeding_since, self._copies, self._held, self._was = None, [], {}, {}
         deferred, self._deferred = self._deferred, []
@@ -507,7 +547,9 @@ class Reader:
         self._settle()
 
     def hand_back(self) -> None:
-        """This worker leaves: what it did not train goes back to the ledger."""
+        """This worker leaves: what it did not train goes back to the ledger (a new
+        coordinator hears what it holds first)."""
+        self._seed()
         self.pending = 0
         self._send({"op": "back", "items": [list(it) for it in self.held]})
         self._flush(patience=min(self.timeout, 20.0))  # a coordinator being replaced too
