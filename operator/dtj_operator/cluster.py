@@ -124,6 +124,23 @@ class Cluster:
             raise
         return True
 
+    def evict_pod(self, namespace: str, name: str, uid: str) -> bool:
+        """Evict that pod (the Eviction API: PodDisruptionBudgets apply); True when it
+        goes (or is gone), False when a budget refuses it for now (429)."""
+        body = client.V1Eviction(
+            metadata=client.V1ObjectMeta(name=name, namespace=namespace),
+            delete_options=client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=uid)),
+        )
+        try:
+            _unparsed(self.core.create_namespaced_pod_eviction, name, namespace, body)
+        except ApiException as e:
+            if e.status == 429:
+                return False
+            if e.status in (404, 409):  # gone, or replaced by a new pod of that name
+                return True
+            raise
+        return True
+
     def release(self, pod: dict[str, Any], finalizer: str) -> None:
         """Remove `finalizer` from that pod (a JSON patch that tests it is still there,
         so a concurrent change makes it fail instead of dropping someone else's)."""
@@ -144,7 +161,8 @@ class Cluster:
             if e.status not in (404, 409, 422):  # gone, or changed: the next pass looks again
                 raise
 
-    def annotate_pod(self, namespace: str, name: str, annotations: dict[str, str]) -> None:
+    def annotate_pod(self, namespace: str, name: str, annotations: dict[str, str | None]) -> None:
+        """Merge `annotations` into the pod's (None removes one)."""
         try:
             patch = {"metadata": {"annotations": annotations}}
             _unparsed(self.core.patch_namespaced_pod, name, namespace, patch)

@@ -57,6 +57,8 @@ _seen: dict[Any, Any] = {}  # object -> its last projection: skip events that ch
 _moving: set[str] = set()  # uids of workers being moved off a disrupted node
 _executor = concurrent.futures.ThreadPoolExecutor(PASSES_AT_ONCE, thread_name_prefix="pass")
 _tasks: set[asyncio.Task[None]] = set()  # the resync loop, while the operator runs
+_draining: dict[str, asyncio.Task[None]] = {}  # node -> moving the rest of its workers
+DRAIN_RETRY_SECONDS = 5.0
 # Every so often the pods are listed: what a watch gap hid is found (watchcache.stale).
 RESYNC_SECONDS = 300
 MANAGED_SELECTOR = f"app.kubernetes.io/managed-by={render.MANAGED_BY}"
@@ -299,27 +301,97 @@ async def pod_event(type: str, body: kopf.Body, namespace: str | None, **kw: Any
 
 @kopf.on.event("", "v1", "nodes")
 async def node_event(type: str, body: kopf.Body, **kw: Any) -> None:
-    """Move workers off a node that announces its end, before it takes them down.
+    """Move workers off a node that announces its end, before it takes them down:
+    all at once when it has minutes left, else a few at a time through the Eviction
+    API (`lifecycle.may_move`), the rest as the first ones' replacements are ready.
     The pass that sees them go counts them as preemptions, with this reason."""
     _attach(kw)
+    node = body["metadata"]["name"]
     reason = lifecycle.disruption(dict(body)) if type != "DELETED" else None
     if reason is None:
+        if (task := _draining.pop(node, None)) is not None:
+            task.cancel()  # uncordoned: the workers left there stay
         return
-    for pod in list(_cache.indexes["workers_by_node"].get(body["metadata"]["name"], ())):
+    urgent = lifecycle.urgent(dict(body))
+    if (waiting := await _move_off(node, reason, urgent)) and node not in _draining:
+        log.info(
+            "%s: %d workers wait for their job's disruption budget (replicas - minReplicas)"
+            " or a PodDisruptionBudget before they move",
+            reason,
+            waiting,
+        )
+        _draining[node] = asyncio.create_task(_keep_moving(node, reason, urgent))
+
+
+async def _keep_moving(node: str, reason: str, urgent: bool) -> None:
+    """Workers a budget held back leave as the others' replacements become ready."""
+    try:
+        while True:
+            await asyncio.sleep(DRAIN_RETRY_SECONDS)
+            if not await _move_off(node, reason, urgent):
+                return
+    finally:
+        if _draining.get(node) is asyncio.current_task():
+            del _draining[node]
+
+
+def _budget(key: Key) -> int:
+    """How many of the job's workers may start moving now (its own disruption budget,
+    less those moved whose going the cache does not show yet)."""
+    obs = _cache.snapshot(key)
+    if obs is None:
+        return 0
+    try:
+        job = api.DecentralizedTrainingJob.from_body(obs.body)
+    except ValueError:
+        return 1  # a spec the operator cannot read: one at a time
+    unseen = sum(
+        1
+        for p in obs.pods
+        if p["metadata"]["uid"] in _moving
+        and not p["metadata"].get("deletionTimestamp")
+        and status.is_ready(p)
+    )
+    return max(0, lifecycle.may_move(job, obs.pods) - unseen)
+
+
+async def _move_off(node: str, reason: str, urgent: bool) -> int:
+    """Move what may move of the workers on `node`; returns how many must wait."""
+    by_job: dict[Key, list[dict[str, Any]]] = {}
+    for pod in list(_cache.indexes["workers_by_node"].get(node, ())):
         meta = pod["metadata"]
         key = (meta["namespace"], meta["labels"][render.LABEL_JOB])
         job = _cache.job(key)
         going = meta.get("deletionTimestamp") or meta["uid"] in _moving
         if going or job is None or not render.owned_by(pod, job["metadata"].get("uid")):
             continue  # going already, or its job is gone (the garbage collector takes it)
-        _moving.add(meta["uid"])
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(_executor, _move_away, job, pod, f"moved away, {reason}")
+        by_job.setdefault(key, []).append(pod)
+    loop = asyncio.get_running_loop()
+    waiting = 0
+    for key, pods in by_job.items():
+        job = _cache.job(key)
+        budget = len(pods) if urgent else _budget(key)
+        for pod in pods[:budget]:
+            uid = pod["metadata"]["uid"]
+            _moving.add(uid)
+            why = f"moved away, {reason}"
+            if not await loop.run_in_executor(_executor, _move_away, job, pod, why, not urgent):
+                _moving.discard(uid)  # a PodDisruptionBudget said not now
+                waiting += 1
+        waiting += max(0, len(pods) - budget)
         _queue().kick(key)
+    return waiting
 
 
-def _move_away(job: dict[str, Any], pod: dict[str, Any], why: str) -> None:
+def _move_away(job: Any, pod: dict[str, Any], why: str, evict: bool) -> bool:
+    """Annotate why, then evict (or delete) the pod; False when eviction was refused
+    for now (the note comes off again: the pod stays where it is)."""
     meta, cluster = pod["metadata"], _cluster()
-    cluster.annotate_pod(meta["namespace"], meta["name"], {render.ANNOTATION_MOVED: why})
-    if cluster.delete_pod(meta["namespace"], meta["name"], meta["uid"]):
+    ns, name = meta["namespace"], meta["name"]
+    cluster.annotate_pod(ns, name, {render.ANNOTATION_MOVED: why})
+    if evict and not cluster.evict_pod(ns, name, meta["uid"]):
+        cluster.annotate_pod(ns, name, {render.ANNOTATION_MOVED: None})
+        return False
+    if evict or cluster.delete_pod(ns, name, meta["uid"]):
         cluster.event(job, "Normal", "WorkerMoved", lifecycle.preemption_note(pod, why))
+    return True

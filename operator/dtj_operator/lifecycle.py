@@ -44,6 +44,36 @@ DISRUPTION_TAINTS = {
 }
 
 
+# ... of which these give minutes or seconds: every worker leaves at once (the node goes
+# whatever a disruption budget says). For the others (a drain, a scale-down) workers
+# are evicted a few at a time (`may_move`), through the Eviction API.
+URGENT_TAINTS = frozenset(
+    {
+        "cloud.google.com/impending-node-termination",
+        "aws-node-termination-handler/spot-itn",
+        "dtj.io/impending-termination",
+    }
+)
+
+
+def urgent(node: dict[str, Any]) -> bool:
+    """Whether `node` is about to vanish within minutes (no time for a budget)."""
+    taints = (node.get("spec") or {}).get("taints") or []
+    return any(t.get("key") in URGENT_TAINTS for t in taints)
+
+
+def may_move(job: api.DecentralizedTrainingJob, pods: list[dict[str, Any]]) -> int:
+    """How many more of the job's workers may leave a disrupted node now: the job's
+    own disruption budget, as a PodDisruptionBudget's maxUnavailable of
+    replicas - minReplicas (one at least, so that a drain ends). Workers not ready
+    (moving, their replacements starting) use it up."""
+    live = status.workers(pods)
+    ready = sum(1 for p in live if status.is_ready(p))
+    needed = job.spec.min_replicas or job.spec.replicas
+    allowed = max(1, job.spec.replicas - needed)
+    return max(0, allowed - (job.spec.replicas - ready))
+
+
 def disruption(node: dict[str, Any]) -> str | None:
     """Why `node` is about to go away, if it says so (a taint above, or cordoned)."""
     spec = node.get("spec") or {}

@@ -4,6 +4,7 @@ suspension, completion and TTL. Exits are driven by kwok's dtj-simulate-exit sta
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from dtj_devcluster import controlplane as devcluster
@@ -316,3 +317,66 @@ def test_a_spec_the_api_server_refuses_to_turn_into_pods_fails_naming_the_field(
     assert failed["reason"] == "InvalidSpec", failed
     assert "volumeMounts" in failed["message"] and "undeclared" in failed["message"], failed
     assert workers(kube, namespace, "badmount") == {}
+
+
+def holds(what: str, probe, seconds: float = 12.0) -> None:
+    """`probe()` stays true for `seconds` (what must not happen, checked throughout)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert probe(), what
+        time.sleep(0.5)
+
+
+def test_a_cordon_evicts_workers_within_the_jobs_budget_and_its_pdbs(
+    kube: Kube, operator, namespace
+):
+    """Issue 21: a cordon deleted every worker of the node at once (DELETE: no
+    eviction, PodDisruptionBudgets bypassed, no cap at replicas - minReplicas)."""
+    node = "ondemand-1"
+    pools = [{"name": "pinned", "nodeSelector": {"kubernetes.io/hostname": node}}]
+    spec = job("drained", replicas=3, minReplicas=2, nodePools=pools)
+    kube.run("apply", "-n", namespace, "-f", "-", input=spec)
+    first = running(kube, namespace, "drained", 3)
+    selector = {"matchLabels": {"training.dtj.io/job": "drained"}}
+    pdb = {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": {"name": "hold"},
+        "spec": {"maxUnavailable": 0, "selector": selector},
+    }
+    kube.run("apply", "-n", namespace, "-f", "-", input=json.dumps(pdb))
+    uids = {p["metadata"]["uid"] for p in first.values()}
+
+    def untouched() -> bool:
+        pods = workers(kube, namespace, "drained")
+        return {p["metadata"]["uid"] for p in pods.values()} == uids and not any(
+            "training.dtj.io/moved-away" in (p["metadata"].get("annotations") or {})
+            for p in pods.values()
+        )
+
+    kube.run("cordon", node)
+    try:
+        wait_for(
+            "the operator to defer the move",
+            lambda: f"node {node} is cordoned: 3 workers wait" in operator.read_text(),
+        )
+        holds("the PodDisruptionBudget keeps every worker where it is", untouched)
+        kube.run("delete", "pdb", "hold", "-n", namespace)
+
+        def one_moved():
+            pods = workers(kube, namespace, "drained")
+            stayed = [p for p in pods.values() if p["metadata"]["uid"] in uids]
+            return len(pods) == 3 and len(stayed) == 2 and pods
+
+        wait_for("one worker evicted, its replacement waiting for the node", one_moved)
+        # minReplicas 2 of 3: one may be away at a time, and its replacement cannot
+        # start (pinned to the cordoned node): the other two stay.
+        holds("the others wait for the replacement", lambda: bool(one_moved()))
+    finally:
+        kube.run("uncordon", node)
+    running(kube, namespace, "drained", 3)
+    st = wait_for(
+        "the move counted",
+        lambda: (s := status(kube, namespace, "drained")).get("preemptions") and s,
+    )
+    assert st["preemptions"] == 1 and "cordoned" in st["lastPreemption"], st

@@ -198,3 +198,30 @@ def test_times_parse_as_the_server_and_the_client_write_them():
     server, client = "2026-11-30T09:45:18Z", "2026-11-30T09:45:18+00:00"
     assert lifecycle.parse_time(server) == lifecycle.parse_time(client)
     assert lifecycle.parse_time(server).tzinfo is not None
+
+
+def ready(slot):
+    pod = worker(slot)
+    pod["status"]["conditions"].append({"type": "Ready", "status": "True"})
+    return pod
+
+
+def test_a_drain_moves_workers_within_the_jobs_own_disruption_budget():
+    """Issue 21: a cordon deleted every worker of the node at once (no eviction, PDBs
+    bypassed, no cap at replicas - minReplicas): a job needing 4 of 6 lost 5."""
+    six = job({"replicas": 6, "minReplicas": 4})
+    assert lifecycle.may_move(six, [ready(s) for s in range(6)]) == 2
+    starting = [ready(s) for s in range(5)] + [worker(5, "Pending")]  # one replaced
+    assert lifecycle.may_move(six, starting) == 1
+    assert lifecycle.may_move(six, [ready(s) for s in range(4)]) == 0  # two gone already
+    # Without minReplicas training needs them all: one at a time, so a drain ends.
+    four = job({"replicas": 4})
+    assert lifecycle.may_move(four, [ready(s) for s in range(4)]) == 1
+    assert lifecycle.may_move(four, [ready(s) for s in range(3)] + [worker(3, "Pending")]) == 0
+
+
+def test_nodes_with_minutes_left_are_urgent_and_a_cordon_is_not():
+    spot = {"spec": {"taints": [{"key": "aws-node-termination-handler/spot-itn"}]}}
+    cordoned = {"metadata": {"name": "n"}, "spec": {"unschedulable": True}}
+    assert lifecycle.urgent(spot) and not lifecycle.urgent(cordoned)
+    assert lifecycle.disruption(cordoned) == "node n is cordoned"

@@ -400,19 +400,14 @@ class Service:
             return
         waited = self.clock() - self._seeding_since
         # Who to wait for: every worker that held leases in the newest copy (one that
-        # died is waited for `seed_wait`), and the registrar's members: alive, they
-        # speak at their next batch, however long their regrouping takes under load
-        # (up to `unheard_wait`); a chunk granted after the newest copy is known only
-        # to its holder, so granting before it spoke would hand that chunk out twice.
+        # died is waited for `seed_wait`), and the registrar's members. Not longer: a
+        # member's word may wait on the others' rounds, which wait on data. Holders
+        # not heard by then keep their leases (`unheard`).
         newest = max(self._copies, key=lambda c: int(c["version"]))
         holders = {m for m, items in newest["leases"].items() if items}
         was = set(self._was.values())
-        registered = set(self.members()) - was
-        expected = {m for m in holders if m not in was} | registered
-        heard = set(self._held)
-        if not expected <= heard and waited < self.seed_wait:
-            return
-        if not registered <= heard and waited < self.unheard_wait:
+        expected = {m for m in holders if m not in was} | set(self.members())
+        if not expected <= set(self._held) and waited < self.seed_wait:
             return
         plan_req = next((r for r in self._deferred if r.get("plan")), None)
         if plan_req is None:

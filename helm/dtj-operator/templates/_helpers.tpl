@@ -47,6 +47,10 @@ true
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list", "watch", "create", "delete", "patch"]  # patch: tracking finalizer, move-away note
+# Workers leave a drained node a few at a time, through the Eviction API (PDBs apply).
+- apiGroups: [""]
+  resources: ["pods/eviction"]
+  verbs: ["create"]
 - apiGroups: [""]
   resources: ["services", "configmaps", "serviceaccounts"]
   # list, watch: the operator's cache; get: whose is an object that has a child's name
