@@ -12,6 +12,7 @@ import urllib.request
 import pytest
 from dtj_operator import handlers
 from dtj_operator.cluster import Cluster
+from kubernetes import client
 from kubernetes.config import kube_config
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -151,6 +152,9 @@ def test_the_resync_lists_the_operators_pods_by_metadata_only(
     ours = pod("ours", {"app.kubernetes.io/managed-by": "dtj-operator"})
     other = pod("other", {"app.kubernetes.io/managed-by": "someone-else"})
     monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kube.kubeconfig))
+    # Cluster() loads it as the process's default client config: put back the old one
+    # afterwards (the unit tests in this process build clients of their own).
+    monkeypatch.setattr(client.Configuration, "_default", client.Configuration._default)
     listed = Cluster().pod_uids(handlers.MANAGED_SELECTOR, namespace)
     assert ours in listed and other not in listed
     assert ours in Cluster().pod_uids(handlers.MANAGED_SELECTOR)  # every namespace
