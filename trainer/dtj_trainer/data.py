@@ -209,6 +209,9 @@ class Sampler:
     def reseed(self, *, now: bool = False) -> None:
         """The job has a new coordinator."""
 
+    def announce(self, store: Any) -> None:
+        """Tell a new coordinator at once what this worker holds (another thread)."""
+
     def state_dict(self) -> dict[str, Any]:
         """Where this worker is in its data (checkpointed: a resume continues the order)."""
         return {"rng": self._gen.get_state(), "order": self._order.clone(), "pos": self._pos}
@@ -267,6 +270,9 @@ class LedgerSampler(Sampler):
 
     def reseed(self, *, now: bool = False) -> None:
         self.reader.reseed(now=now)
+
+    def announce(self, store: Any) -> None:
+        self.reader.announce(store)
 
     def state_dict(self) -> dict[str, Any]:
         return {"ledger": self.reader.state_dict()}

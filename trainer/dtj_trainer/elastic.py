@@ -325,7 +325,8 @@ def reseed(w: Worker, store: Any) -> None:
         store.compare_set(SAMPLES_KEY, str(have), str(known))
     if w.finished_step is not None:
         store.set(DONE_KEY, str(w.finished_step))
-    w.local.sampler.reseed()  # its copy of the data ledger, at its next batch
+    w.local.sampler.announce(store)  # its copy of the data ledger, now
+    w.local.sampler.reseed()  # ... and again at its next batch
 
 
 def patiently(op: Callable[[], Any], el: Elastic, what: str) -> Any:

@@ -563,6 +563,18 @@ class Reader:
         if now:
             self._seed()
 
+    def announce(self, store: Any) -> None:
+        """From the heartbeat thread, on its own store connection, as soon as it meets
+        a new coordinator: this worker's copy of the ledger and what it holds. The
+        training thread says it again at its next batch; a worker regrouping slowly
+        under load would say it too late (after the seeding wait, with a chunk only
+        it knew of given out again)."""
+        copy, held = self.copy, list(self.held)
+        if copy is None:
+            return
+        seed = {"op": "seed", "plan": self.plan.wire(), "copy": copy, "was": self._was}
+        submit(store, {**seed, "held": [list(it) for it in held], "m": self._member()})
+
     def _seed(self) -> None:
         if not self._reseed:
             return
