@@ -90,10 +90,6 @@ def _run_pass(obs: observed.Observed) -> Any:
     return done
 
 
-def _where(meta: dict[str, Any]) -> tuple[str, str]:
-    return meta["namespace"], meta["name"]
-
-
 def _mark_failed(body: dict[str, Any], message: str) -> None:
     """Reconciled=False on the job, unless someone wrote it since the body was read
     (then a newer pass decides) or the API server refuses this write too."""
@@ -106,7 +102,8 @@ def _mark_failed(body: dict[str, Any], message: str) -> None:
             resource_version=meta.get("resourceVersion"),
         )
     except ApiException as e:
-        log.warning("could not mark %s/%s not reconciled: %s", *_where(meta), e.reason)
+        where = f"{meta['namespace']}/{meta['name']}"
+        log.warning("could not mark %s not reconciled: %s", where, e.reason)
 
 
 def _release_orphans(key: Key) -> None:

@@ -75,6 +75,12 @@ def token_kubeconfig(kube: Kube, token: str, path: Path) -> Path:
     return path
 
 
+def can_i(verb: str, what: str, *scope: str) -> list[str]:
+    """`kubectl auth can-i` arguments; `what` is resource[:subresource]."""
+    resource, _, sub = what.partition(":")
+    return ["auth", "can-i", verb, resource, *scope, *([f"--subresource={sub}"] if sub else [])]
+
+
 def answers(kube: Kube, args: list[str], expected: str) -> bool:
     return kube.run(*args, check=False).stdout.strip() == expected
 
@@ -134,9 +140,7 @@ def test_helm_install_and_the_operator_works_with_only_the_charts_rbac(
             ("get", "secrets", "no"),  # least privilege: nothing it does not use
             ("create", "deployments.apps", "no"),
         ]:
-            resource, _, sub = what.partition(":")
-            scope = [f"--subresource={sub}"] if sub else []
-            got = kube.run("auth", "can-i", verb, resource, *scope, f"--as={who}", check=False)
+            got = kube.run(*can_i(verb, what, f"--as={who}"), check=False)
             assert got.stdout.strip() == allowed, (verb, what, got.stdout)
         # The built-in roles gain the job's rights (aggregated ClusterRoles): a
         # namespace's editors run jobs there, its viewers read them.
@@ -151,9 +155,7 @@ def test_helm_install_and_the_operator_works_with_only_the_charts_rbac(
             ("bob", "create", "decentralizedtrainingjobs.training.dtj.io", "no"),
             ("bob", "delete", "decentralizedtrainingjobs.training.dtj.io", "no"),
         ]:
-            resource, _, sub = what.partition(":")
-            args = ["auth", "can-i", verb, resource, "-n", ns, f"--as={user}"]
-            args += [f"--subresource={sub}"] if sub else []
+            args = can_i(verb, what, "-n", ns, f"--as={user}")
             wait_for(
                 f"{user} {'may' if allowed == 'yes' else 'may not'} {verb} {what}",
                 functools.partial(answers, kube, args, allowed),

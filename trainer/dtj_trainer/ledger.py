@@ -569,11 +569,9 @@ class Reader:
         training thread says it again at its next batch; a worker regrouping slowly
         under load would say it too late (after the seeding wait, with a chunk only
         it knew of given out again)."""
-        copy, held = self.copy, list(self.held)
-        if copy is None:
-            return
-        seed = {"op": "seed", "plan": self.plan.wire(), "copy": copy, "was": self._was}
-        submit(store, {**seed, "held": [list(it) for it in held], "m": self._member()})
+        fields = self._seed_fields()
+        if fields["copy"] is not None:
+            submit(store, {"op": "seed", "plan": self.plan.wire(), **fields, "m": self._member()})
 
     def _seed(self) -> None:
         if not self._reseed:
